@@ -1,0 +1,77 @@
+"""Export a model folder that twinfold and sentence-transformers both load.
+
+    python -m models.export SRC DST
+
+SRC: a training checkpoint (its `model/` folder is used) or any model folder; DST gets `model.safetensors`,
+`config.json`, tokenizer files, `twinfold.json` and the sentence-transformers layout.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXPORT_FORMAT = 1
+
+
+def write_model_folder(model, folder: Path) -> None:
+    """Write `model` (a BiEncoder) into an existing empty `folder`."""
+    folder = Path(folder)
+    model.encoder.save_pretrained(folder, safe_serialization=True)
+    model.tokenizer.save_pretrained(folder)
+    s = model.settings
+    meta = {"format": EXPORT_FORMAT, **model.settings_dict(), "fingerprint": model.fingerprint(), **model.info}
+    _write_json(folder / "twinfold.json", meta)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if s.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    _write_json(folder / "modules.json", modules)
+    (folder / "1_Pooling").mkdir()
+    _write_json(folder / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": model.dim,
+        "pooling_mode_cls_token": s.pooling == "cls",
+        "pooling_mode_mean_tokens": s.pooling == "mean",
+        "pooling_mode_max_tokens": s.pooling == "max",
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "include_prompt": True,
+    })
+    _write_json(folder / "sentence_bert_config.json", {"max_seq_length": s.max_length, "do_lower_case": False})
+    prompts = {name: p for name, p in (("query", s.query_prefix), ("document", s.document_prefix)) if p}
+    _write_json(folder / "config_sentence_transformers.json",
+                {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"})
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def model_folder_of(src: Path) -> Path:
+    """The model folder inside a training checkpoint, or `src` itself."""
+    return src / "model" if (src / "model" / "config.json").exists() else src
+
+
+def main(argv: list[str] | None = None) -> int:
+    from models.bi_encoder import BiEncoder
+    from models.loading import ModelLoadError
+
+    parser = argparse.ArgumentParser(prog="python -m models.export", description=__doc__.splitlines()[0])
+    parser.add_argument("src", type=Path, help="training checkpoint or model folder")
+    parser.add_argument("dst", type=Path, help="output folder (replaced atomically)")
+    parser.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin weights")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the model's own code")
+    args = parser.parse_args(argv)
+    try:
+        model = BiEncoder.from_pretrained(model_folder_of(args.src), allow_pickle=args.allow_pickle,
+                                          trust_remote_code=args.trust_remote_code)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model.save_pretrained(args.dst)
+    print(f"exported {args.src} -> {args.dst} (fingerprint {model.fingerprint()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

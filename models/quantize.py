@@ -1,0 +1,51 @@
+"""Embedding quantisation (conventions of sentence-transformers' `quantize_embeddings`)."""
+from dataclasses import dataclass
+
+import numpy as np
+
+PRECISIONS = ("float32", "int8", "binary")
+
+
+@dataclass
+class Int8Calibration:
+    """Per-dimension ranges: value v maps to int((v - start) / step - 128), truncated toward zero."""
+
+    starts: np.ndarray
+    steps: np.ndarray
+
+
+def calibrate_int8(embeddings: np.ndarray, sample_size: int | None = None, seed: int = 0) -> Int8Calibration:
+    """Per-dimension min/max over `embeddings` (or a random sample of `sample_size` rows)."""
+    if sample_size is not None and sample_size < len(embeddings):
+        rows = np.random.default_rng(seed).choice(len(embeddings), sample_size, replace=False)
+        embeddings = embeddings[rows]
+    lo, hi = embeddings.min(0), embeddings.max(0)
+    return Int8Calibration(starts=lo.astype(np.float32), steps=((hi - lo) / 255).astype(np.float32))
+
+
+def quantize_int8(embeddings: np.ndarray, calibration: Int8Calibration) -> np.ndarray:
+    """float32 [n, d] -> int8 [n, d]; values outside the calibrated range are clipped."""
+    steps = np.where(calibration.steps > 0, calibration.steps, 1.0)
+    q = (embeddings - calibration.starts) / steps - 128
+    return np.clip(q, -128, 127).astype(np.int8)
+
+
+def dequantize_int8(q: np.ndarray, calibration: Int8Calibration) -> np.ndarray:
+    """int8 back to float32; within one step of the original for values inside the calibrated range."""
+    return ((q.astype(np.float32) + 128) * calibration.steps + calibration.starts).astype(np.float32)
+
+
+def quantize_binary(embeddings: np.ndarray) -> np.ndarray:
+    """float32 [n, d] -> uint8 [n, ceil(d/8)]: bit = (value > 0), packed big-endian per byte."""
+    return np.packbits(embeddings > 0, axis=-1)
+
+
+def unpack_binary(packed: np.ndarray, dim: int) -> np.ndarray:
+    """uint8 [n, ceil(d/8)] -> float32 [n, d] of +1/-1."""
+    bits = np.unpackbits(packed, axis=-1)[..., :dim]
+    return bits.astype(np.float32) * 2 - 1
+
+
+def bytes_per_vector(dim: int, precision: str) -> int:
+    """Storage of one embedding."""
+    return {"float32": 4 * dim, "int8": dim, "binary": (dim + 7) // 8}[precision]
