@@ -8,7 +8,7 @@ PRECISIONS = ("float32", "int8", "binary")
 
 @dataclass
 class Int8Calibration:
-    """Per-dimension ranges: value v maps to int((v - start) / step - 128), truncated toward zero."""
+    """Per-dimension ranges: value v maps to clip(floor((v - start) / step), 0, 255) - 128."""
 
     starts: np.ndarray
     steps: np.ndarray
@@ -26,13 +26,13 @@ def calibrate_int8(embeddings: np.ndarray, sample_size: int | None = None, seed:
 def quantize_int8(embeddings: np.ndarray, calibration: Int8Calibration) -> np.ndarray:
     """float32 [n, d] -> int8 [n, d]; values outside the calibrated range are clipped."""
     steps = np.where(calibration.steps > 0, calibration.steps, 1.0)
-    q = (embeddings - calibration.starts) / steps - 128
-    return np.clip(q, -128, 127).astype(np.int8)
+    buckets = np.clip(np.floor((embeddings - calibration.starts) / steps), 0, 255)
+    return (buckets - 128).astype(np.int8)
 
 
 def dequantize_int8(q: np.ndarray, calibration: Int8Calibration) -> np.ndarray:
-    """int8 back to float32; within one step of the original for values inside the calibrated range."""
-    return ((q.astype(np.float32) + 128) * calibration.steps + calibration.starts).astype(np.float32)
+    """int8 back to the centre of its bucket: within half a step of the original inside the calibrated range."""
+    return ((q.astype(np.float32) + 128.5) * calibration.steps + calibration.starts).astype(np.float32)
 
 
 def quantize_binary(embeddings: np.ndarray) -> np.ndarray:

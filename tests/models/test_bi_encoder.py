@@ -1,0 +1,221 @@
+"""models.BiEncoder: parity with sentence-transformers, export round trips, quantisation, safe loading."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from models import BiEncoder, EmbeddingSet, FingerprintMismatch, ModelLoadError, truncate
+from models.embeddings import similarity
+from models.quantize import calibrate_int8, dequantize_int8, quantize_binary, quantize_int8, unpack_binary
+
+
+@pytest.fixture(scope="module")
+def stsb_sentences(data_dir):
+    with open(data_dir / "stsb" / "test.tsv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    sentences = []
+    for row in rows:
+        sentences += [row["sentence1"], row["sentence2"]]
+    return sentences[:200]
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_path):
+    return BiEncoder.from_pretrained(minilm_path)
+
+
+@pytest.fixture(scope="module")
+def st_minilm(minilm_path):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_path), device="cpu")
+
+
+@pytest.mark.parametrize("batch_size", [1, 32])
+def test_float32_embeddings_equal_sentence_transformers(minilm, st_minilm, stsb_sentences, batch_size):
+    ours = minilm.encode(stsb_sentences, batch_size=batch_size)
+    ref = st_minilm.encode(stsb_sentences, batch_size=32, convert_to_numpy=True)
+    assert ours.shape == (200, 384) and ours.dtype == np.float32
+    assert np.abs(ours - ref).max() < 1e-5
+
+
+def test_settings_read_from_sentence_transformers_layout(minilm):
+    assert (minilm.settings.pooling, minilm.settings.normalize, minilm.max_length) == ("mean", True, 256)
+
+
+def test_export_loads_identically_in_sentence_transformers_and_twinfold(minilm, stsb_sentences, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    minilm.settings.query_prefix = "query: "
+    try:
+        out = minilm.save_pretrained(tmp_path / "export", info={"eval": {"ndcg@10": 0.5}})
+        before = minilm.encode(stsb_sentences[:50])
+        queries = minilm.encode(stsb_sentences[:10], kind="query")
+        fingerprint = minilm.fingerprint()
+    finally:
+        minilm.settings.query_prefix = ""
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "twinfold.json", "modules.json",
+                 "1_Pooling/config.json", "sentence_bert_config.json"):
+        assert (out / name).exists(), name
+    st = SentenceTransformer(str(out), device="cpu")
+    assert np.abs(st.encode(stsb_sentences[:50]) - before).max() < 1e-5
+    assert np.abs(st.encode(stsb_sentences[:10], prompt_name="query") - queries).max() < 1e-5
+    reloaded = BiEncoder.from_pretrained(out)
+    assert np.abs(reloaded.encode(stsb_sentences[:50]) - before).max() < 1e-6
+    assert reloaded.fingerprint() == fingerprint
+    assert json.loads((out / "twinfold.json").read_text())["fingerprint"] == fingerprint
+    assert reloaded.info["eval"] == {"ndcg@10": 0.5}
+    assert reloaded.settings.query_prefix == "query: "
+
+
+def test_fingerprint_changes_with_one_weight_and_with_settings(tiny_bert_path):
+    model = BiEncoder.from_pretrained(tiny_bert_path)
+    base = model.fingerprint()
+    assert BiEncoder.from_pretrained(tiny_bert_path).fingerprint() == base
+    with torch.no_grad():
+        model.encoder.encoder.layer[0].attention.self.query.weight[0, 0] += 1e-6
+    assert model.fingerprint() != base
+    assert BiEncoder.from_pretrained(tiny_bert_path, max_length=32).fingerprint() != base
+    assert BiEncoder.from_pretrained(tiny_bert_path, pooling="cls").fingerprint() != base
+
+
+def test_padding_and_length_sorting_do_not_change_vectors(tiny_bert_path):
+    model = BiEncoder.from_pretrained(tiny_bert_path)
+    texts = ["short", "a much longer text about proteins and cells", "mid length text", "x"]
+    one = model.encode(texts, batch_size=1)
+    many = model.encode(texts, batch_size=3)
+    assert np.abs(one - many).max() < 1e-5
+    np.testing.assert_allclose(np.linalg.norm(one, axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
+def test_pooling_modes_match_hand_computation(tiny_bert_path, pooling):
+    model = BiEncoder.from_pretrained(tiny_bert_path, pooling=pooling, normalize=False)
+    features = model.tokenize(["alpha beta gamma", "delta"])
+    with torch.no_grad():
+        hidden = model.encoder(**features).last_hidden_state
+        got = model(**features)
+    n = int(features["attention_mask"][1].sum())  # second text: its real tokens only
+    expected = {"mean": hidden[1, :n].mean(0), "cls": hidden[1, 0], "max": hidden[1, :n].max(0).values}[pooling]
+    torch.testing.assert_close(got[1], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_truncation_renormalises_a_prefix():
+    emb = torch.tensor([[3.0, 4.0, 12.0]]) / 13
+    out = truncate(emb, 2)
+    torch.testing.assert_close(out, torch.tensor([[0.6, 0.8]]))
+    with pytest.raises(ValueError):
+        truncate(emb, 4)
+
+
+def test_encode_dim_equals_truncated_full_embedding(tiny_bert_path):
+    model = BiEncoder.from_pretrained(tiny_bert_path)
+    texts = ["one text", "another text here"]
+    full = model.encode(texts)
+    short = model.encode(texts, dim=64)
+    expected = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
+    np.testing.assert_allclose(short, expected, atol=1e-6)
+
+
+def test_int8_round_trip_is_within_half_a_step():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(100, 16)).astype(np.float32)
+    cal = calibrate_int8(emb)
+    q = quantize_int8(emb, cal)
+    assert q.dtype == np.int8 and q.min() == -128 and q.max() == 127
+    inside = emb < emb.max(0)  # the maximum itself lands in bucket 255, one step above its start
+    assert np.all((np.abs(dequantize_int8(q, cal) - emb) <= cal.steps / 2 + 1e-6)[inside])
+    # sentence-transformers' quantize_embeddings is the reference convention
+    from sentence_transformers.util import quantize_embeddings
+
+    np.testing.assert_array_equal(q, quantize_embeddings(emb, precision="int8", calibration_embeddings=emb))
+
+
+def test_binary_packs_sign_bits():
+    emb = np.array([[0.5, -0.1, 0.2, -0.3, 0.0, 0.1, 0.1, -0.2, 0.9]], dtype=np.float32)
+    packed = quantize_binary(emb)
+    assert packed.dtype == np.uint8 and packed.shape == (1, 2)
+    assert packed[0, 0] == 0b10100110 and packed[0, 1] == 0b10000000
+    np.testing.assert_array_equal(unpack_binary(packed, 9), np.where(emb > 0, 1.0, -1.0))
+    from sentence_transformers.util import quantize_embeddings
+
+    np.testing.assert_array_equal(packed, quantize_embeddings(emb, precision="ubinary"))
+
+
+def test_encode_precisions(tiny_bert_path):
+    model = BiEncoder.from_pretrained(tiny_bert_path)
+    texts = ["a", "b c", "d e f", "g h i j"]
+    full = model.encode(texts)
+    np.testing.assert_array_equal(model.encode(texts, precision="int8"), quantize_int8(full, calibrate_int8(full)))
+    np.testing.assert_array_equal(model.encode(texts, precision="binary", dim=64), quantize_binary(model.encode(texts, dim=64)))
+
+
+def test_pickle_only_checkpoint_needs_opt_in(tiny_bert_path, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_bert_path, folder)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="allow_pickle=True"):
+        BiEncoder.from_pretrained(folder)
+    model = BiEncoder.from_pretrained(folder, allow_pickle=True)
+    assert model.fingerprint() == BiEncoder.from_pretrained(tiny_bert_path).fingerprint()
+
+
+def test_truncated_or_missing_weights_and_missing_tokenizer(tiny_bert_path, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_bert_path, folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="truncated"):
+        BiEncoder.from_pretrained(folder)
+    weights.unlink()
+    with pytest.raises(ModelLoadError, match="no weights"):
+        BiEncoder.from_pretrained(folder)
+    weights.write_bytes(data)
+    for name in ("tokenizer.json", "vocab.txt"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match="no tokenizer"):
+        BiEncoder.from_pretrained(folder)
+
+
+def test_unresolvable_name_says_what_was_tried():
+    with pytest.raises(ModelLoadError, match="tried local folder"):
+        BiEncoder.from_pretrained("no-such-org/no-such-model-xyz")
+
+
+def test_encode_cli_writes_embeddings_with_fingerprint(tiny_bert_path, tmp_path):
+    from models.encode import main
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"_id": f"d{i}", "text": f"document number {i}"}) for i in range(5)))
+    for precision in ("float32", "int8", "binary"):
+        out = tmp_path / f"{precision}.safetensors"
+        assert main(["--model", str(tiny_bert_path), "--input", str(docs), "--output", str(out),
+                     "--precision", precision, "--dim", "64", "--no-progress"]) == 0
+        loaded = EmbeddingSet.load(out)
+        assert loaded.ids == [f"d{i}" for i in range(5)] and loaded.dim == 64 and loaded.precision == precision
+        assert loaded.fingerprint == BiEncoder.from_pretrained(tiny_bert_path).fingerprint()
+    assert EmbeddingSet.load(tmp_path / "int8.safetensors").calibration is not None
+
+
+def test_comparing_embeddings_of_different_models_fails(tmp_path):
+    a = EmbeddingSet(np.eye(2, dtype=np.float32), ["a", "b"], "aaaa")
+    b = EmbeddingSet(np.eye(2, dtype=np.float32), ["a", "b"], "bbbb")
+    np.testing.assert_array_equal(similarity(a, a), np.eye(2))
+    with pytest.raises(FingerprintMismatch, match="aaaa vs bbbb"):
+        similarity(a, b)
+
+
+def test_encode_cli_reports_bad_line(tiny_bert_path, tmp_path, capsys):
+    from models.encode import main
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"_id": "1", "text": "fine"}\n{"_id": "2", "body": "no text"}\n')
+    assert main(["--model", str(tiny_bert_path), "--input", str(docs), "--output", str(tmp_path / "o")]) == 2
+    assert f"{docs}:2: field 'text'" in capsys.readouterr().err
