@@ -1,0 +1,1 @@
+"""Training: config, data, the loop, checkpoints, evaluation and reports."""

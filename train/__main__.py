@@ -1,0 +1,36 @@
+"""`accelerate launch -m train CONFIG.yaml [section.key=value ...] [--debug]`: run a training recipe."""
+import argparse
+import logging
+import os
+import sys
+
+from models.loading import ModelLoadError
+from train.config import ConfigError, load_config
+from train.data import DataError
+
+USER_ERRORS = (ConfigError, DataError, ModelLoadError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split(":", 1)[1].strip())
+    parser.add_argument("config", help="YAML recipe, e.g. configs/scifact.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-5")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from train.loop import TrainingError, train
+
+    try:
+        final = train(load_config(args.config, args.overrides))
+    except (*USER_ERRORS, TrainingError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: exported model in {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

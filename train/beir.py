@@ -1,0 +1,133 @@
+"""Load a retrieval set in the BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class BeirFormatError(ValueError):
+    """A BEIR folder that cannot be evaluated: the message names the file, the line and what to do."""
+
+
+@dataclass
+class BeirData:
+    """Corpus, the judged queries of one split and their graded judgments (grade > 0 is relevant).
+
+    `ignore_identical_ids`: the queries are also corpus documents, so a hit whose id equals the query's is skipped.
+    """
+
+    corpus_ids: list[str]
+    corpus_texts: list[str]
+    query_ids: list[str]
+    query_texts: list[str]
+    qrels: dict[str, dict[str, int]]
+    folder: Path
+    split: str = "test"
+    ignore_identical_ids: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        """What was evaluated, for reports."""
+        return {"data": str(self.folder), "split": self.split, "queries": len(self.query_ids),
+                "documents": len(self.corpus_ids), "judgments": sum(len(d) for d in self.qrels.values()),
+                "ignore_identical_ids": self.ignore_identical_ids, "warnings": list(self.warnings)}
+
+
+def load_beir(folder: str | Path, split: str = "test", strict: bool = False,
+              ignore_identical_ids: bool = False) -> BeirData:
+    """Read a BEIR folder; only queries with a judgment in `split` are kept.
+
+    A document's text is `(title + " " + text).strip()`, as BEIR and MTEB build it. Judgments that name
+    queries or documents missing from the files are dropped with a warning, or raise with `strict`.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BeirFormatError(f"{folder}: not a folder (expected corpus.jsonl, queries.jsonl, qrels/{split}.tsv)")
+    qrels_file = folder / "qrels" / f"{split}.tsv"
+    if not qrels_file.exists():
+        found = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
+        raise BeirFormatError(f"{qrels_file}: not found; splits in this folder: {', '.join(found) or 'none'}")
+    corpus = _read_jsonl(folder / "corpus.jsonl", title=True)
+    if not corpus:
+        raise BeirFormatError(f"{folder / 'corpus.jsonl'}: no documents")
+    queries = _read_jsonl(folder / "queries.jsonl", title=False)
+    qrels, unknown = _read_qrels(qrels_file, queries, corpus)
+    warnings = []
+    for what, source in (("queries", "queries.jsonl"), ("documents", "corpus.jsonl")):
+        if unknown[what]:
+            line, name = unknown[what][0]
+            message = (f"{qrels_file}: {len(unknown[what])} judgments name {what} not in {source} "
+                       f"(first at line {line}: {name!r})")
+            if strict:
+                raise BeirFormatError(f"{message}; fix the files, or drop strict (--strict) to skip them")
+            warnings.append(f"{message}; skipped")
+            log.warning("%s; skipped", message)
+    if not qrels:
+        raise BeirFormatError(f"{qrels_file}: no judgment names a query of queries.jsonl and a document of "
+                              "corpus.jsonl, so there is nothing to evaluate")
+    query_ids = [qid for qid in queries if qid in qrels]
+    return BeirData(list(corpus), list(corpus.values()), query_ids, [queries[q] for q in query_ids], qrels,
+                    folder, split, ignore_identical_ids, warnings)
+
+
+def _read_jsonl(path: Path, title: bool) -> dict[str, str]:
+    """id -> text of a BEIR JSONL file (`_id`, `text`, and for the corpus an optional `title`)."""
+    if not path.exists():
+        raise BeirFormatError(f"{path}: not found (a BEIR folder holds corpus.jsonl and queries.jsonl)")
+    texts: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BeirFormatError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict) or "_id" not in row:
+                raise BeirFormatError(f"{path}:{n}: no '_id' field; every line needs '_id' and 'text'")
+            text = row.get("text")
+            if not isinstance(text, str):
+                raise BeirFormatError(f"{path}:{n}: field 'text' is missing or not a string")
+            if title:
+                text = (str(row.get("title") or "") + " " + text).strip()
+            doc_id = str(row["_id"])
+            if doc_id in texts:
+                raise BeirFormatError(f"{path}:{n}: duplicate _id {doc_id!r} (first at line {first_line[doc_id]}); "
+                                      "ids must be unique")
+            texts[doc_id] = text
+            first_line[doc_id] = n
+    return texts
+
+
+def _read_qrels(path: Path, queries: dict, corpus: dict) -> tuple[dict[str, dict[str, int]], dict[str, list]]:
+    """Judgments qid -> docid -> grade, and the (line, id) of those naming unknown queries or documents."""
+    qrels: dict[str, dict[str, int]] = {}
+    unknown: dict[str, list] = {"queries": [], "documents": []}
+    with open(path, encoding="utf-8", newline="") as f:
+        for n, fields in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+            if not fields or not "".join(fields).strip():
+                continue
+            if len(fields) != 3:
+                raise BeirFormatError(f"{path}:{n}: expected 3 tab-separated fields (query-id, corpus-id, score), "
+                                      f"got {len(fields)}")
+            qid, doc_id, score = (x.strip() for x in fields)
+            if n == 1 and (qid, doc_id) == ("query-id", "corpus-id"):
+                continue
+            try:
+                grade = int(score)
+            except ValueError:
+                raise BeirFormatError(f"{path}:{n}: score {score!r} is not an integer grade") from None
+            if qid not in queries:
+                unknown["queries"].append((n, qid))
+            elif doc_id not in corpus:
+                unknown["documents"].append((n, doc_id))
+            elif doc_id in qrels.setdefault(qid, {}):
+                raise BeirFormatError(f"{path}:{n}: query {qid!r} judges document {doc_id!r} a second time; "
+                                      "keep one line per pair")
+            else:
+                qrels[qid][doc_id] = grade
+    return {q: d for q, d in qrels.items() if d}, unknown

@@ -1,0 +1,286 @@
+"""Run configuration: YAML recipe + `section.key=value` overrides -> validated, typed config.
+
+Environment variables expand in strings (`${TWINFOLD_DATA}`, `${VAR:-default}`); unknown keys are errors
+with a "did you mean"; the resolved config is saved in the run folder.
+"""
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot run, with the key at fault."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2"
+    pooling: str | None = None  # null keeps the checkpoint's (mean for plain HF models)
+    max_length: int | None = None  # the one place that sets it; null keeps the checkpoint's
+    dropout: float | None = None  # null keeps the checkpoint's
+    normalize: bool | None = None
+    query_prefix: str | None = None
+    document_prefix: str | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    path: str = ""  # local .jsonl/.json/.csv/.parquet file or hub id
+    columns: dict[str, str] = field(default_factory=dict)  # source column -> anchor | positive | negative
+    split: str = "train"
+    weight: float = 1.0  # batches of this dataset per epoch = weight x its full batches
+    name: str | None = None
+
+
+@dataclass
+class DataConfig:
+    train: list[DatasetConfig] = field(default_factory=list)
+    mixing: str = "proportional"  # proportional | round_robin
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.05
+    learnable_temperature: bool = False
+    symmetric: bool = False
+    matryoshka_dims: list[int] = field(default_factory=list)
+    matryoshka_weights: list[float] | None = None
+    mini_batch_size: int | None = None  # set: cached (GradCache) mode, memory grows with this, not the batch
+    mask_false_negatives: bool = True
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # global batch: the pool of in-batch negatives, whatever the number of processes
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    lr: float = 2e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    scheduler: str = "linear"  # linear | cosine
+    grad_accum: int = 1  # averages gradients of several batches; adds no negatives
+    max_grad_norm: float | None = 1.0
+    seed: int = 42
+    output_dir: str = "runs/default"
+    save_steps: int | None = None
+    save_total_limit: int = 2
+    eval_steps: int | None = None
+    log_steps: int = 10
+    resume: bool = False
+    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU only)
+
+
+@dataclass
+class EvalConfig:
+    data: str | None = None  # BEIR folder
+    split: str = "test"
+    dims: list[int] | None = None  # default: loss.matryoshka_dims, else the model's dim
+    precisions: list[str] = field(default_factory=lambda: ["float32"])
+    bm25: bool = False
+    sts: str | None = None
+    batch_size: int = 64
+    ignore_identical_ids: bool = False
+    metric: str = "ndcg@10"  # decides the best checkpoint
+
+
+@dataclass
+class LogConfig:
+    wandb: bool = False
+    wandb_project: str = "twinfold"
+    wandb_mode: str | None = None  # online | offline (null: wandb's default / WANDB_MODE)
+    run_name: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+ROLES = ("anchor", "positive", "negative")
+_CHOICES = {"data.mixing": ("proportional", "round_robin"), "train.scheduler": ("linear", "cosine"),
+            "train.mixed_precision": ("no", "bf16", "fp16"), "model.pooling": (None, "mean", "cls", "max"),
+            "log.wandb_mode": (None, "online", "offline", "disabled")}
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML recipe, apply `section.key=value` overrides, expand env vars, validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r}: write it as section.key=value, e.g. train.lr=3e-5")
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"override {item!r}: section {section!r} is not a mapping")
+        raw[section][name] = yaml.safe_load(value) if value else None
+    config = _build(Config, _expand_env(raw, ""), "")
+    validate(config)
+    return config
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def validate(c: Config) -> None:
+    """Check values no type can express (positive sizes, sorted dims, existing paths)."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(c, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(str(x) for x in choices)}")
+    t, loss = c.train, c.loss
+    _positive("train.batch_size", t.batch_size)
+    _positive("train.lr", t.lr)
+    _positive("train.grad_accum", t.grad_accum)
+    _positive("train.epochs", t.epochs)
+    _positive("loss.temperature", loss.temperature)
+    _positive("eval.batch_size", c.eval.batch_size)
+    for key, value in (("train.max_steps", t.max_steps), ("train.save_steps", t.save_steps),
+                       ("train.eval_steps", t.eval_steps), ("loss.mini_batch_size", loss.mini_batch_size),
+                       ("model.max_length", c.model.max_length), ("train.max_grad_norm", t.max_grad_norm)):
+        if value is not None:
+            _positive(key, value)
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"train.warmup_ratio: {t.warmup_ratio} must be in [0, 1)")
+    if t.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay: {t.weight_decay} must not be negative")
+    if c.model.dropout is not None and not 0 <= c.model.dropout < 1:
+        raise ConfigError(f"model.dropout: {c.model.dropout} must be in [0, 1)")
+    dims = loss.matryoshka_dims
+    if dims:
+        if any(d <= 0 for d in dims) or dims != sorted(set(dims), reverse=True):
+            raise ConfigError(f"loss.matryoshka_dims: {dims} must be positive, distinct and sorted largest first")
+        if loss.matryoshka_weights is not None and len(loss.matryoshka_weights) != len(dims):
+            raise ConfigError(f"loss.matryoshka_weights: {len(loss.matryoshka_weights)} weights for {len(dims)} dims")
+    if not c.data.train:
+        raise ConfigError("data.train: no training datasets; list at least one with a path and columns")
+    for i, ds in enumerate(c.data.train):
+        where = f"data.train[{i}]"
+        if not ds.path:
+            raise ConfigError(f"{where}.path: missing")
+        if _looks_local(ds.path) and not Path(ds.path).exists():
+            raise ConfigError(f"{where}.path: {ds.path} does not exist")
+        bad = sorted(set(ds.columns.values()) - set(ROLES))
+        if bad:
+            raise ConfigError(f"{where}.columns: roles {bad} are not among {ROLES}")
+        for role in ("anchor", "positive"):
+            if ds.columns and role not in ds.columns.values():
+                raise ConfigError(f"{where}.columns: no column is mapped to {role!r}")
+        _positive(f"{where}.weight", ds.weight)
+    if c.eval.data is not None and not Path(c.eval.data).is_dir():
+        raise ConfigError(f"eval.data: {c.eval.data} is not a folder (a BEIR folder with corpus.jsonl, queries.jsonl, qrels/)")
+
+
+def _positive(key: str, value) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: {value} must be greater than 0")
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).suffix in (".jsonl", ".json", ".csv", ".parquet", ".tsv")
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value, key: str):
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def sub(m):
+            if m.group(1) in os.environ:
+                return os.environ[m.group(1)]
+            if m.group(2) is not None:
+                return m.group(2)
+            raise ConfigError(f"{key}: environment variable {m.group(1)} is not set (used in {value!r})")
+        return _ENV.sub(sub, value)
+    return value
+
+
+def _build(cls, raw, where: str):
+    """Instantiate dataclass `cls` from a mapping, checking keys and types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, key: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is list:
+        if isinstance(value, str) and args[0] in (int, float, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")

@@ -1,0 +1,262 @@
+"""Retrieval evaluation of bi-encoders on a BEIR folder over every Matryoshka dim x precision, plus BM25 and STS.
+
+    python -m train.evaluate --model M [--model M2 ...] --data BEIR_DIR [--split test] [--dims 384,256,128,64]
+        [--precision float32,int8,binary] [--bm25] [--sts TSV] [--out DIR] [--k 1,3,5,10,100]
+        [--batch-size 64] [--ignore-identical-ids] [--strict]
+
+The corpus is encoded once per model at full dimension; every dim and precision is derived from that
+encoding, and it is cached by the model's fingerprint for the evaluator's lifetime (training calls the same
+evaluator before, during and after).
+"""
+import argparse
+import csv
+import logging
+import math
+import re
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import BiEncoder, ModelLoadError, truncate
+from models.quantize import PRECISIONS, bytes_per_vector, calibrate_int8, quantize_binary, quantize_int8
+from models.search import binary_search, exact_search, int8_search
+from train.beir import BeirData, BeirFormatError, load_beir
+from train.metrics import evaluate_run, spearman, write_trec_run
+from train.report import markdown_table, write_report
+
+log = logging.getLogger(__name__)
+
+REPORT_K = (10, 100)  # the report's columns need @10 and @100, so they are always computed
+
+
+class RetrievalEvaluator:
+    """Scores models on one retrieval set; `evaluator(model, name)` returns one row per dim x precision.
+
+    `dims`: Matryoshka prefixes to evaluate (default: the model's full dimension). `precisions`: any of
+    float32, int8 (corpus-calibrated per-dimension ranges; float32 queries) and binary (Hamming candidates,
+    `rescore_multiplier * k` of them, rescored with the float32 query). `sts`: a TSV of sentence pairs whose
+    Spearman correlation is added to the float32 rows. `out_dir`: where TREC runs are written
+    (`runs/<name>.<dim>.<precision>.trec`). `cache_size`: models whose full-dim embeddings are kept.
+    """
+
+    def __init__(self, data: BeirData, dims=None, precisions=("float32",), k_values=(1, 3, 5, 10, 100),
+                 batch_size: int = 64, sts: str | Path | None = None, out_dir: str | Path | None = None,
+                 rescore_multiplier: int = 4, cache_size: int = 2, show_progress_bar: bool = False):
+        unknown = [p for p in precisions if p not in PRECISIONS]
+        if unknown:
+            raise ValueError(f"unknown precision {', '.join(unknown)}: choose from {', '.join(PRECISIONS)}")
+        if any(int(k) < 1 for k in k_values) or (dims and any(int(d) < 1 for d in dims)):
+            raise ValueError(f"k values and dims must be positive integers, got k={list(k_values)}, dims={dims}")
+        self.data = data
+        self.dims = sorted({int(d) for d in dims}, reverse=True) if dims else None
+        self.precisions = tuple(precisions)
+        self.k_values = tuple(sorted({int(k) for k in k_values} | set(REPORT_K)))
+        self.batch_size = batch_size
+        self.sts = load_sts(sts) if sts else None
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.rescore_multiplier = rescore_multiplier
+        self.cache_size = cache_size
+        self.show_progress_bar = show_progress_bar
+        self._cache: OrderedDict[str, dict] = OrderedDict()
+        self._bm25_rows: list[dict] | None = None
+
+    def describe(self) -> dict:
+        """The data and settings behind the rows, for the report."""
+        return {**self.data.describe(), "k_values": list(self.k_values), "precisions": list(self.precisions),
+                "rescore_multiplier": self.rescore_multiplier, "sts": self.sts["path"] if self.sts else None}
+
+    def __call__(self, model: BiEncoder, name: str) -> list[dict]:
+        """Encode with `model` (corpus once, at full dim) and score every dim x precision; rows named `name`."""
+        dims = self.dims or [model.dim]
+        if max(dims) > model.dim:
+            raise ValueError(f"dims {dims} exceed the model's dimension {model.dim} ({name})")
+        fingerprint = model.fingerprint()
+        emb = self._embeddings(model, fingerprint)
+        rows = []
+        for dim in dims:
+            queries = truncate(emb["queries"], dim, model.settings.normalize)
+            corpus = truncate(emb["corpus"], dim, model.settings.normalize).numpy()
+            for precision in self.precisions:
+                start = time.perf_counter()
+                scores, indices = self._search(queries, corpus, precision)
+                row = {"model": name, "dim": dim, "precision": precision,
+                       **self._score(scores, indices, name, f"{dim}.{precision}"),
+                       **storage(bytes_per_vector(dim, precision)), "fingerprint": fingerprint}
+                if self.sts and precision == "float32":
+                    row["sts_spearman"] = sts_spearman(truncate(emb["sts"], dim, model.settings.normalize), self.sts)
+                log.info("%s dim %d %s: nDCG@10 %.4f (search %.2fs)", name, dim, precision, row["ndcg@10"],
+                         time.perf_counter() - start)
+                rows.append(row)
+        return rows
+
+    def bm25_rows(self) -> list[dict]:
+        """One row for BM25 (bm25s defaults: lowercase, English stopwords, no stemming, k1=1.5, b=0.75, Lucene)."""
+        if self._bm25_rows is None:
+            import bm25s
+
+            tokens = bm25s.tokenize(self.data.corpus_texts, show_progress=False, return_ids=False)
+            index = bm25s.BM25()
+            index.index(tokens, show_progress=False)
+            queries = bm25s.tokenize(self.data.query_texts, show_progress=False, return_ids=False)
+            indices, scores = index.retrieve(queries, k=min(self._k_searched, len(self.data.corpus_ids)),
+                                             show_progress=False)
+            index_bytes = sum(a.nbytes for a in index.scores.values() if isinstance(a, np.ndarray))
+            # A zero score means no query term matched: a search engine would not return that document.
+            scores = np.where(scores > 0, scores, np.nan)
+            self._bm25_rows = [{"model": "bm25", "dim": None, "precision": "sparse",
+                                **self._score(torch.from_numpy(scores), torch.from_numpy(indices), "bm25", "sparse"),
+                                **storage(index_bytes / len(self.data.corpus_ids))}]
+        return self._bm25_rows
+
+    # --- internals ------------------------------------------------------------------------------------
+    @property
+    def _k_searched(self) -> int:
+        return max(self.k_values) + int(self.data.ignore_identical_ids)
+
+    def _embeddings(self, model: BiEncoder, fingerprint: str) -> dict:
+        """Full-dim query, corpus (and STS) embeddings of `model`, from the cache when its fingerprint is there."""
+        if fingerprint in self._cache:
+            self._cache.move_to_end(fingerprint)
+            return self._cache[fingerprint]
+        start = time.perf_counter()
+        encode = dict(batch_size=self.batch_size, show_progress_bar=self.show_progress_bar, convert_to_tensor=True)
+        emb = {"queries": model.encode(self.data.query_texts, kind="query", **encode),
+               "corpus": model.encode(self.data.corpus_texts, kind="document", **encode)}
+        if self.sts:
+            emb["sts"] = model.encode(self.sts["sentences"], kind="query", **encode)
+        log.info("encoded %d queries and %d documents in %.1fs", len(self.data.query_ids),
+                 len(self.data.corpus_ids), time.perf_counter() - start)
+        self._cache[fingerprint] = emb
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return emb
+
+    def _search(self, queries: torch.Tensor, corpus: np.ndarray, precision: str):
+        k = self._k_searched
+        if precision == "int8":
+            calibration = calibrate_int8(corpus)
+            return int8_search(queries, quantize_int8(corpus, calibration), calibration, k)
+        if precision == "binary":
+            return binary_search(queries, quantize_binary(corpus), k, self.rescore_multiplier)
+        return exact_search(queries, corpus, k)
+
+    def _score(self, scores: torch.Tensor, indices: torch.Tensor, name: str, what: str) -> dict[str, float]:
+        """Metrics of a search result (NaN scores are no hit); its TREC run is written when `out_dir` is set."""
+        ids, skip_self = self.data.corpus_ids, self.data.ignore_identical_ids
+        run = {}
+        for qid, row_scores, row_indices in zip(self.data.query_ids, scores.tolist(), indices.tolist()):
+            hits = [(ids[i], s) for s, i in zip(row_scores, row_indices)
+                    if not math.isnan(s) and not (skip_self and ids[i] == qid)]
+            run[qid] = dict(hits[:max(self.k_values)])
+        if self.out_dir:
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+            write_trec_run(self.out_dir / "runs" / f"{slug}.{what}.trec", run, slug)
+        return evaluate_run(run, self.data.qrels, self.k_values)
+
+
+def storage(bytes_per_doc: float) -> dict:
+    """Storage columns of a row: bytes per document and MB (10^6 bytes) per million documents (the same number)."""
+    return {"bytes_per_doc": bytes_per_doc, "storage_mb_per_million_docs": bytes_per_doc}
+
+
+def load_sts(path: str | Path) -> dict:
+    """Sentence pairs and gold scores of a TSV with columns sentence1, sentence2, score (read with QUOTE_NONE)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: STS file not found")
+    left, right, gold = [], [], []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        missing = {"sentence1", "sentence2", "score"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}:1: header lacks column(s) {', '.join(sorted(missing))} "
+                             "(expected tab-separated sentence1, sentence2, score)")
+        for row in reader:
+            try:
+                gold.append(float(row["score"]))
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}:{reader.line_num}: field 'score' is {row['score']!r}, not a number") from None
+            if not row["sentence1"] or not row["sentence2"]:
+                raise ValueError(f"{path}:{reader.line_num}: sentence1 or sentence2 is empty")
+            left.append(row["sentence1"])
+            right.append(row["sentence2"])
+    if len(gold) < 2:
+        raise ValueError(f"{path}: needs at least 2 sentence pairs, found {len(gold)}")
+    sentences = list(dict.fromkeys(left + right))
+    position = {s: i for i, s in enumerate(sentences)}
+    return {"path": str(path), "sentences": sentences, "left": [position[s] for s in left],
+            "right": [position[s] for s in right], "gold": np.asarray(gold)}
+
+
+def sts_spearman(embeddings: torch.Tensor, sts: dict) -> float:
+    """Spearman correlation between the pairs' cosine similarity and the gold scores."""
+    emb = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+    cosine = (emb[sts["left"]] * emb[sts["right"]]).sum(-1).numpy()
+    return spearman(cosine, sts["gold"])
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _precision_list(text: str) -> list[str]:
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [v for v in values if v not in PRECISIONS]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"precision must be a comma-separated subset of {','.join(PRECISIONS)}, "
+                                         f"got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", action="append", required=True, help="model folder or name (repeat to compare)")
+    p.add_argument("--data", required=True, type=Path, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/")
+    p.add_argument("--split", default="test")
+    p.add_argument("--dims", type=_int_list, help="Matryoshka dims, e.g. 384,256,128,64 (default: full)")
+    p.add_argument("--precision", type=_precision_list, default=["float32"], help="float32,int8,binary")
+    p.add_argument("--k", type=_int_list, default=[1, 3, 5, 10, 100], help="cutoffs (10 and 100 always included)")
+    p.add_argument("--bm25", action="store_true", help="add a BM25 row (bm25s)")
+    p.add_argument("--sts", type=Path, help="TSV of sentence1, sentence2, score: adds Spearman to float32 rows")
+    p.add_argument("--out", type=Path, help="write report.json, report.md, ndcg_vs_dim.png and TREC runs here")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--rescore-multiplier", type=int, default=4, help="binary: candidates per result to rescore")
+    p.add_argument("--ignore-identical-ids", action="store_true", help="skip hits whose id is the query's id")
+    p.add_argument("--strict", action="store_true", help="judgments naming unknown ids are an error")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if len(set(args.model)) != len(args.model):
+        print("error: the same --model is given twice", file=sys.stderr)
+        return 2
+    try:
+        data = load_beir(args.data, args.split, strict=args.strict, ignore_identical_ids=args.ignore_identical_ids)
+        evaluator = RetrievalEvaluator(data, args.dims, args.precision, args.k, args.batch_size, args.sts,
+                                       args.out, args.rescore_multiplier, show_progress_bar=not args.no_progress)
+        rows = []
+        for name in args.model:
+            rows += evaluator(BiEncoder.from_pretrained(name, allow_pickle=args.allow_pickle), name)
+    except (BeirFormatError, ModelLoadError, OSError, UnicodeDecodeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.bm25:
+        rows += evaluator.bm25_rows()
+    if args.out:
+        write_report(rows, args.out, evaluator.describe())
+    print(markdown_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""The training run: set-up, then one step read top to bottom, checkpoints, evaluation and export."""
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+
+from losses import InfoNCE, Matryoshka, cached_backward, text_keys, uncached_backward
+from models import BiEncoder
+from train.checkpoint import complete_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from train.config import Config, ConfigError, save_config
+from train.data import load_pairs
+from train.sampler import BatchPlan
+
+log = logging.getLogger("twinfold")
+KIND = {"anchor": "query", "positive": "document", "negative": "document"}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+def build_model(cfg: Config) -> BiEncoder:
+    m = cfg.model
+    model = BiEncoder.from_pretrained(
+        m.name_or_path, pooling=m.pooling, normalize=m.normalize, max_length=m.max_length, dropout=m.dropout,
+        query_prefix=m.query_prefix, document_prefix=m.document_prefix, allow_pickle=m.allow_pickle,
+        trust_remote_code=m.trust_remote_code,
+    )
+    dims = cfg.loss.matryoshka_dims
+    if dims and dims[0] > model.dim:
+        raise ConfigError(f"loss.matryoshka_dims: {dims[0]} is larger than the model's dimension {model.dim}")
+    model.settings.matryoshka_dims = list(dims)
+    if m.gradient_checkpointing:
+        model.encoder.gradient_checkpointing_enable()
+    return model
+
+
+def build_loss(cfg: Config) -> torch.nn.Module:
+    c = cfg.loss
+    loss = InfoNCE(c.temperature, learnable=c.learnable_temperature, symmetric=c.symmetric)
+    return Matryoshka(loss, c.matryoshka_dims, c.matryoshka_weights) if c.matryoshka_dims else loss
+
+
+def lr_lambda(total: int, warmup: int, kind: str):
+    """Linear warm-up to the peak, then linear or cosine decay to 0 at `total`."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 1 - progress) if kind == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def build_optimizer(model: BiEncoder, loss_fn: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)  # biases and LayerNorm weights
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    if loss_params:
+        groups.append({"params": loss_params, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+
+
+def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+    """An Accelerator; processes launched without GPUs join a gloo group (accelerate would run them alone)."""
+    cpu_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(cpu=cpu_group, mixed_precision=mixed_precision)
+
+
+def check_output_dir(path: Path) -> None:
+    """Fail before training if the output folder cannot be written or the disk is (nearly) full."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"train.output_dir: cannot write to {path}: {e.strerror or e}") from None
+
+
+def train(cfg: Config) -> Path:
+    """Run a whole recipe; return the exported model folder `OUTPUT/final`."""
+    t = cfg.train
+    out = Path(t.output_dir)
+    accelerator = make_accelerator(t.mixed_precision)
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
+    if t.batch_size % world:
+        raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by the {world} processes")
+    if main:
+        check_output_dir(out)
+        save_config(cfg, out / "config.yaml")
+    set_seed(t.seed)
+
+    model = build_model(cfg)
+    datasets = [load_pairs(d) for d in cfg.data.train]
+    plan = BatchPlan(datasets, t.batch_size, t.seed, cfg.data.mixing)
+    loss_fn = build_loss(cfg).to(accelerator.device)
+    optimizer = build_optimizer(model, loss_fn, cfg)
+    total_steps = t.max_steps or t.epochs * (len(plan) // t.grad_accum)
+    warmup = math.ceil(t.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.scheduler))
+
+    state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "evals": []}
+    if t.resume and (found := complete_checkpoints(out)):
+        state, rng_states = load_checkpoint(found[-1], model, optimizer, scheduler, loss_fn)
+        torch.set_rng_state(rng_states[accelerator.process_index]["cpu"])
+        if torch.cuda.is_available() and rng_states[accelerator.process_index].get("cuda") is not None:
+            torch.cuda.set_rng_state(rng_states[accelerator.process_index]["cuda"])
+        if main:
+            log.info("resumed from %s (step %d)", found[-1], state["step"])
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+
+    evaluator = build_evaluator(cfg, out) if main else None
+    metrics_file = out / "metrics.jsonl"
+    if main and state["step"] == 0 and evaluator is not None:
+        state["base"] = evaluator(model, "base")
+        write_metrics(metrics_file, {"step": 0, "eval": state["base"]})
+    tracker = start_wandb(cfg, out, resume=state["step"] > 0) if main and cfg.log.wandb else None
+
+    def embed(texts: list[str], role: str) -> torch.Tensor:
+        features = model.tokenize(texts, KIND[role])
+        return wrapped(**{k: v.to(accelerator.device) for k, v in features.items()})
+
+    def next_batch():
+        batches = plan.epoch(state["epoch"])
+        if state["batch"] >= len(batches):
+            state["epoch"], state["batch"] = state["epoch"] + 1, 0
+            batches = plan.epoch(state["epoch"])
+        batch = batches[state["batch"]]
+        state["batch"] += 1
+        ds = datasets[batch.dataset]
+        rows = batch.shard(accelerator.process_index, world)
+        texts = {"anchor": [ds.anchor[i] for i in rows], "positive": [ds.positive[i] for i in rows]}
+        if ds.negatives[rows[0]]:
+            texts["negative"] = [n for i in rows for n in ds.negatives[i]]
+        return texts
+
+    progress = tqdm(total=total_steps, initial=state["step"], disable=not main, desc="train")
+    wrapped.train()
+    window_start, window_pairs = time.perf_counter(), 0
+    while state["step"] < total_steps:
+        # ---- one optimizer step: grad_accum batches, each forward + loss + backward --------------------
+        losses = []
+        for micro in range(t.grad_accum):
+            texts = next_batch()
+            keys = {role: text_keys(v).to(accelerator.device) for role, v in texts.items() if role != "anchor"} \
+                if cfg.loss.mask_false_negatives else None
+            sync = nullcontext() if micro == t.grad_accum - 1 else accelerator.no_sync(wrapped)
+            with sync:
+                if cfg.loss.mini_batch_size:
+                    loss = cached_backward(embed, texts, loss_fn, cfg.loss.mini_batch_size, keys=keys,
+                                           scale=1 / t.grad_accum, backward=accelerator.backward,
+                                           no_sync=lambda: accelerator.no_sync(wrapped))
+                else:
+                    loss = uncached_backward(embed, texts, loss_fn, keys=keys, scale=1 / t.grad_accum,
+                                             backward=accelerator.backward)
+            losses.append(loss)
+            window_pairs += len(texts["anchor"]) * world
+        loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        if not math.isfinite(loss):
+            raise TrainingError(f"loss is {loss} at step {state['step'] + 1}; stopping. The last good checkpoint "
+                                f"is kept in {out / 'checkpoints'}; lower train.lr or check the data")
+        if t.max_grad_norm:
+            accelerator.clip_grad_norm_(wrapped.parameters(), t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        # ---- bookkeeping: log, evaluate, checkpoint ------------------------------------------------------
+        progress.update(1)
+        elapsed = time.perf_counter() - window_start
+        record = {"step": state["step"], "epoch": state["epoch"], "loss": loss,
+                  "lr": scheduler.get_last_lr()[0], "pairs_per_s": window_pairs / max(elapsed, 1e-9)}
+        if cfg.loss.learnable_temperature:
+            record["temperature"] = float(loss_fn_temperature(loss_fn))
+        progress.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{record['pairs_per_s']:.1f}")
+        window_start, window_pairs = time.perf_counter(), 0
+        if main:
+            write_metrics(metrics_file, record)
+            if tracker:
+                tracker.log(record, step=state["step"])
+        last = state["step"] == total_steps
+        if evaluator is not None and (last or (t.eval_steps and state["step"] % t.eval_steps == 0)):
+            rows = evaluator(model, f"step-{state['step']}")
+            score = headline(rows, cfg.eval.metric)
+            state["evals"].append({"step": state["step"], cfg.eval.metric: score})
+            if state["best"] is None or score > state["best"]["score"]:
+                state["best"] = {"step": state["step"], "score": score}
+            state["last_rows"] = rows
+            write_metrics(metrics_file, {"step": state["step"], "eval": rows})
+            if tracker:
+                tracker.log({f"eval/{cfg.eval.metric}": score}, step=state["step"])
+        if last or (t.save_steps and state["step"] % t.save_steps == 0):
+            checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, t.save_total_limit)
+    progress.close()
+    accelerator.wait_for_everyone()
+
+    final = out / "final"
+    if main:
+        model.save_pretrained(final, info=run_info(cfg, datasets, state))
+        if evaluator is not None:
+            from train.report import write_report
+
+            final_rows = [dict(r, model="final") for r in state.get("last_rows", [])]
+            rows = state.get("base", []) + final_rows + (evaluator.bm25_rows() if cfg.eval.bm25 else [])
+            write_report(rows, out / "eval", info={**evaluator.describe(), "config": cfg.to_dict()})
+        if tracker:
+            tracker.finish()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+def loss_fn_temperature(loss_fn: torch.nn.Module) -> torch.Tensor:
+    inner = getattr(loss_fn, "inner", loss_fn)
+    return inner.temperature
+
+
+def headline(rows: list[dict], metric: str) -> float:
+    """The metric at the largest dim in float32: the number that picks the best checkpoint."""
+    full = [r for r in rows if r["precision"] == "float32"]
+    return max(full, key=lambda r: r["dim"])[metric]
+
+
+def checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, keep_last) -> None:
+    """Save on the main process with every process's RNG state; keep the last K and the best."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rng_states = gather_object([rng]) if accelerator.num_processes > 1 else [rng]
+    if accelerator.is_main_process:
+        saved = {k: v for k, v in state.items() if k != "last_rows"}
+        save_checkpoint(out, state["step"], model, optimizer, scheduler, loss_fn, rng_states, saved)
+        best = out / "checkpoints" / f"step-{state['best']['step']}" if state.get("best") else None
+        prune_checkpoints(out, keep_last, keep=best)
+    accelerator.wait_for_everyone()
+
+
+def build_evaluator(cfg: Config, out: Path):
+    if cfg.eval.data is None:
+        return None
+    from train.beir import load_beir
+    from train.evaluate import RetrievalEvaluator
+
+    e = cfg.eval
+    data = load_beir(e.data, e.split, ignore_identical_ids=e.ignore_identical_ids)
+    dims = e.dims or cfg.loss.matryoshka_dims or None
+    return RetrievalEvaluator(data, dims=dims, precisions=e.precisions, batch_size=e.batch_size, sts=e.sts,
+                              out_dir=out / "eval")
+
+
+def run_info(cfg: Config, datasets, state: dict) -> dict:
+    """What twinfold.json records about training: data summary and eval results."""
+    info = {"training": {"base_model": cfg.model.name_or_path, "steps": state["step"],
+                         "data": [{"name": d.name, "pairs": len(d)} for d in datasets],
+                         "batch_size": cfg.train.batch_size, "loss": cfg.to_dict()["loss"]}}
+    if state.get("last_rows"):
+        info["eval"] = {"data": cfg.eval.data, "split": cfg.eval.split,
+                        "results": [{k: r[k] for k in ("dim", "precision", "ndcg@10") if k in r} for r in state["last_rows"]]}
+    return info
+
+
+def write_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def start_wandb(cfg: Config, out: Path, resume: bool):
+    import wandb
+
+    mode = cfg.log.wandb_mode or os.environ.get("WANDB_MODE")
+    return wandb.init(project=cfg.log.wandb_project, name=cfg.log.run_name, config=cfg.to_dict(), dir=str(out),
+                      mode=mode, resume="allow" if resume else None)
