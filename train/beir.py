@@ -59,7 +59,7 @@ def load_beir(folder: str | Path, split: str = "test", strict: bool = False,
     for what, source in (("queries", "queries.jsonl"), ("documents", "corpus.jsonl")):
         if unknown[what]:
             line, name = unknown[what][0]
-            message = (f"{qrels_file}: {len(unknown[what])} judgments name {what} not in {source} "
+            message = (f"{qrels_file}: judgments naming {what} not in {source}: {len(unknown[what])} "
                        f"(first at line {line}: {name!r})")
             if strict:
                 raise BeirFormatError(f"{message}; fix the files, or drop strict (--strict) to skip them")

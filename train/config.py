@@ -186,8 +186,6 @@ def validate(c: Config) -> None:
         where = f"data.train[{i}]"
         if not ds.path:
             raise ConfigError(f"{where}.path: missing")
-        if _looks_local(ds.path) and not Path(ds.path).exists():
-            raise ConfigError(f"{where}.path: {ds.path} does not exist")
         bad = sorted(set(ds.columns.values()) - set(ROLES))
         if bad:
             raise ConfigError(f"{where}.columns: roles {bad} are not among {ROLES}")
@@ -195,6 +193,8 @@ def validate(c: Config) -> None:
             if ds.columns and role not in ds.columns.values():
                 raise ConfigError(f"{where}.columns: no column is mapped to {role!r}")
         _positive(f"{where}.weight", ds.weight)
+        if _looks_local(ds.path) and not Path(ds.path).exists():
+            raise ConfigError(f"{where}.path: {ds.path} does not exist")
     if c.eval.data is not None and not Path(c.eval.data).is_dir():
         raise ConfigError(f"eval.data: {c.eval.data} is not a folder (a BEIR folder with corpus.jsonl, queries.jsonl, qrels/)")
 

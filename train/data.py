@@ -52,16 +52,17 @@ def load_pairs(cfg: DatasetConfig) -> PairDataset:
                         f"data; its columns are {table.column_names}")
     if len(table) == 0:
         raise DataError(f"{cfg.path}: the dataset is empty")
+    values = {source: list(table[source]) for source in columns}
     by_role: dict[str, list[list]] = {"anchor": [], "positive": [], "negative": []}
     for source, role in columns.items():
-        by_role[role].append(table[source])
+        by_role[role].append(values[source])
     line = _line_numbers(path, len(table)) if local and path.suffix in (".jsonl", ".csv", ".tsv") else None
 
     def where(i: int, source: str) -> str:
         return f"{cfg.path}:{line[i]} field {source!r}" if line else f"{cfg.path} row {i} field {source!r}"
 
     for source in columns:
-        for i, text in enumerate(table[source]):
+        for i, text in enumerate(values[source]):
             if not isinstance(text, str):
                 what = "missing (null)" if text is None else f"not a string ({type(text).__name__})"
                 raise DataError(f"{where(i, source)}: text is {what}")

@@ -71,26 +71,33 @@ class RetrievalEvaluator:
 
     def __call__(self, model: BiEncoder, name: str) -> list[dict]:
         """Encode with `model` (corpus once, at full dim) and score every dim x precision; rows named `name`."""
-        dims = self.dims or [model.dim]
-        if max(dims) > model.dim:
-            raise ValueError(f"dims {dims} exceed the model's dimension {model.dim} ({name})")
+        self._dims(model.dim, name)
         fingerprint = model.fingerprint()
         emb = self._embeddings(model, fingerprint)
+        rows = self.score_embeddings(emb["queries"], emb["corpus"], name, model.settings.normalize)
+        for row in rows:
+            row["fingerprint"] = fingerprint
+            if self.sts and row["precision"] == "float32":
+                row["sts_spearman"] = sts_spearman(truncate(emb["sts"], row["dim"], model.settings.normalize), self.sts)
+        return rows
+
+    def score_embeddings(self, queries, corpus, name: str, normalize: bool = True) -> list[dict]:
+        """Rows for full-dim embeddings (tensors or arrays) of the judged queries and the corpus, in `data`'s order.
+
+        Each dim is a prefix of the full vectors, re-normalised when `normalize`.
+        """
         rows = []
-        for dim in dims:
-            queries = truncate(emb["queries"], dim, model.settings.normalize)
-            corpus = truncate(emb["corpus"], dim, model.settings.normalize).numpy()
+        for dim in self._dims(corpus.shape[1], name):
+            dim_queries = truncate(torch.as_tensor(queries), dim, normalize)
+            dim_corpus = truncate(torch.as_tensor(corpus), dim, normalize).numpy()
             for precision in self.precisions:
                 start = time.perf_counter()
-                scores, indices = self._search(queries, corpus, precision)
-                row = {"model": name, "dim": dim, "precision": precision,
-                       **self._score(scores, indices, name, f"{dim}.{precision}"),
-                       **storage(bytes_per_vector(dim, precision)), "fingerprint": fingerprint}
-                if self.sts and precision == "float32":
-                    row["sts_spearman"] = sts_spearman(truncate(emb["sts"], dim, model.settings.normalize), self.sts)
-                log.info("%s dim %d %s: nDCG@10 %.4f (search %.2fs)", name, dim, precision, row["ndcg@10"],
-                         time.perf_counter() - start)
-                rows.append(row)
+                scores, indices = self._search(dim_queries, dim_corpus, precision)
+                rows.append({"model": name, "dim": dim, "precision": precision,
+                             **self._score(scores, indices, name, f"{dim}.{precision}"),
+                             **storage(bytes_per_vector(dim, precision))})
+                log.info("%s dim %d %s: nDCG@10 %.4f (search and metrics %.2fs)", name, dim, precision,
+                         rows[-1]["ndcg@10"], time.perf_counter() - start)
         return rows
 
     def bm25_rows(self) -> list[dict]:
@@ -116,6 +123,12 @@ class RetrievalEvaluator:
     @property
     def _k_searched(self) -> int:
         return max(self.k_values) + int(self.data.ignore_identical_ids)
+
+    def _dims(self, full_dim: int, name: str) -> list[int]:
+        dims = self.dims or [full_dim]
+        if max(dims) > full_dim:
+            raise ValueError(f"dims {dims} exceed the model's dimension {full_dim} ({name})")
+        return dims
 
     def _embeddings(self, model: BiEncoder, fingerprint: str) -> dict:
         """Full-dim query, corpus (and STS) embeddings of `model`, from the cache when its fingerprint is there."""
@@ -237,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.no_progress:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     if len(set(args.model)) != len(args.model):
         print("error: the same --model is given twice", file=sys.stderr)
         return 2

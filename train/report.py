@@ -8,7 +8,7 @@ from models.quantize import PRECISIONS
 
 COLUMNS = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@10", "R@10"), ("recall@100", "R@100"),
            ("map@100", "MAP@100"))
-LINESTYLES = {"float32": "-", "int8": "--", "binary": ":"}
+STYLES = {"float32": ("-", "o"), "int8": ("--", "s"), "binary": (":", "^")}
 
 
 def write_report(rows: list[dict], out_dir: str | Path, info: dict | None = None) -> dict[str, Path]:
@@ -68,11 +68,12 @@ def plot_ndcg_vs_dim(rows: list[dict], path: str | Path, title: str = "") -> Non
     for i, model in enumerate(models):
         for precision in dict.fromkeys(r["precision"] for r in dense if r["model"] == model):
             points = sorted((r["dim"], r["ndcg@10"]) for r in dense if (r["model"], r["precision"]) == (model, precision))
-            ax.plot(*zip(*points), marker="o", color=colours[i % len(colours)],
-                    linestyle=LINESTYLES.get(precision, "-."), label=f"{model} {precision}")
+            linestyle, marker = STYLES.get(precision, ("-.", "x"))
+            ax.plot(*zip(*points), marker=marker, linestyle=linestyle, color=colours[i % len(colours)],
+                    label=f"{model} {precision}")
     for r in rows:
         if not r["dim"]:
-            ax.axhline(r["ndcg@10"], color="grey", linestyle="--", linewidth=1, label=f"{r['model']} ({r['precision']})")
+            ax.axhline(r["ndcg@10"], color="grey", linestyle="--", linewidth=1, label=r["model"])
     dims = sorted({r["dim"] for r in dense})
     if dims:
         ax.set_xscale("log", base=2)

@@ -1,0 +1,106 @@
+"""End-to-end training runs: the smoke recipe on a tiny BERT, across 2 processes, and killed then resumed."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train.loop import lr_lambda
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    linear = lr_lambda(total=10, warmup=2, kind="linear")
+    assert [round(linear(s), 6) for s in (0, 1, 2, 6, 10)] == [round(1 / 3, 6), round(2 / 3, 6), 1.0, 0.5, 0.0]
+    cosine = lr_lambda(total=10, warmup=0, kind="cosine")
+    assert cosine(0) == 1.0 and abs(cosine(5) - 0.5) < 1e-12 and abs(cosine(10)) < 1e-12
+
+
+def run_train(tmp_path, name, *overrides, processes=1, tiny=None, wait=True):
+    out = tmp_path / name
+    args = ["configs/smoke.yaml", f"train.output_dir={out}", *overrides]
+    if tiny is not None:
+        args += [f"model.name_or_path={tiny}", "model.max_length=32", "loss.matryoshka_dims=[128,64]"]
+    if processes > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), "-m", "train", *args]
+    else:
+        cmd = [sys.executable, "-m", "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return out, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def weights(folder):
+    return load_file(folder / "model.safetensors")
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_smoke_recipe_trains_evaluates_and_exports(tmp_path, tiny_bert_path, data_dir):
+    out = run_train(tmp_path, "run", f"eval.data={data_dir / 'scifact-nano'}", "eval.precisions=[float32,int8]",
+                    "train.eval_steps=2", tiny=tiny_bert_path)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
+    assert [m["step"] for m in metrics if "eval" in m] == [0, 2, 4]
+    report = json.loads((out / "eval" / "report.json").read_text())
+    models = {r["model"] for r in report["results"]}
+    assert {"base", "final"} <= models
+    assert (out / "eval" / "report.md").exists() and (out / "eval" / "ndcg_vs_dim.png").exists()
+    meta = json.loads((out / "final" / "twinfold.json").read_text())
+    assert meta["matryoshka_dims"] == [128, 64] and meta["training"]["steps"] == 4
+    assert meta["training"]["data"][0]["pairs"] == 919 and meta["eval"]["results"]
+    assert (out / "config.yaml").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    from sentence_transformers import SentenceTransformer
+
+    from models import BiEncoder
+
+    ours = BiEncoder.from_pretrained(out / "final").encode(["a claim about cells"])
+    theirs = SentenceTransformer(str(out / "final"), device="cpu").encode(["a claim about cells"])
+    assert abs(ours - theirs).max() < 1e-5
+
+
+def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(tmp_path, tiny_bert_path):
+    overrides = ("train.lr=2e-4", "train.save_steps=null", "model.dropout=0.0")
+    one = run_train(tmp_path, "one", *overrides, tiny=tiny_bert_path)
+    two = run_train(tmp_path, "two", *overrides, tiny=tiny_bert_path, processes=2)
+    start, w1, w2 = weights(tiny_bert_path), weights(one / "final"), weights(two / "final")
+    assert max_diff(w1, start) > 2e-4  # training moved the weights (Adam: about lr per step)
+    assert max_diff(w1, w2) < 1e-5
+    losses = [[json.loads(line)["loss"] for line in (o / "metrics.jsonl").read_text().splitlines()] for o in (one, two)]
+    assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5)
+
+
+def test_resume_after_sigkill_ends_with_identical_weights(tmp_path, tiny_bert_path):
+    overrides = ("train.max_steps=12", "train.save_steps=3", "model.dropout=0.1", "train.lr=1e-3",
+                 "train.batch_size=16", "model.max_length=64")
+    full = run_train(tmp_path, "full", *overrides, tiny=tiny_bert_path)
+    out, proc = run_train(tmp_path, "killed", *overrides, tiny=tiny_bert_path, wait=False)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-3" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:] if proc.stderr else ""
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final").exists(), "the run finished before it was killed"
+    run_train(tmp_path, "killed", *overrides, "train.resume=true", tiny=tiny_bert_path)
+    assert max_diff(weights(full / "final"), weights(out / "final")) == 0.0
+    state = json.loads((out / "checkpoints" / "step-12" / "trainer_state.json").read_text())
+    assert state["step"] == 12
