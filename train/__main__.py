@@ -6,9 +6,10 @@ import sys
 
 from models.loading import ModelLoadError
 from train.config import ConfigError, load_config
+from train.beir import BeirFormatError
 from train.data import DataError
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, BeirFormatError)
 
 
 def main(argv: list[str] | None = None) -> int:

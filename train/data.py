@@ -1,5 +1,4 @@
 """Training pairs: load with Hugging Face `datasets`, map source columns to named roles, validate rows."""
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +27,6 @@ class PairDataset:
 
     def texts(self, i: int) -> list[str]:
         return [self.anchor[i], self.positive[i], *self.negatives[i]]
-
-
-def text_key(text: str) -> int:
-    """A stable 63-bit hash of a text (the same in every process, unlike `hash`)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
 def load_pairs(cfg: DatasetConfig) -> PairDataset:

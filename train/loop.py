@@ -255,7 +255,7 @@ def build_evaluator(cfg: Config, out: Path):
     data = load_beir(e.data, e.split, ignore_identical_ids=e.ignore_identical_ids)
     dims = e.dims or cfg.loss.matryoshka_dims or None
     return RetrievalEvaluator(data, dims=dims, precisions=e.precisions, batch_size=e.batch_size, sts=e.sts,
-                              out_dir=out / "eval")
+                              out_dir=out / "eval", show_progress_bar=True)
 
 
 def run_info(cfg: Config, datasets, state: dict) -> dict:

@@ -4,7 +4,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from train.data import DataError, PairDataset, text_key
+from losses import text_keys
+from train.data import DataError, PairDataset
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class BatchPlan:
 
     def __init__(self, datasets: list[PairDataset], batch_size: int, seed: int, mixing: str = "proportional"):
         self.datasets, self.batch_size, self.seed, self.mixing = datasets, batch_size, seed, mixing
-        self._keys = [[[text_key(t) for t in ds.texts(i)] for i in range(len(ds))] for ds in datasets]
+        self._keys = [[text_keys(ds.texts(i)).tolist() for i in range(len(ds))] for ds in datasets]
         for ds in datasets:
             if len(ds) < batch_size:
                 raise DataError(f"dataset {ds.name}: {len(ds)} rows, fewer than one batch of {batch_size} "
