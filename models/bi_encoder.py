@@ -139,15 +139,23 @@ class BiEncoder(nn.Module):
         return h.hexdigest()[:16]
 
     # --- the forward path -----------------------------------------------------------------------------
-    def tokenize(self, texts: list[str], kind: str = "document") -> dict[str, torch.Tensor]:
-        """Tokenize with the kind's prefix, padding to the longest text and truncating at `max_length`."""
+    def with_prefix(self, texts: list[str], kind: str) -> list[str]:
+        """`texts` with the query or document prefix stored with the model."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         prefix = self.settings.query_prefix if kind == "query" else self.settings.document_prefix
-        if prefix:
-            texts = [prefix + t for t in texts]
-        return dict(self.tokenizer(list(texts), padding=True, truncation=True,
+        return [prefix + t for t in texts] if prefix else list(texts)
+
+    def tokenize(self, texts: list[str], kind: str = "document") -> dict[str, torch.Tensor]:
+        """Tokenize with the kind's prefix, padding to the longest text and truncating at `max_length`."""
+        return dict(self.tokenizer(self.with_prefix(texts, kind), padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt"))
+
+    def count_truncated(self, texts: list[str], kind: str = "document") -> int:
+        """How many of `texts` (with the kind's prefix) are longer than `max_length` tokens."""
+        lengths = self.tokenizer(self.with_prefix(texts, kind), truncation=False, verbose=False,
+                                 return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        return sum(len(ids) > self.max_length for ids in lengths)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,6 +3,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -71,14 +72,24 @@ def build_optimizer(model: BiEncoder, loss_fn: torch.nn.Module, cfg: Config) -> 
     return torch.optim.AdamW(groups, lr=cfg.train.lr)
 
 
+def report_truncation(model: BiEncoder, datasets) -> None:
+    """Say once how many training texts exceed `max_length` tokens (they are truncated, not dropped)."""
+    for ds in datasets:
+        counts = {"anchor": model.count_truncated(ds.anchor, KIND["anchor"]),
+                  "positive": model.count_truncated(ds.positive, KIND["positive"])}
+        if any(counts.values()):
+            log.warning("%s: %d of %d anchors and %d of %d positives exceed max_length %d tokens and are truncated",
+                        ds.name, counts["anchor"], len(ds), counts["positive"], len(ds), model.max_length)
+
+
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     """An Accelerator; processes launched without GPUs join a gloo group (accelerate would run them alone)."""
     cpu_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return Accelerator(cpu=cpu_group, mixed_precision=mixed_precision)
 
 
-def check_output_dir(path: Path) -> None:
-    """Fail before training if the output folder cannot be written or the disk is (nearly) full."""
+def check_output_dir(path: Path, need_bytes: int) -> None:
+    """Fail before training if the output folder cannot be written or lacks room for the checkpoints."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -86,6 +97,10 @@ def check_output_dir(path: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"train.output_dir: cannot write to {path}: {e.strerror or e}") from None
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise ConfigError(f"train.output_dir: {path} has {free / 2**30:.2f} GiB free; checkpoints and the export "
+                          f"need about {need_bytes / 2**30:.2f} GiB (lower train.save_total_limit or free space)")
 
 
 def train(cfg: Config) -> Path:
@@ -97,13 +112,16 @@ def train(cfg: Config) -> Path:
     world = accelerator.num_processes
     if t.batch_size % world:
         raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by the {world} processes")
-    if main:
-        check_output_dir(out)
-        save_config(cfg, out / "config.yaml")
     set_seed(t.seed)
-
     model = build_model(cfg)
+    if main:
+        # a checkpoint holds the weights and AdamW's two moments; keep_last + best + the final export
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        check_output_dir(out, weight_bytes * (3 * (t.save_total_limit + 1) + 1))
+        save_config(cfg, out / "config.yaml")
     datasets = [load_pairs(d) for d in cfg.data.train]
+    if main:
+        report_truncation(model, datasets)
     plan = BatchPlan(datasets, t.batch_size, t.seed, cfg.data.mixing)
     loss_fn = build_loss(cfg).to(accelerator.device)
     optimizer = build_optimizer(model, loss_fn, cfg)
