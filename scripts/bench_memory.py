@@ -24,7 +24,8 @@ GB = 1024 ** 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    default_pairs = Path(os.environ.get("TWINFOLD_DATA", REPO.parent / "shared" / "data")) / "scifact-train-pairs" / "train.jsonl"
+    data = Path(os.environ.get("TWINFOLD_DATA", REPO.parent / "shared" / "data"))
+    default_pairs = data / "scifact-train-pairs" / "train.jsonl"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
     parser.add_argument("--pairs", type=Path, default=default_pairs, help="JSONL with anchor/positive fields")

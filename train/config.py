@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from losses import DEFAULT_TEMPERATURE
+
 
 class ConfigError(ValueError):
     """A config that cannot run, with the key at fault."""
@@ -50,7 +52,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    temperature: float = 0.05
+    temperature: float = DEFAULT_TEMPERATURE
     learnable_temperature: bool = False
     symmetric: bool = False
     matryoshka_dims: list[int] = field(default_factory=list)

@@ -1,0 +1,114 @@
+"""Run on 1 process, or on 2 under `accelerate launch`: check losses.distributed, then train a tiny bi-encoder.
+
+    python dist_check.py MODEL_DIR PAIRS_JSONL OUT_DIR [--mini-batch-sizes 0,3]
+
+Used by test_two_processes.py (one launch per mode keeps the test fast on a small CPU):
+- with 2 processes, the helpers are checked against hand-written values (an AssertionError fails the launch)
+  and OUT_DIR/helpers-rank{r}.ok is written;
+- then 3 training steps on a global batch of 8 pairs, once per mini-batch size (0: uncached), each from the
+  same start; with N processes, process r takes rows [r*8/N, (r+1)*8/N). The loss covers every gathered
+  path: Matryoshka(symmetric InfoNCE with a learnable temperature), hard negatives, and false-negative
+  masking across processes (positive 5, on process 1, repeats positive 1, on process 0). Dropout is 0.
+  Writes OUT_DIR/mini{M}/losses.json (mean loss over processes, per step) and OUT_DIR/mini{M}/rank{r}.safetensors.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+
+from losses import InfoNCE, Matryoshka, cached_backward, text_keys, uncached_backward
+from losses.distributed import average_gradient, gather_no_grad, gather_with_grad, rank, rank_offset, world_size
+from models import BiEncoder
+
+GLOBAL_BATCH, STEPS, LR = 8, 3, 0.1
+KIND = {"anchor": "query", "positive": "document", "negative": "document"}
+
+
+def check_helpers():
+    """gather_with_grad / gather_no_grad / average_gradient / rank_offset on 2 processes, by hand."""
+    r = rank()
+    assert world_size() == 2 and rank_offset(3) == 3 * r
+
+    # Each process holds 3 rows; the gathered [6, 2] is rank 0's rows then rank 1's.
+    x = (torch.arange(6.0).reshape(3, 2) + 100 * r).requires_grad_()
+    gathered = gather_with_grad(x)
+    assert torch.equal(gathered, torch.cat([torch.arange(6.0).reshape(3, 2) + 100 * s for s in range(2)]))
+    # Process s weights the gathered rows by (s + 1) * w: x's gradient is the sum over processes, its rows.
+    w = torch.arange(12.0).reshape(6, 2)
+    (gathered * (r + 1) * w).sum().backward()
+    assert torch.equal(x.grad, 3 * w[3 * r:3 * r + 3])
+
+    assert torch.equal(gather_no_grad(torch.tensor([10, 20]) + r), torch.tensor([10, 20, 11, 21]))
+
+    tau = torch.tensor(2.0, requires_grad=True)
+    (average_gradient(tau) * (r + 1)).backward()  # local gradients 1 and 2 -> 1.5 on both processes
+    assert tau.grad.item() == 1.5
+
+
+def load_pairs(path: Path) -> dict[str, list[str]]:
+    with open(path) as f:
+        rows = [json.loads(next(f)) for _ in range(16)]
+    positives = [r["positive"][:200] for r in rows]
+    positives[5] = positives[1]
+    return {"anchor": [r["anchor"] for r in rows], "positive": positives,
+            "negative": [positives[(i + 8) % 16] for i in range(16)]}
+
+
+def train(accelerator: Accelerator, args, mini_batch_size: int):
+    torch.manual_seed(0)
+    model = BiEncoder.from_pretrained(args.model_dir, dropout=0.0).train()
+    loss_fn = Matryoshka(InfoNCE(learnable=True, symmetric=True), dims=[128, 32])
+    optimizer = torch.optim.SGD([p for m in (model, loss_fn) for p in m.parameters() if p.requires_grad], lr=LR)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    tokenize = accelerator.unwrap_model(model).tokenize
+
+    def embed(texts, role):
+        return model(**{k: v.to(accelerator.device) for k, v in tokenize(texts, KIND[role]).items()})
+
+    data = load_pairs(Path(args.pairs))
+    local = GLOBAL_BATCH // accelerator.num_processes
+    losses = []
+    for step in range(STEPS):
+        start = (step * GLOBAL_BATCH) % 16 + accelerator.process_index * local
+        texts = {role: rows[start:start + local] for role, rows in data.items()}
+        keys = {role: text_keys(texts[role]) for role in ("positive", "negative")}
+        optimizer.zero_grad()
+        if mini_batch_size:
+            loss = cached_backward(embed, texts, loss_fn, mini_batch_size, keys=keys,
+                                   backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model))
+        else:
+            loss = uncached_backward(embed, texts, loss_fn, keys=keys, backward=accelerator.backward)
+        optimizer.step()
+        losses.append(accelerator.reduce(loss, "mean").item())
+
+    out = args.out_dir / f"mini{mini_batch_size}"
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {f"encoder.{k}": v for k, v in accelerator.unwrap_model(model).encoder.state_dict().items()}
+    weights["loss.log_temperature"] = loss_fn.inner.log_temperature.detach()
+    save_file({k: v.contiguous() for k, v in weights.items()}, out / f"rank{accelerator.process_index}.safetensors")
+    if accelerator.is_main_process:
+        (out / "losses.json").write_text(json.dumps(losses))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("pairs")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--mini-batch-sizes", default="0,3")
+    args = parser.parse_args()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # on CPU, only cpu=True gives DDP over gloo
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.num_processes > 1:
+        check_helpers()
+        (args.out_dir / f"helpers-rank{accelerator.process_index}.ok").touch()
+    for mini_batch_size in map(int, args.mini_batch_sizes.split(",")):
+        train(accelerator, args, mini_batch_size)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Cached (GradCache) steps give the loss and parameter gradients of the plain autograd step, on a tiny BERT."""
+import json
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from losses import InfoNCE, Matryoshka, cached_backward, text_keys, uncached_backward
+from models import BiEncoder
+
+KIND = {"anchor": "query", "positive": "document", "negative": "document"}
+MINI = 3  # 8 rows -> chunks of 3, 3, 2
+
+
+@pytest.fixture(scope="module")
+def pairs(data_dir):
+    with open(data_dir / "scifact-train-pairs" / "train.jsonl") as f:
+        rows = [json.loads(next(f)) for _ in range(16)]
+    return [(r["anchor"], r["positive"][:200]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def batch(pairs):
+    """8 pairs; positive 5 repeats positive 1 (a false negative to mask); negatives are other pairs' positives."""
+    anchors = [a for a, _ in pairs[:8]]
+    positives = [p for _, p in pairs[:8]]
+    positives[5] = positives[1]
+    negatives = [p for _, p in pairs[8:16]]
+    texts = {"anchor": anchors, "positive": positives, "negative": negatives}
+    return texts, {"positive": text_keys(positives), "negative": text_keys(negatives)}
+
+
+def load(path, dropout):
+    torch.manual_seed(0)
+    return BiEncoder.from_pretrained(path, dropout=dropout).train()
+
+
+def embedder(model):
+    return lambda texts, role: model.embed(texts, KIND[role])
+
+
+def chunked_reference(model, texts, loss_fn, keys):
+    """The plain autograd step over the same chunks, in the same order, as `cached_backward`."""
+    embed = embedder(model)
+    embeddings = {role: torch.cat([embed(rows[s:s + MINI], role) for s in range(0, len(rows), MINI)])
+                  for role, rows in texts.items()}
+    loss = loss_fn(embeddings, keys)
+    loss.backward()
+    return loss.detach()
+
+
+def gradients(*modules):
+    return {f"{i}.{name}": p.grad.clone() for i, m in enumerate(modules)
+            for name, p in m.named_parameters() if p.grad is not None}
+
+
+def zero(*modules):
+    for m in modules:
+        m.zero_grad(set_to_none=True)
+
+
+def assert_same_gradients(got, expected, rel=1e-5):
+    """Each parameter's gradient within `rel` of its largest entry (a floor of 1e-4 of the largest entry
+    overall covers gradients that are zero up to rounding, e.g. attention key biases)."""
+    assert got.keys() == expected.keys() and len(got) > 10
+    overall = max(g.abs().max() for g in expected.values())
+    for name, g in expected.items():
+        assert (got[name] - g).abs().max() <= rel * max(g.abs().max(), 1e-4 * overall), name
+
+
+LOSSES = {
+    "infonce": (lambda: InfoNCE(), ("anchor", "positive"), False),
+    "matryoshka": (lambda: Matryoshka(InfoNCE(), [128, 64, 32], [1.0, 0.5, 0.25]), ("anchor", "positive"), False),
+    "negatives+symmetric+masking+learnable": (
+        lambda: Matryoshka(InfoNCE(learnable=True, symmetric=True), [128, 32]),
+        ("anchor", "positive", "negative"), True),
+}
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_cached_equals_plain_step_over_the_same_chunks_with_dropout(tiny_bert_path, batch, name):
+    make_loss, roles, with_keys = LOSSES[name]
+    texts = {role: batch[0][role] for role in roles}
+    keys = batch[1] if with_keys else None
+    model, loss_fn = load(tiny_bert_path, 0.1), make_loss()
+
+    torch.manual_seed(1)
+    expected_loss = chunked_reference(model, texts, loss_fn, keys)
+    expected, rng_after = gradients(model, loss_fn), torch.get_rng_state()
+    zero(model, loss_fn)
+    torch.manual_seed(1)
+    loss = cached_backward(embedder(model), texts, loss_fn, MINI, keys=keys)
+
+    assert not loss.requires_grad
+    assert loss.item() == pytest.approx(expected_loss.item(), abs=1e-6)
+    assert_same_gradients(gradients(model, loss_fn), expected)
+    assert torch.equal(torch.get_rng_state(), rng_after)  # later random draws are unaffected
+
+
+def test_dropout_matters_so_the_chunked_reference_is_needed(tiny_bert_path, batch):
+    model, texts = load(tiny_bert_path, 0.1), {role: batch[0][role] for role in ("anchor", "positive")}
+    torch.manual_seed(1)
+    chunked = chunked_reference(model, texts, InfoNCE(), None)
+    torch.manual_seed(1)
+    whole = uncached_backward(embedder(model), texts, InfoNCE())
+    assert abs(chunked.item() - whole.item()) > 1e-4
+
+
+@pytest.mark.parametrize("name", ["infonce", "matryoshka"])
+def test_cached_equals_whole_batch_step_without_dropout(tiny_bert_path, batch, name):
+    # Chunks pad to their own longest text, so float32 rounding differs from the whole batch by ~1e-7 per
+    # embedding; the plain chunked step shows the same difference, hence 1e-4 here rather than 1e-5.
+    make_loss, roles, _ = LOSSES[name]
+    texts = {role: batch[0][role] for role in roles}
+    model, loss_fn = load(tiny_bert_path, 0.0), make_loss()
+    expected_loss = uncached_backward(embedder(model), texts, loss_fn)
+    expected = gradients(model)
+    zero(model)
+    loss = cached_backward(embedder(model), texts, loss_fn, MINI)
+    assert loss.item() == pytest.approx(expected_loss.item(), abs=1e-6)
+    assert_same_gradients(gradients(model), expected, rel=1e-4)
+
+
+def test_scale_and_accumulation(tiny_bert_path, batch):
+    texts = {role: batch[0][role] for role in ("anchor", "positive")}
+    model = load(tiny_bert_path, 0.0)
+    full = cached_backward(embedder(model), texts, InfoNCE(), MINI)
+    expected = gradients(model)
+    zero(model)
+    for _ in range(2):  # two accumulation steps of half weight each; the returned loss is unscaled
+        assert cached_backward(embedder(model), texts, InfoNCE(), MINI, scale=0.5).item() == full.item()
+    assert_same_gradients(gradients(model), expected)
+
+
+def test_no_sync_wraps_every_chunk_but_the_last(tiny_bert_path, batch):
+    texts = {role: batch[0][role] for role in ("anchor", "positive")}
+    model = load(tiny_bert_path, 0.0)
+    inside, seen = [False], []
+
+    @contextmanager
+    def no_sync():
+        inside[0] = True
+        yield
+        inside[0] = False
+
+    def embed(rows, role):
+        if torch.is_grad_enabled():
+            seen.append(inside[0])
+        return model.embed(rows, KIND[role])
+
+    cached_backward(embed, texts, InfoNCE(), MINI, no_sync=no_sync)
+    assert seen == [True] * 5 + [False]  # 2 roles x 3 chunks
+
+
+def test_custom_backward_is_used_once_on_the_loss(tiny_bert_path, batch):
+    texts = {role: batch[0][role] for role in ("anchor", "positive")}
+    model, calls = load(tiny_bert_path, 0.0), []
+
+    def backward(loss):
+        calls.append(loss.detach())
+        loss.backward()
+
+    loss = cached_backward(embedder(model), texts, InfoNCE(), MINI, scale=0.25, backward=backward)
+    assert len(calls) == 1 and calls[0].item() == pytest.approx(0.25 * loss.item())
+
+
+def test_errors(tiny_bert_path, batch):
+    model, texts = load(tiny_bert_path, 0.0), batch[0]
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        cached_backward(embedder(model), texts, InfoNCE(), 0)
+    with pytest.raises(ValueError, match=r"does not use role\(s\) \['negative'\]"):
+        cached_backward(embedder(model), texts, lambda e, k: InfoNCE()({r: e[r] for r in ("anchor", "positive")}), 4)
