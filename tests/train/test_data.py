@@ -98,3 +98,11 @@ def test_dataset_smaller_than_a_batch_or_all_duplicates():
         BatchPlan([pairs(4)], batch_size=8, seed=0)
     with pytest.raises(DataError, match="mostly duplicates"):
         BatchPlan([pairs(16, duplicate_every=2)], batch_size=8, seed=0).epoch(0)
+
+
+def test_csv_with_a_ragged_row(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("anchor,positive\na1,p1\na2,p2,extra\na3,p3\n")
+    with pytest.raises(DataError) as e:
+        load_pairs(DatasetConfig(path=str(path)))
+    assert str(path) in str(e.value) and "line 3" in str(e.value)

@@ -104,3 +104,25 @@ def test_resume_after_sigkill_ends_with_identical_weights(tmp_path, tiny_bert_pa
     assert max_diff(weights(full / "final"), weights(out / "final")) == 0.0
     state = json.loads((out / "checkpoints" / "step-12" / "trainer_state.json").read_text())
     assert state["step"] == 12
+
+
+def test_pruning_keeps_the_last_k_and_the_best(tmp_path):
+    from train.checkpoint import complete_checkpoints, prune_checkpoints
+
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4, 5):
+        (root / f"step-{step}").mkdir(parents=True)
+        (root / f"step-{step}" / "trainer_state.json").write_text("{}")
+    (root / "step-6").mkdir()  # interrupted before its state file: not complete
+    (root / ".tmp-step-7-abc").mkdir()
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-1", "step-2", "step-3", "step-4", "step-5"]
+    prune_checkpoints(tmp_path, keep_last=1, keep=root / "step-2")
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-2", "step-5"]
+    assert not (root / ".tmp-step-7-abc").exists()
+
+
+def test_wandb_logging_works_offline(tmp_path, tiny_bert_path):
+    out = run_train(tmp_path, "wandb", "log.wandb=true", "log.wandb_mode=offline", "train.max_steps=2",
+                    "train.save_steps=null", tiny=tiny_bert_path)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
