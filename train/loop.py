@@ -83,9 +83,17 @@ def report_truncation(model: BiEncoder, datasets) -> None:
 
 
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
-    """An Accelerator; processes launched without GPUs join a gloo group (accelerate would run them alone)."""
-    cpu_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(cpu=cpu_group, mixed_precision=mixed_precision)
+    """An Accelerator; processes launched without GPUs join a gloo group (accelerate would run them alone).
+
+    On CPUs, `accelerate launch` pins every process to one thread (OMP_NUM_THREADS=1); twinfold gives each
+    process its share of the cores instead (`TWINFOLD_NUM_THREADS` overrides).
+    """
+    cpu_only = not torch.cuda.is_available()
+    if cpu_only:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        share = max(1, len(os.sched_getaffinity(0)) // local_processes)
+        torch.set_num_threads(int(os.environ.get("TWINFOLD_NUM_THREADS", share)))
+    return Accelerator(cpu=cpu_only and int(os.environ.get("WORLD_SIZE", "1")) > 1, mixed_precision=mixed_precision)
 
 
 def check_output_dir(path: Path, need_bytes: int) -> None:
@@ -137,6 +145,7 @@ def train(cfg: Config) -> Path:
             torch.cuda.set_rng_state(rng_states[accelerator.process_index]["cuda"])
         if main:
             log.info("resumed from %s (step %d)", found[-1], state["step"])
+            drop_metrics_after(out / "metrics.jsonl", state["step"])
     wrapped, optimizer = accelerator.prepare(model, optimizer)
 
     evaluator = build_evaluator(cfg, out) if main else None
@@ -285,6 +294,13 @@ def run_info(cfg: Config, datasets, state: dict) -> dict:
         info["eval"] = {"data": cfg.eval.data, "split": cfg.eval.split,
                         "results": [{k: r[k] for k in ("dim", "precision", "ndcg@10") if k in r} for r in state["last_rows"]]}
     return info
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Forget the records of steps that a resumed run will do again."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
 
 
 def write_metrics(path: Path, record: dict) -> None:

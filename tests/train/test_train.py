@@ -104,6 +104,8 @@ def test_resume_after_sigkill_ends_with_identical_weights(tmp_path, tiny_bert_pa
     assert max_diff(weights(full / "final"), weights(out / "final")) == 0.0
     state = json.loads((out / "checkpoints" / "step-12" / "trainer_state.json").read_text())
     assert state["step"] == 12
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
 
 
 def test_pruning_keeps_the_last_k_and_the_best(tmp_path):
