@@ -97,4 +97,5 @@ def _float_tensor(x, what: str) -> torch.Tensor:
 
 def _check_dtype(array: np.ndarray, dtype, where: str) -> None:
     if not isinstance(array, np.ndarray) or array.dtype != dtype:
-        raise ValueError(f"{where} needs a numpy {np.dtype(dtype).name} corpus, got {getattr(array, 'dtype', type(array))}")
+        got = getattr(array, "dtype", type(array).__name__)
+        raise ValueError(f"{where} needs a numpy {np.dtype(dtype).name} corpus, got {got}")

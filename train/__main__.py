@@ -8,8 +8,9 @@ from models.loading import ModelLoadError
 from train.config import ConfigError, load_config
 from train.beir import BeirFormatError
 from train.data import DataError
+from train.evaluate import StsFormatError
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, BeirFormatError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, BeirFormatError, StsFormatError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 REPORT_K = (10, 100)  # the report's columns need @10 and @100, so they are always computed
 
 
+class StsFormatError(ValueError):
+    """An STS file that cannot be read: the message names the file, the line and the field."""
+
+
 class RetrievalEvaluator:
     """Scores models on one retrieval set; `evaluator(model, name)` returns one row per dim x precision.
 
@@ -180,25 +184,26 @@ def load_sts(path: str | Path) -> dict:
     """Sentence pairs and gold scores of a TSV with columns sentence1, sentence2, score (read with QUOTE_NONE)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: STS file not found")
+        raise StsFormatError(f"{path}: STS file not found")
     left, right, gold = [], [], []
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         missing = {"sentence1", "sentence2", "score"} - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"{path}:1: header lacks column(s) {', '.join(sorted(missing))} "
-                             "(expected tab-separated sentence1, sentence2, score)")
+            raise StsFormatError(f"{path}:1: header lacks column(s) {', '.join(sorted(missing))} "
+                                 "(expected tab-separated sentence1, sentence2, score)")
         for row in reader:
             try:
                 gold.append(float(row["score"]))
             except (TypeError, ValueError):
-                raise ValueError(f"{path}:{reader.line_num}: field 'score' is {row['score']!r}, not a number") from None
+                raise StsFormatError(f"{path}:{reader.line_num}: field 'score' is {row['score']!r}, "
+                                     "not a number") from None
             if not row["sentence1"] or not row["sentence2"]:
-                raise ValueError(f"{path}:{reader.line_num}: sentence1 or sentence2 is empty")
+                raise StsFormatError(f"{path}:{reader.line_num}: sentence1 or sentence2 is empty")
             left.append(row["sentence1"])
             right.append(row["sentence2"])
     if len(gold) < 2:
-        raise ValueError(f"{path}: needs at least 2 sentence pairs, found {len(gold)}")
+        raise StsFormatError(f"{path}: needs at least 2 sentence pairs, found {len(gold)}")
     sentences = list(dict.fromkeys(left + right))
     position = {s: i for i, s in enumerate(sentences)}
     return {"path": str(path), "sentences": sentences, "left": [position[s] for s in left],
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for name in args.model:
             rows += evaluator(BiEncoder.from_pretrained(name, allow_pickle=args.allow_pickle), name)
-    except (BeirFormatError, ModelLoadError, OSError, UnicodeDecodeError, ValueError) as e:
+    except (ValueError, ModelLoadError, OSError) as e:  # BeirFormatError, StsFormatError: ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.bm25:

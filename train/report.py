@@ -16,9 +16,11 @@ def write_report(rows: list[dict], out_dir: str | Path, info: dict | None = None
     out_dir = Path(out_dir)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "png": out_dir / "ndcg_vs_dim.png"}
     rows = sort_rows(rows)
-    atomic_write_bytes(paths["json"], (json.dumps({"results": rows, "info": info or {}}, indent=2) + "\n").encode())
+    report = {"results": rows, "info": info or {}}
+    atomic_write_bytes(paths["json"], (json.dumps(report, indent=2) + "\n").encode())
     title = _title(info)
-    atomic_write_bytes(paths["md"], f"# Retrieval evaluation{': ' + title if title else ''}\n\n{markdown_table(rows)}\n".encode())
+    heading = f"# Retrieval evaluation: {title}" if title else "# Retrieval evaluation"
+    atomic_write_bytes(paths["md"], f"{heading}\n\n{markdown_table(rows)}\n".encode())
     plot_ndcg_vs_dim(rows, paths["png"], title)
     return paths
 
@@ -28,7 +30,8 @@ def sort_rows(rows: list[dict]) -> list[dict]:
     models = list(dict.fromkeys(r["model"] for r in rows))
     order = {m: (m == "bm25", i) for i, m in enumerate(models)}
     precision = {p: i for i, p in enumerate(PRECISIONS)}
-    return sorted(rows, key=lambda r: (order[r["model"]], -(r["dim"] or 0), precision.get(r["precision"], len(PRECISIONS))))
+    return sorted(rows, key=lambda r: (order[r["model"]], -(r["dim"] or 0),
+                                       precision.get(r["precision"], len(PRECISIONS))))
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -56,18 +59,18 @@ def markdown_table(rows: list[dict]) -> str:
 
 def plot_ndcg_vs_dim(rows: list[dict], path: str | Path, title: str = "") -> None:
     """nDCG@10 against dim: one line per model x precision (colour = model, line style = precision), BM25 flat."""
-    import matplotlib
+    from matplotlib import rcParams
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     dense = [r for r in rows if r["dim"]]
     models = list(dict.fromkeys(r["model"] for r in dense))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = rcParams["axes.prop_cycle"].by_key()["color"]
     for i, model in enumerate(models):
         for precision in dict.fromkeys(r["precision"] for r in dense if r["model"] == model):
-            points = sorted((r["dim"], r["ndcg@10"]) for r in dense if (r["model"], r["precision"]) == (model, precision))
+            points = sorted((r["dim"], r["ndcg@10"]) for r in dense
+                            if (r["model"], r["precision"]) == (model, precision))
             linestyle, marker = STYLES.get(precision, ("-.", "x"))
             ax.plot(*zip(*points), marker=marker, linestyle=linestyle, color=colours[i % len(colours)],
                     label=f"{model} {precision}")
@@ -87,14 +90,14 @@ def plot_ndcg_vs_dim(rows: list[dict], path: str | Path, title: str = "") -> Non
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
     atomic_write_bytes(path, png.getvalue())
 
 
 def _title(info: dict | None) -> str:
     if not info or "data" not in info:
         return ""
-    return f"{Path(info['data']).name} ({info.get('split', '')}, {info.get('queries')} queries, {info.get('documents')} documents)"
+    return (f"{Path(info['data']).name} ({info.get('split')}, {info.get('queries')} queries, "
+            f"{info.get('documents')} documents)")
 
 
 def _megabytes(mb: float) -> str:

@@ -138,13 +138,16 @@ def test_report_files(tmp_path, hand_folder):
 # --- the real model -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def nano(data_dir, minilm_path, tmp_path_factory):
-    """MiniLM on SciFact-nano at 384 and 128 dims, every precision, BM25 and 200 STS-B pairs (encoded once)."""
+    """MiniLM on SciFact-nano at 384 and 128 dims, every precision, BM25 and 100 STS-B pairs, encoded once.
+
+    Texts are cut at 128 tokens (the model's 256 halves the test's time); the SciFact test below uses 256.
+    """
     out = tmp_path_factory.mktemp("nano-eval")
     sts = out / "sts.tsv"
-    sts.write_text("".join((data_dir / "stsb" / "test.tsv").read_text().splitlines(keepends=True)[:201]))
+    sts.write_text("".join((data_dir / "stsb" / "test.tsv").read_text().splitlines(keepends=True)[:101]))
     evaluator = RetrievalEvaluator(load_beir(data_dir / "scifact-nano"), dims=[384, 128],
                                    precisions=["float32", "int8", "binary"], sts=sts, out_dir=out)
-    model = BiEncoder.from_pretrained(minilm_path)
+    model = BiEncoder.from_pretrained(minilm_path, max_length=128)
     rows = evaluator(model, "minilm") + evaluator.bm25_rows()
     return {"evaluator": evaluator, "model": model, "rows": rows, "out": out}
 
@@ -183,7 +186,7 @@ def test_minilm_on_scifact_nano_values(nano):
     by = {(r["model"], r["dim"], r["precision"]): r for r in nano["rows"]}
     assert set(by) == {("minilm", d, p) for d in (384, 128) for p in ("float32", "int8", "binary")} | {
         ("bm25", None, "sparse")}
-    assert by["minilm", 384, "float32"]["ndcg@10"] == pytest.approx(0.8025, abs=0.005)
+    assert by["minilm", 384, "float32"]["ndcg@10"] == pytest.approx(0.779, abs=0.005)  # measured, 128 tokens
     assert by["bm25", None, "sparse"]["ndcg@10"] == pytest.approx(0.83, abs=0.01)  # shared data README
     assert by["minilm", 384, "int8"]["ndcg@10"] == pytest.approx(by["minilm", 384, "float32"]["ndcg@10"], abs=0.01)
     assert 0.85 * by["minilm", 384, "float32"]["ndcg@10"] < by["minilm", 384, "binary"]["ndcg@10"]
