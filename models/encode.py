@@ -4,12 +4,12 @@
         --output FILE.safetensors [--dim N] [--precision int8|binary] [--kind query|document]
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from models.bi_encoder import BiEncoder
 from models.embeddings import EmbeddingSet
+from models.jsonl import iter_json_lines
 from models.loading import ModelLoadError
 from models.quantize import calibrate_int8, quantize_binary, quantize_int8
 
@@ -21,19 +21,12 @@ class InputError(ValueError):
 def read_texts(path: Path, field: str, id_field: str) -> tuple[list[str], list[str]]:
     """Texts and ids of a JSONL file, with errors naming the file, line and field."""
     texts, ids = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            text = row.get(field)
-            if not isinstance(text, str) or not text.strip():
-                raise InputError(f"{path}:{n}: field {field!r} is missing, empty or not a string")
-            texts.append(text)
-            ids.append(str(row.get(id_field, n - 1)))
+    for n, row in iter_json_lines(path, InputError):
+        text = row.get(field)
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{path}:{n}: field {field!r} is missing, empty or not a string")
+        texts.append(text)
+        ids.append(str(row.get(id_field, n - 1)))
     if not texts:
         raise InputError(f"{path}: no rows to embed")
     return texts, ids

@@ -1,9 +1,10 @@
 """Load a retrieval set in the BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
 import csv
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from models.jsonl import iter_json_lines
 
 log = logging.getLogger(__name__)
 
@@ -79,27 +80,20 @@ def _read_jsonl(path: Path, title: bool) -> dict[str, str]:
         raise BeirFormatError(f"{path}: not found (a BEIR folder holds corpus.jsonl and queries.jsonl)")
     texts: dict[str, str] = {}
     first_line: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BeirFormatError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict) or "_id" not in row:
-                raise BeirFormatError(f"{path}:{n}: no '_id' field; every line needs '_id' and 'text'")
-            text = row.get("text")
-            if not isinstance(text, str):
-                raise BeirFormatError(f"{path}:{n}: field 'text' is missing or not a string")
-            if title:
-                text = (str(row.get("title") or "") + " " + text).strip()
-            doc_id = str(row["_id"])
-            if doc_id in texts:
-                raise BeirFormatError(f"{path}:{n}: duplicate _id {doc_id!r} (first at line {first_line[doc_id]}); "
-                                      "ids must be unique")
-            texts[doc_id] = text
-            first_line[doc_id] = n
+    for n, row in iter_json_lines(path, BeirFormatError):
+        if "_id" not in row:
+            raise BeirFormatError(f"{path}:{n}: no '_id' field; every line needs '_id' and 'text'")
+        text = row.get("text")
+        if not isinstance(text, str):
+            raise BeirFormatError(f"{path}:{n}: field 'text' is missing or not a string")
+        if title:
+            text = (str(row.get("title") or "") + " " + text).strip()
+        doc_id = str(row["_id"])
+        if doc_id in texts:
+            raise BeirFormatError(f"{path}:{n}: duplicate _id {doc_id!r} (first at line {first_line[doc_id]}); "
+                                  "ids must be unique")
+        texts[doc_id] = text
+        first_line[doc_id] = n
     return texts
 
 

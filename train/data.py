@@ -1,8 +1,8 @@
 """Training pairs: load with Hugging Face `datasets`, map source columns to named roles, validate rows."""
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.jsonl import iter_json_lines
 from train.config import DatasetConfig
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
@@ -97,20 +97,8 @@ def _load_hub(cfg: DatasetConfig):
 
 def _check_json_lines(path: Path) -> None:
     """Name the first line that is not valid UTF-8 or not a JSON object."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid UTF-8 (byte {e.start})") from None
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+    for _ in iter_json_lines(path, DataError):
+        pass
 
 
 def _line_numbers(path: Path, rows: int) -> list[int]:
