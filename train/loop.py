@@ -6,11 +6,12 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from losses import InfoNCE, Matryoshka, cached_backward, text_keys, uncached_backward
@@ -93,7 +94,10 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         share = max(1, len(os.sched_getaffinity(0)) // local_processes)
         torch.set_num_threads(int(os.environ.get("TWINFOLD_NUM_THREADS", share)))
-    return Accelerator(cpu=cpu_only and int(os.environ.get("WORLD_SIZE", "1")) > 1, mixed_precision=mixed_precision)
+    # other processes wait while the main one evaluates: allow long evaluations before collectives time out
+    patience = InitProcessGroupKwargs(timeout=timedelta(hours=3))
+    return Accelerator(cpu=cpu_only and int(os.environ.get("WORLD_SIZE", "1")) > 1, mixed_precision=mixed_precision,
+                       kwargs_handlers=[patience])
 
 
 def check_output_dir(path: Path, need_bytes: int) -> None:
@@ -217,24 +221,30 @@ def train(cfg: Config) -> Path:
             write_metrics(metrics_file, record)
             if tracker:
                 tracker.log(record, step=state["step"])
-        last = state["step"] == total_steps
-        if evaluator is not None and (last or (t.eval_steps and state["step"] % t.eval_steps == 0)):
+        last, improved = state["step"] == total_steps, False
+        evaluate_now = cfg.eval.data is not None and (last or (t.eval_steps and state["step"] % t.eval_steps == 0))
+        if evaluate_now and main:
             rows = evaluator(model, f"step-{state['step']}")
             score = headline(rows, cfg.eval.metric)
             state["evals"].append({"step": state["step"], cfg.eval.metric: score})
-            if state["best"] is None or score > state["best"]["score"]:
+            improved = state["best"] is None or score > state["best"]["score"]
+            if improved:
                 state["best"] = {"step": state["step"], "score": score}
             state["last_rows"] = rows
             write_metrics(metrics_file, {"step": state["step"], "eval": rows})
             if tracker:
                 tracker.log({f"eval/{cfg.eval.metric}": score}, step=state["step"])
-        if last or (t.save_steps and state["step"] % t.save_steps == 0):
+        if evaluate_now and world > 1:  # every process must agree on saving: it gathers their RNG states
+            improved = broadcast_object_list([improved])[0]
+        if last or (t.save_steps and (state["step"] % t.save_steps == 0 or improved)):
             checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, t.save_total_limit)
     progress.close()
     accelerator.wait_for_everyone()
 
     final = out / "final"
     if main:
+        if evaluator is not None and "last_rows" not in state:  # resumed after the last checkpoint
+            state["last_rows"] = evaluator(model, f"step-{state['step']}")
         model.save_pretrained(final, info=run_info(cfg, datasets, state))
         if evaluator is not None:
             from train.report import write_report
@@ -256,7 +266,7 @@ def loss_fn_temperature(loss_fn: torch.nn.Module) -> torch.Tensor:
 
 def headline(rows: list[dict], metric: str) -> float:
     """The metric at the largest dim in float32: the number that picks the best checkpoint."""
-    full = [r for r in rows if r["precision"] == "float32"]
+    full = [r for r in rows if r["precision"] == "float32"] or rows
     return max(full, key=lambda r: r["dim"])[metric]
 
 
