@@ -214,7 +214,7 @@ def train(cfg: Config) -> Path:
         record = {"step": state["step"], "epoch": state["epoch"], "loss": loss,
                   "lr": scheduler.get_last_lr()[0], "pairs_per_s": window_pairs / max(elapsed, 1e-9)}
         if cfg.loss.learnable_temperature:
-            record["temperature"] = float(loss_fn_temperature(loss_fn))
+            record["temperature"] = float(getattr(loss_fn, "inner", loss_fn).temperature)
         progress.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{record['pairs_per_s']:.1f}")
         window_start, window_pairs = time.perf_counter(), 0
         if main:
@@ -257,11 +257,6 @@ def train(cfg: Config) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
-
-
-def loss_fn_temperature(loss_fn: torch.nn.Module) -> torch.Tensor:
-    inner = getattr(loss_fn, "inner", loss_fn)
-    return inner.temperature
 
 
 def headline(rows: list[dict], metric: str) -> float:

@@ -77,8 +77,10 @@ def test_smoke_recipe_trains_evaluates_and_exports(tmp_path, tiny_bert_path, dat
     assert abs(ours - theirs).max() < 1e-5
 
 
-def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(tmp_path, tiny_bert_path):
-    overrides = ("train.lr=2e-4", "train.save_steps=null", "model.dropout=0.0")
+@pytest.mark.parametrize("mode", [(), ("loss.mini_batch_size=2", "train.grad_accum=2", "loss.symmetric=true",
+                                       "loss.learnable_temperature=true")], ids=["plain", "cached-accum"])
+def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(tmp_path, tiny_bert_path, mode):
+    overrides = ("train.lr=2e-4", "train.save_steps=null", "model.dropout=0.0", *mode)
     one = run_train(tmp_path, "one", *overrides, tiny=tiny_bert_path)
     two = run_train(tmp_path, "two", *overrides, tiny=tiny_bert_path, processes=2)
     start, w1, w2 = weights(tiny_bert_path), weights(one / "final"), weights(two / "final")
