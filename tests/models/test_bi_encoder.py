@@ -219,3 +219,15 @@ def test_encode_cli_reports_bad_line(tiny_bert_path, tmp_path, capsys):
     docs.write_text('{"_id": "1", "text": "fine"}\n{"_id": "2", "body": "no text"}\n')
     assert main(["--model", str(tiny_bert_path), "--input", str(docs), "--output", str(tmp_path / "o")]) == 2
     assert f"{docs}:2: field 'text'" in capsys.readouterr().err
+
+
+def test_export_cli_takes_a_training_checkpoint_or_a_model_folder(tiny_bert_path, tmp_path, capsys):
+    from models.export import main
+
+    model = BiEncoder.from_pretrained(tiny_bert_path, query_prefix="query: ")
+    model.save_pretrained(tmp_path / "checkpoints" / "step-3" / "model")
+    assert main([str(tmp_path / "checkpoints" / "step-3"), str(tmp_path / "out")]) == 0
+    exported = BiEncoder.from_pretrained(tmp_path / "out")
+    assert exported.fingerprint() == model.fingerprint() and exported.settings.query_prefix == "query: "
+    assert main([str(tmp_path / "nothing-here"), str(tmp_path / "out2")]) == 2
+    assert "error:" in capsys.readouterr().err
