@@ -4,7 +4,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,7 +12,8 @@ from tqdm.auto import tqdm
 from models.atomic import atomic_directory
 from models.loading import ModelLoadError, check_model_folder, read_sentence_transformers_settings
 from models.pooling import POOLING_MODES, pool
-from models.quantize import PRECISIONS, Int8Calibration, calibrate_int8, quantize_binary, quantize_int8
+from models.quantize import (COMPUTES, PRECISIONS, Int8Calibration, calibrate_int8, int8_linear_copy,
+                             quantize_binary, quantize_int8)
 from models.resolve import describe_attempts, resolve_model_path
 
 TWINFOLD_FILE = "twinfold.json"
@@ -125,8 +125,8 @@ class BiEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def fingerprint(self) -> str:
-        """Stable hash of the weights and every setting that changes an embedding."""
+    def fingerprint(self, compute: str = "float32") -> str:
+        """Stable hash of the weights and every setting that changes an embedding (`compute`: see `encode`)."""
         h = hashlib.sha256()
         for name, tensor in sorted(self.encoder.state_dict().items()):
             t = tensor.detach().cpu().contiguous().reshape(-1)
@@ -135,6 +135,8 @@ class BiEncoder(nn.Module):
         s = self.settings
         keyed = dict(pooling=s.pooling, normalize=s.normalize, max_length=s.max_length,
                      query_prefix=s.query_prefix, document_prefix=s.document_prefix)
+        if compute != "float32":
+            keyed["compute"] = compute
         h.update(json.dumps(keyed, sort_keys=True).encode())
         return h.hexdigest()[:16]
 
@@ -151,11 +153,20 @@ class BiEncoder(nn.Module):
         return dict(self.tokenizer(self.with_prefix(texts, kind), padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt"))
 
+    def token_lengths(self, texts: list[str], kind: str = "document") -> list[int]:
+        """Tokens in each text with the kind's prefix and special tokens, before truncation."""
+        ids = self.tokenizer(self.with_prefix(texts, kind), truncation=False, verbose=False,
+                             return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        return [len(x) for x in ids]
+
+    def length_order(self, texts: list[str], kind: str = "document") -> list[int]:
+        """Indices of `texts`, longest first in tokens (as truncated at `max_length`); ties keep input order."""
+        lengths = [min(n, self.max_length) for n in self.token_lengths(texts, kind)]
+        return sorted(range(len(texts)), key=lambda i: -lengths[i])
+
     def count_truncated(self, texts: list[str], kind: str = "document") -> int:
         """How many of `texts` (with the kind's prefix) are longer than `max_length` tokens."""
-        lengths = self.tokenizer(self.with_prefix(texts, kind), truncation=False, verbose=False,
-                                 return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-        return sum(len(ids) > self.max_length for ids in lengths)
+        return sum(n > self.max_length for n in self.token_lengths(texts, kind))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -183,21 +194,27 @@ class BiEncoder(nn.Module):
         calibration: Int8Calibration | None = None,
         show_progress_bar: bool = False,
         convert_to_tensor: bool = False,
+        compute: str = "float32",
     ):
-        """Embed `texts` in input order (batched by length to cut padding).
+        """Embed `texts` in input order (batched by token length to cut padding).
 
-        `dim` keeps a Matryoshka prefix and re-normalises it. `precision`: "float32"; "int8" (per-dimension
-        ranges from `calibration`, or calibrated on these embeddings); "binary" (sign bits packed in uint8).
+        `dim` keeps a Matryoshka prefix and re-normalises it. `precision` of the output: "float32"; "int8"
+        (per-dimension ranges from `calibration`, or calibrated on these embeddings); "binary" (sign bits
+        packed in uint8). `compute`: "float32", or "int8" to run the linear layers in int8 on the CPU
+        (`models.quantize.int8_linear_copy`, built once per version of the weights).
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if compute not in COMPUTES:
+            raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
+        runner = self._int8_runner() if compute == "int8" else self
         was_training = self.training
         self.eval()
-        order = np.argsort([-len(t) for t in texts], kind="stable")
+        order = self.length_order(texts, kind)
         chunks = []
         for start in tqdm(range(0, len(texts), batch_size), desc="encode", disable=not show_progress_bar):
             batch = [texts[i] for i in order[start:start + batch_size]]
-            chunks.append(self.embed(batch, kind).float().cpu())
+            chunks.append(runner.embed(batch, kind).float().cpu())
         self.train(was_training)
         emb = torch.empty(len(texts), self.dim)
         if chunks:
@@ -211,6 +228,15 @@ class BiEncoder(nn.Module):
         else:
             out = quantize_binary(array)
         return torch.from_numpy(out) if convert_to_tensor else out
+
+    def _int8_runner(self) -> "BiEncoder":
+        """This model with int8 linear layers, rebuilt when any weight has changed since the last call."""
+        version = tuple(p._version for p in self.encoder.parameters())
+        cached = self.__dict__.get("_int8")  # a plain attribute, not a registered submodule
+        if cached is None or cached[0] != version:
+            runner = BiEncoder(int8_linear_copy(self.encoder), self.tokenizer, self.settings)
+            self.__dict__["_int8"] = cached = (version, runner)
+        return cached[1]
 
     # --- export ---------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, info: dict | None = None) -> Path:

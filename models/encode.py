@@ -2,6 +2,7 @@
 
     python -m models.encode --model DIR --input FILE.jsonl [--field text] [--id-field _id]
         --output FILE.safetensors [--dim N] [--precision int8|binary] [--kind query|document]
+        [--compute int8]
 """
 import argparse
 import sys
@@ -11,7 +12,8 @@ from models.bi_encoder import BiEncoder
 from models.embeddings import EmbeddingSet
 from models.jsonl import iter_json_lines
 from models.loading import ModelLoadError
-from models.quantize import calibrate_int8, quantize_binary, quantize_int8
+from models.quantize import COMPUTES, calibrate_int8, quantize_binary, quantize_int8
+from models.runtime import keep_freed_memory
 
 
 class InputError(ValueError):
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int)
     p.add_argument("--precision", default="float32", choices=["float32", "int8", "binary"])
     p.add_argument("--kind", default="document", choices=["query", "document"])
+    p.add_argument("--compute", default="float32", choices=COMPUTES, help="int8: linear layers in int8 (CPU)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -52,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ModelLoadError, OSError, UnicodeDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    emb = model.encode(texts, args.batch_size, kind=args.kind, dim=args.dim, show_progress_bar=not args.no_progress)
+    keep_freed_memory()
+    emb = model.encode(texts, args.batch_size, kind=args.kind, dim=args.dim, compute=args.compute,
+                       show_progress_bar=not args.no_progress)
     calibration = None
     if args.precision == "int8":
         calibration = calibrate_int8(emb)
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.precision == "binary":
         emb = quantize_binary(emb)
     dim = args.dim or model.dim
-    EmbeddingSet(emb, ids, model.fingerprint(), args.precision, dim, calibration).save(args.output)
+    EmbeddingSet(emb, ids, model.fingerprint(args.compute), args.precision, dim, calibration).save(args.output)
     print(f"wrote {len(ids)} embeddings ({args.precision}, dim {dim}) to {args.output}")
     return 0
 

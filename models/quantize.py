@@ -1,9 +1,15 @@
-"""Embedding quantisation (conventions of sentence-transformers' `quantize_embeddings`)."""
+"""Quantisation: of embeddings (conventions of sentence-transformers' `quantize_embeddings`), and of the
+encoder's linear layers for int8 inference on CPU."""
+import copy
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch import nn
 
 PRECISIONS = ("float32", "int8", "binary")
+COMPUTES = ("float32", "int8")
 
 
 @dataclass
@@ -49,3 +55,21 @@ def unpack_binary(packed: np.ndarray, dim: int) -> np.ndarray:
 def bytes_per_vector(dim: int, precision: str) -> int:
     """Storage of one embedding."""
     return {"float32": 4 * dim, "int8": dim, "binary": (dim + 7) // 8}[precision]
+
+
+def int8_linear_copy(encoder: nn.Module) -> nn.Module:
+    """A CPU inference copy of `encoder` whose linear layers run in int8 (PyTorch dynamic quantisation).
+
+    Weights are quantised once per output channel; each batch's activations are quantised on the fly with
+    their own range. Attention, norms and activations stay float32. The speed-up needs int8 dot-product
+    instructions (AVX-512 VNNI / AMX, ARM dot-product); without them it is about none.
+    """
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError as e:  # removed from some future torch
+        raise RuntimeError(f"int8 compute needs torch.ao.quantization, which this torch {torch.__version__} "
+                           f"lacks: {e}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
+        return quantize_dynamic(copy.deepcopy(encoder).cpu().eval(), {nn.Linear: per_channel_dynamic_qconfig},
+                                dtype=torch.qint8)

@@ -11,21 +11,18 @@ Prints a markdown table.
 """
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import DATA, GB, current_rss, peak_rss, run_child  # noqa: E402
+
 MATRYOSHKA_DIMS = [384, 256, 128, 64]
-GB = 1024 ** 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    data = Path(os.environ.get("TWINFOLD_DATA", REPO.parent / "shared" / "data"))
-    default_pairs = data / "scifact-train-pairs" / "train.jsonl"
+    default_pairs = DATA / "scifact-train-pairs" / "train.jsonl"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
     parser.add_argument("--pairs", type=Path, default=default_pairs, help="JSONL with anchor/positive fields")
@@ -72,20 +69,15 @@ def measure(args: argparse.Namespace, batch: int, mini_batch_size: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        before = _current_rss()
+        before = current_rss()
     start = time.perf_counter()
     loss = step(texts).item()
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        peak = peak_rss()
     return {"seconds": time.perf_counter() - start, "before": before, "peak": peak, "loss": loss}
-
-
-def _current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 # --- parent: the table ----------------------------------------------------------------------------------
@@ -114,15 +106,13 @@ def estimate(measured: list[tuple[int, dict]], batch: int) -> float | None:
     return y1 + (y1 - y0) / (x1 - x0) * (batch - x1)
 
 
-def run_child(args: argparse.Namespace, batch: int, mini_batch_size: int) -> dict | str:
-    command = [sys.executable, __file__, "--child", str(batch), str(mini_batch_size), "--model", args.model,
-               "--pairs", str(args.pairs), "--max-length", str(args.max_length)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        tail = result.stderr.strip().splitlines()[-1:] or [f"exit code {result.returncode}"]
-        return f"failed: {tail[0]}"
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def run_config(args: argparse.Namespace, batch: int, mini_batch_size: int) -> dict | str:
+    """One configuration in a child process: its result, or "failed: <last error line>"."""
+    try:
+        return run_child(__file__, ["--child", str(batch), str(mini_batch_size), "--model", args.model,
+                                    "--pairs", str(args.pairs), "--max-length", str(args.max_length)])
+    except RuntimeError as e:
+        return f"failed: {str(e).strip().splitlines()[-1]}"
 
 
 def main(argv=None) -> None:
@@ -148,7 +138,7 @@ def main(argv=None) -> None:
             if expected is not None and expected > budget:
                 print(f"| {mode} | {batch} | would not fit (est. {expected / GB:.1f} GB) | | |", flush=True)
                 continue
-            result = run_child(args, batch, mini)
+            result = run_config(args, batch, mini)
             if isinstance(result, str):
                 print(f"| {mode} | {batch} | {result} | | |", flush=True)
                 continue

@@ -2,7 +2,7 @@
 
     python -m train.evaluate --model M [--model M2 ...] --data BEIR_DIR [--split test] [--dims 384,256,128,64]
         [--precision float32,int8,binary] [--bm25] [--sts TSV] [--out DIR] [--k 1,3,5,10,100]
-        [--batch-size 64] [--ignore-identical-ids] [--strict]
+        [--batch-size 64] [--ignore-identical-ids] [--strict] [--compute int8]
 
 The corpus is encoded once per model at full dimension; every dim and precision is derived from that
 encoding, and it is cached by the model's fingerprint for the evaluator's lifetime (training calls the same
@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from models import BiEncoder, ModelLoadError, truncate
-from models.quantize import PRECISIONS, bytes_per_vector, calibrate_int8, quantize_binary, quantize_int8
+from models.quantize import COMPUTES, PRECISIONS, bytes_per_vector, calibrate_int8, quantize_binary, quantize_int8
+from models.runtime import keep_freed_memory
 from models.search import binary_search, exact_search, int8_search
 from train.beir import BeirData, BeirFormatError, load_beir
 from train.metrics import evaluate_run, spearman, write_trec_run
@@ -45,11 +46,13 @@ class RetrievalEvaluator:
     `rescore_multiplier * k` of them, rescored with the float32 query). `sts`: a TSV of sentence pairs whose
     Spearman correlation is added to the float32 rows. `out_dir`: where TREC runs are written
     (`runs/<name>.<dim>.<precision>.trec`). `cache_size`: models whose full-dim embeddings are kept.
+    `compute`: "float32", or "int8" to encode with int8 linear layers (see `BiEncoder.encode`).
     """
 
     def __init__(self, data: BeirData, dims=None, precisions=("float32",), k_values=(1, 3, 5, 10, 100),
                  batch_size: int = 64, sts: str | Path | None = None, out_dir: str | Path | None = None,
-                 rescore_multiplier: int = 4, cache_size: int = 2, show_progress_bar: bool = False):
+                 rescore_multiplier: int = 4, cache_size: int = 2, show_progress_bar: bool = False,
+                 compute: str = "float32"):
         unknown = [p for p in precisions if p not in PRECISIONS]
         if unknown:
             raise ValueError(f"unknown precision {', '.join(unknown)}: choose from {', '.join(PRECISIONS)}")
@@ -65,18 +68,19 @@ class RetrievalEvaluator:
         self.rescore_multiplier = rescore_multiplier
         self.cache_size = cache_size
         self.show_progress_bar = show_progress_bar
+        self.compute = compute
         self._cache: OrderedDict[str, dict] = OrderedDict()
         self._bm25_rows: list[dict] | None = None
 
     def describe(self) -> dict:
         """The data and settings behind the rows, for the report."""
         return {**self.data.describe(), "k_values": list(self.k_values), "precisions": list(self.precisions),
-                "rescore_multiplier": self.rescore_multiplier, "sts": self.sts["path"] if self.sts else None}
+                "rescore_multiplier": self.rescore_multiplier, "compute": self.compute, "sts": self.sts["path"] if self.sts else None}
 
     def __call__(self, model: BiEncoder, name: str) -> list[dict]:
         """Encode with `model` (corpus once, at full dim) and score every dim x precision; rows named `name`."""
         self._dims(model.dim, name)
-        fingerprint = model.fingerprint()
+        fingerprint = model.fingerprint(self.compute)
         emb = self._embeddings(model, fingerprint)
         rows = self.score_embeddings(emb["queries"], emb["corpus"], name, model.settings.normalize)
         for row in rows:
@@ -140,7 +144,8 @@ class RetrievalEvaluator:
             self._cache.move_to_end(fingerprint)
             return self._cache[fingerprint]
         start = time.perf_counter()
-        encode = dict(batch_size=self.batch_size, show_progress_bar=self.show_progress_bar, convert_to_tensor=True)
+        encode = dict(batch_size=self.batch_size, show_progress_bar=self.show_progress_bar, convert_to_tensor=True,
+                      compute=self.compute)
         emb = {"queries": model.encode(self.data.query_texts, kind="query", **encode),
                "corpus": model.encode(self.data.corpus_texts, kind="document", **encode)}
         if self.sts:
@@ -252,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ignore-identical-ids", action="store_true", help="skip hits whose id is the query's id")
     p.add_argument("--strict", action="store_true", help="judgments naming unknown ids are an error")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights")
+    p.add_argument("--compute", default="float32", choices=COMPUTES, help="int8: encode with int8 linear layers (CPU)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.no_progress:
         from transformers.utils import logging as transformers_logging
@@ -265,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = load_beir(args.data, args.split, strict=args.strict, ignore_identical_ids=args.ignore_identical_ids)
         evaluator = RetrievalEvaluator(data, args.dims, args.precision, args.k, args.batch_size, args.sts,
-                                       args.out, args.rescore_multiplier, show_progress_bar=not args.no_progress)
+                                       args.out, args.rescore_multiplier, show_progress_bar=not args.no_progress,
+                                       compute=args.compute)
         rows = []
         for name in args.model:
             rows += evaluator(BiEncoder.from_pretrained(name, allow_pickle=args.allow_pickle), name)

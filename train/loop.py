@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from losses import InfoNCE, Matryoshka, cached_backward, text_keys, uncached_backward
 from models import BiEncoder
+from models.runtime import keep_freed_memory
 from train.checkpoint import complete_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from train.config import Config, ConfigError, save_config
 from train.data import load_pairs
@@ -70,7 +71,7 @@ def build_optimizer(model: BiEncoder, loss_fn: torch.nn.Module, cfg: Config) -> 
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     if loss_params:
         groups.append({"params": loss_params, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=True)  # one kernel per step on CPU and GPU
 
 
 def report_truncation(model: BiEncoder, datasets) -> None:
@@ -87,10 +88,12 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     """An Accelerator; processes launched without GPUs join a gloo group (accelerate would run them alone).
 
     On CPUs, `accelerate launch` pins every process to one thread (OMP_NUM_THREADS=1); twinfold gives each
-    process its share of the cores instead (`TWINFOLD_NUM_THREADS` overrides).
+    process its share of the cores instead (`TWINFOLD_NUM_THREADS` overrides), and makes malloc reuse the
+    step's freed activations (`models.runtime.keep_freed_memory`).
     """
     cpu_only = not torch.cuda.is_available()
     if cpu_only:
+        keep_freed_memory()
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         share = max(1, len(os.sched_getaffinity(0)) // local_processes)
         torch.set_num_threads(int(os.environ.get("TWINFOLD_NUM_THREADS", share)))
@@ -159,10 +162,6 @@ def train(cfg: Config) -> Path:
         write_metrics(metrics_file, {"step": 0, "eval": state["base"]})
     tracker = start_wandb(cfg, out, resume=state["step"] > 0) if main and cfg.log.wandb else None
 
-    def embed(texts: list[str], role: str) -> torch.Tensor:
-        features = model.tokenize(texts, KIND[role])
-        return wrapped(**{k: v.to(accelerator.device) for k, v in features.items()})
-
     def next_batch():
         batches = plan.epoch(state["epoch"])
         if state["batch"] >= len(batches):
@@ -177,36 +176,14 @@ def train(cfg: Config) -> Path:
             texts["negative"] = [n for i in rows for n in ds.negatives[i]]
         return texts
 
+    step = TrainStep(cfg, accelerator, model, wrapped, loss_fn, optimizer, scheduler)
     progress = tqdm(total=total_steps, initial=state["step"], disable=not main, desc="train")
     wrapped.train()
     window_start, window_pairs = time.perf_counter(), 0
     while state["step"] < total_steps:
-        # ---- one optimizer step: grad_accum batches, each forward + loss + backward --------------------
-        losses = []
-        for micro in range(t.grad_accum):
-            texts = next_batch()
-            keys = {role: text_keys(v).to(accelerator.device) for role, v in texts.items() if role != "anchor"} \
-                if cfg.loss.mask_false_negatives else None
-            sync = nullcontext() if micro == t.grad_accum - 1 else accelerator.no_sync(wrapped)
-            with sync:
-                if cfg.loss.mini_batch_size:
-                    loss = cached_backward(embed, texts, loss_fn, cfg.loss.mini_batch_size, keys=keys,
-                                           scale=1 / t.grad_accum, backward=accelerator.backward,
-                                           no_sync=lambda: accelerator.no_sync(wrapped))
-                else:
-                    loss = uncached_backward(embed, texts, loss_fn, keys=keys, scale=1 / t.grad_accum,
-                                             backward=accelerator.backward)
-            losses.append(loss)
-            window_pairs += len(texts["anchor"]) * world
-        loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-        if not math.isfinite(loss):
-            raise TrainingError(f"loss is {loss} at step {state['step'] + 1}; stopping. The last good checkpoint "
-                                f"is kept in {out / 'checkpoints'}; lower train.lr or check the data")
-        if t.max_grad_norm:
-            accelerator.clip_grad_norm_(wrapped.parameters(), t.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        batches = [next_batch() for _ in range(t.grad_accum)]
+        loss = step(batches, state["step"] + 1)
+        window_pairs += sum(len(texts["anchor"]) for texts in batches) * world
         state["step"] += 1
         # ---- bookkeeping: log, evaluate, checkpoint ------------------------------------------------------
         progress.update(1)
@@ -257,6 +234,72 @@ def train(cfg: Config) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+class TrainStep:
+    """One optimizer step, read top to bottom in `__call__`.
+
+    Each batch's texts are sorted by token length within each role, so that its chunks (groups of
+    `LENGTH_GROUP` texts, or the cached mode's mini-batches) pad little; the loss sees the embeddings back
+    in batch order, so the in-batch negatives are exactly the sampled ones.
+    """
+
+    LENGTH_GROUP = 8
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, model: BiEncoder, wrapped: torch.nn.Module,
+                 loss_fn: torch.nn.Module, optimizer, scheduler):
+        self.cfg, self.accelerator, self.model, self.wrapped = cfg, accelerator, model, wrapped
+        self.loss_fn, self.optimizer, self.scheduler = loss_fn, optimizer, scheduler
+
+    def __call__(self, batches: list[dict[str, list[str]]], number: int) -> float:
+        """Forward + loss + backward of each batch (gradients accumulate), then clip and update.
+
+        `batches` holds `train.grad_accum` batches mapping roles to this process's texts; `number` is the
+        step's 1-based index (for the error message). Returns the loss averaged over batches and processes.
+        """
+        cfg, accelerator = self.cfg, self.accelerator
+        losses = []
+        for micro, texts in enumerate(batches):
+            keys = {role: text_keys(v).to(accelerator.device) for role, v in texts.items() if role != "anchor"} \
+                if cfg.loss.mask_false_negatives else None
+            order = {role: torch.tensor(self.model.length_order(v, KIND[role])) for role, v in texts.items()}
+            by_length = {role: [v[i] for i in order[role]] for role, v in texts.items()}
+
+            def loss_in_batch_order(embeddings: dict[str, torch.Tensor], keys) -> torch.Tensor:
+                restored = {role: torch.empty_like(e).index_copy(0, order[role].to(e.device), e)
+                            for role, e in embeddings.items()}
+                return self.loss_fn(restored, keys)
+
+            sync = nullcontext() if micro == len(batches) - 1 else accelerator.no_sync(self.wrapped)
+            with sync:
+                if cfg.loss.mini_batch_size:
+                    loss = cached_backward(self.embed, by_length, loss_in_batch_order, cfg.loss.mini_batch_size,
+                                           keys=keys, scale=1 / len(batches), backward=accelerator.backward,
+                                           no_sync=lambda: accelerator.no_sync(self.wrapped))
+                else:
+                    loss = uncached_backward(self.embed_in_groups, by_length, loss_in_batch_order, keys=keys,
+                                             scale=1 / len(batches), backward=accelerator.backward)
+            losses.append(loss)
+        loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        if not math.isfinite(loss):
+            raise TrainingError(f"loss is {loss} at step {number}; stopping. The last good checkpoint is kept in "
+                                f"{Path(cfg.train.output_dir) / 'checkpoints'}; lower train.lr or check the data")
+        if cfg.train.max_grad_norm:
+            accelerator.clip_grad_norm_(self.wrapped.parameters(), cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def embed(self, texts: list[str], role: str) -> torch.Tensor:
+        """One padded forward of `texts` through the (possibly DDP-wrapped) model."""
+        features = self.model.tokenize(texts, KIND[role])
+        return self.wrapped(**{k: v.to(self.accelerator.device) for k, v in features.items()})
+
+    def embed_in_groups(self, texts: list[str], role: str) -> torch.Tensor:
+        """`embed` over consecutive groups of `LENGTH_GROUP` length-sorted texts, each padded to its own longest."""
+        g = self.LENGTH_GROUP
+        return torch.cat([self.embed(texts[i:i + g], role) for i in range(0, len(texts), g)])
 
 
 def headline(rows: list[dict], metric: str) -> float:

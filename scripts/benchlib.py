@@ -1,0 +1,87 @@
+"""What the benchmarks share: child processes, peak memory, the machine's matmul rate, transformer FLOPs.
+
+Every measured configuration runs in its own child process, so that peak memory and process-wide settings
+(threads, malloc) belong to it alone; the parent alternates twinfold and sentence-transformers children.
+"""
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("TWINFOLD_DATA", REPO.parent / "shared" / "data"))
+GB = 1024 ** 3
+
+
+def run_child(script: str, args: list[str]) -> dict:
+    """Run `script --child ...` with the repository importable; return the JSON on its last stdout line."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{Path(script).name} {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    """The best fp32 `torch.mm` rate in FLOP/s on n x n matrices with the current thread setting."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def encoder_flops(config, lengths: list[int], training: bool) -> float:
+    """Matmul FLOPs of a BERT-style encoder over sequences of the given (unpadded) token counts.
+
+    Per token and layer, the forward multiplies by the Q, K, V, output and two feed-forward matrices
+    (2 * (4 d^2 + 2 d f)) and attends over its sequence (QK^T and AV: 4 n d). Training is forward + backward,
+    three times the forward. Padding, embeddings, norms and activations are not counted: this is the work any
+    implementation has to do, so FLOPs over seconds compares with the machine's matmul rate.
+    """
+    d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    forward = sum(n * layers * (2 * (4 * d * d + 2 * d * f) + 4 * n * d) for n in lengths)
+    return 3 * forward if training else forward
+
+
+def machine() -> str:
+    import torch
+
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+
+
+def median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
