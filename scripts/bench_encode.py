@@ -121,6 +121,10 @@ def main(argv=None) -> int:
         print(f"| {side} | {speed[side]:.2f} | {min(per_round):.2f}-{max(per_round):.2f} "
               f"| {median([r['peak_rss'] for r in rs]) / GB:.2f} | {speed[side] / speed[SIDES[0]]:.2f}x "
               f"| {achieved / rate:.0%} | {np.abs(embeddings[side] - reference).max():.1e} | {cosine.min():.4f} |")
+    gap = np.abs(embeddings["twinfold"] - reference).max()
+    if gap > 1e-4:
+        print(f"FAILED: twinfold's float32 embeddings differ from sentence-transformers' by {gap:.1e} (> 1e-4)")
+        return 1
     return 0
 
 
