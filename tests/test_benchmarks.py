@@ -1,0 +1,35 @@
+"""The benchmark scripts at toy size: they run, and their correctness checks against sentence-transformers pass
+(same losses after the same updates; same float32 embeddings). Their timings are not checked here."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str, data_dir: Path) -> str:
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True,
+                            env={**os.environ, "TWINFOLD_DATA": str(data_dir)}, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_bench_train_matches_sentence_transformers_losses(data_dir):
+    out = run_script("bench_train.py", "--batch-size", "4", "--max-length", "32", "--steps", "1", "--rounds", "1",
+                     data_dir=data_dir)
+    check = next(line for line in out.splitlines() if line.startswith("loss check"))
+    assert float(check.rsplit(" ", 1)[1]) <= 1e-5
+    assert "| twinfold |" in out and "| sentence-transformers |" in out
+
+
+def test_bench_train_cached_mode_matches_sentence_transformers_losses(data_dir):
+    out = run_script("bench_train.py", "--batch-size", "6", "--mini-batch-size", "4", "--max-length", "32",
+                     "--steps", "1", "--rounds", "1", data_dir=data_dir)
+    assert "(cached, mini-batch 4)" in out and "| twinfold |" in out
+
+
+def test_bench_encode_gives_sentence_transformers_embeddings(data_dir):
+    out = run_script("bench_encode.py", "--docs", "8", "--max-length", "32", "--rounds", "1", data_dir=data_dir)
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| twinfold")}
+    assert set(rows) == {"twinfold", "twinfold int8"}
