@@ -154,15 +154,8 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args)))
         return 0
-    from transformers import AutoConfig, AutoTokenizer
-
-    from models import resolve_model_path
-
-    path = resolve_model_path("sentence-transformers/all-MiniLM-L6-v2")
-    tokenizer, config = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
-    lengths = [min(len(ids), args.max_length) for rows in plan(args)["timed"] for role in ("anchor", "positive")
-               for ids in tokenizer([r[role] for r in rows], verbose=False)["input_ids"]]
-    flops = encoder_flops(config, lengths, training=True)
+    texts = [r[role] for rows in plan(args)["timed"] for r in rows for role in ("anchor", "positive")]
+    flops, _ = encoder_flops(texts, args.max_length, training=True)
     rate = matmul_rate()  # measured again at the end: the higher one, in case something disturbed one of them
     mode = f"cached, mini-batch {args.mini_batch_size}" if args.mini_batch_size else "uncached"
     print(f"machine: {machine()}; measured fp32 matmul rate {rate / 1e9:.0f} GFLOP/s\n"

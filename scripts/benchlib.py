@@ -55,17 +55,25 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def encoder_flops(config, lengths: list[int], training: bool) -> float:
-    """Matmul FLOPs of a BERT-style encoder over sequences of the given (unpadded) token counts.
+def encoder_flops(texts: list[str], max_length: int, training: bool,
+                  model: str = "sentence-transformers/all-MiniLM-L6-v2") -> tuple[float, list[int]]:
+    """Matmul FLOPs of a BERT-style `model` over `texts` (unpadded, truncated at `max_length`), and their lengths.
 
     Per token and layer, the forward multiplies by the Q, K, V, output and two feed-forward matrices
     (2 * (4 d^2 + 2 d f)) and attends over its sequence (QK^T and AV: 4 n d). Training is forward + backward,
     three times the forward. Padding, embeddings, norms and activations are not counted: this is the work any
     implementation has to do, so FLOPs over seconds compares with the machine's matmul rate.
     """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from models import resolve_model_path
+
+    path = resolve_model_path(model)
+    tokenizer, config = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
+    lengths = [min(len(ids), max_length) for ids in tokenizer(texts, verbose=False)["input_ids"]]
     d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     forward = sum(n * layers * (2 * (4 * d * d + 2 * d * f) + 4 * n * d) for n in lengths)
-    return 3 * forward if training else forward
+    return (3 * forward if training else forward), lengths
 
 
 def machine() -> str:

@@ -33,3 +33,15 @@ def test_bench_encode_gives_sentence_transformers_embeddings(data_dir):
     out = run_script("bench_encode.py", "--docs", "8", "--max-length", "32", "--rounds", "1", data_dir=data_dir)
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| twinfold")}
     assert set(rows) == {"twinfold", "twinfold int8"}
+
+
+def test_encoder_flops_by_hand(tiny_bert_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    from benchlib import encoder_flops
+
+    flops, lengths = encoder_flops(["cell", "gene expression"], 32, training=False, model=str(tiny_bert_path))
+    assert lengths == [3, 4]  # with [CLS] and [SEP]
+    # hidden 128, feed-forward 256, 2 layers: 2 * (4 * 128^2 + 2 * 128 * 256) = 262144 per token and layer,
+    # plus attention 4 * n * 128
+    assert flops == 2 * (3 * (262144 + 4 * 3 * 128) + 4 * (262144 + 4 * 4 * 128))
+    assert encoder_flops(["cell"], 2, training=True, model=str(tiny_bert_path)) == (3 * 2 * 2 * (262144 + 4 * 2 * 128), [2])
