@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import DATA, GB, encoder_flops, machine, matmul_rate, median, peak_rss, run_child  # noqa: E402
+from benchlib import DATA, encoder_flops, machine, matmul_rate, median, peak_rss, rate_cells, run_child  # noqa: E402
 
 SIDES = ("sentence-transformers", "twinfold", "twinfold int8")
 
@@ -104,18 +104,15 @@ def main(argv=None) -> int:
     rate = max(rate, matmul_rate())
     print(f"fp32 matmul rate (best of the start and the end): {rate / 1e9:.0f} GFLOP/s")
     reference = embeddings[SIDES[0]]
-    speed = {side: median([len(docs) / r["seconds"] for r in rs]) for side, rs in runs.items()}
+    speed = median([len(docs) / r["seconds"] for r in runs[SIDES[0]]])
     print("\n| | docs/s (median) | range | peak RSS (GB) | vs sentence-transformers | share of matmul rate "
           "| max abs diff to ST | lowest cosine to ST |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for side, rs in runs.items():
-        per_round = [len(docs) / r["seconds"] for r in rs]
-        achieved = flops / median([r["seconds"] for r in rs])
+        cells = rate_cells(len(docs), [r["seconds"] for r in rs], [r["peak_rss"] for r in rs], flops, rate, speed)
         cosine = np.sum(embeddings[side] * reference, axis=1) / (
             np.linalg.norm(embeddings[side], axis=1) * np.linalg.norm(reference, axis=1))
-        print(f"| {side} | {speed[side]:.2f} | {min(per_round):.2f}-{max(per_round):.2f} "
-              f"| {median([r['peak_rss'] for r in rs]) / GB:.2f} | {speed[side] / speed[SIDES[0]]:.2f}x "
-              f"| {achieved / rate:.0%} | {np.abs(embeddings[side] - reference).max():.1e} | {cosine.min():.4f} |")
+        print(f"| {side} | {cells} | {np.abs(embeddings[side] - reference).max():.1e} | {cosine.min():.4f} |")
     gap = np.abs(embeddings["twinfold"] - reference).max()
     if gap > 1e-4:
         print(f"FAILED: twinfold's float32 embeddings differ from sentence-transformers' by {gap:.1e} (> 1e-4)")

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import DATA, GB, REPO, cpu_seconds, current_rss, encoder_flops, machine, matmul_rate, median, \
-    peak_rss, run_child  # noqa: E402
+from benchlib import DATA, REPO, cpu_seconds, current_rss, encoder_flops, machine, matmul_rate, median, peak_rss, \
+    rate_cells, run_child  # noqa: E402
 
 DIMS = [384, 256, 128, 64]
 TEMPERATURE, LR, WEIGHT_DECAY, MAX_GRAD_NORM = 0.05, 3e-5, 0.01, 1.0
@@ -180,15 +180,14 @@ def main(argv=None) -> int:
     print(f"\nloss check (dropout off; update on A, then on B): sentence-transformers "
           f"{', '.join(f'{x:.6f}' for x in runs[SIDES[0]][0]['check'])}; twinfold "
           f"{', '.join(f'{x:.6f}' for x in runs[SIDES[1]][0]['check'])}; largest difference {diff:.1e}")
-    speed = {side: median([args.steps * args.batch_size / sum(r["times"]) for r in rs]) for side, rs in runs.items()}
-    print("\n| | pairs/s (median) | range | peak RSS (GB) | system time | vs sentence-transformers | share of matmul rate |")
+    items = args.steps * args.batch_size
+    reference = median([items / sum(r["times"]) for r in runs[SIDES[0]]])
+    print("\n| | pairs/s (median) | range | peak RSS (GB) | vs sentence-transformers | share of matmul rate "
+          "| system time |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for side, rs in runs.items():
-        per_round = [args.steps * args.batch_size / sum(r["times"]) for r in rs]
-        achieved = flops / median([sum(r["times"]) for r in rs])
-        print(f"| {side} | {speed[side]:.2f} | {min(per_round):.2f}-{max(per_round):.2f} "
-              f"| {median([r['peak_rss'] for r in rs]) / GB:.2f} | {median([r['sys_share'] for r in rs]):.0%} "
-              f"| {speed[side] / speed[SIDES[0]]:.2f}x | {achieved / rate:.0%} |")
+        cells = rate_cells(items, [sum(r["times"]) for r in rs], [r["peak_rss"] for r in rs], flops, rate, reference)
+        print(f"| {side} | {cells} | {median([r['sys_share'] for r in rs]):.0%} |")
     if diff > 1e-5:
         print(f"FAILED: the sides' losses differ by {diff:.1e} (> 1e-5)")
         return 1

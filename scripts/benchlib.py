@@ -89,6 +89,16 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
+def rate_cells(items: int, seconds: list[float], peaks: list[int], flops: float, matmul: float,
+               reference: float) -> str:
+    """Table cells of one side: median items/s over its rounds, their range, median peak RSS (GB), the ratio to
+    `reference` items/s, and the share of the `matmul` rate (FLOP/s) that `flops` per round reaches."""
+    per_round = [items / s for s in seconds]
+    speed = median(per_round)
+    return (f"{speed:.2f} | {min(per_round):.2f}-{max(per_round):.2f} | {median(peaks) / GB:.2f} "
+            f"| {speed / reference:.2f}x | {flops / median(seconds) / matmul:.0%}")
+
+
 def median(values: list[float]) -> float:
     values = sorted(values)
     mid = len(values) // 2
