@@ -4,42 +4,44 @@ Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limi
 Both steps take the same arguments and leave the same gradients in the parameters' `.grad` (accumulating,
 like `loss.backward()`):
 
-- `embed(texts, role) -> Tensor [n, d]` runs the (possibly DDP-wrapped) model with gradients enabled;
-- `texts` maps each role ("anchor", "positive", "negative") to its list of texts;
+- `chunks` maps each role ("anchor", "positive", "negative") to its inputs cut into chunks (whatever `embed`
+  takes: a padded group of token ids, or a list of texts); the role's embeddings are the chunks' in order;
+- `embed(chunk, role) -> Tensor [n, d]` runs the (possibly DDP-wrapped) model on one chunk with gradients enabled;
 - `loss_fn(embeddings, keys) -> scalar`, e.g. `InfoNCE` or `Matryoshka(InfoNCE)`;
 - `scale` multiplies the loss before backward (e.g. 1 / gradient-accumulation steps);
 - `backward(tensor)` runs the backward of the scaled loss (default `Tensor.backward`; pass
   `accelerator.backward` for mixed-precision loss scaling; it also divides by the Accelerator's own
   `gradient_accumulation_steps`, so use that or `scale`, not both).
 
-Cached mode: (1) embed every chunk of `mini_batch_size` texts without gradients, remembering the RNG state
+Cached mode: (1) embed every chunk without gradients, remembering the RNG state
 before each chunk; (2) compute the loss over the whole batch on detached copies and backpropagate it to them
 (and to any loss parameter); (3) re-embed each chunk with gradients under its remembered RNG state (same
 dropout masks, same embeddings) and backpropagate the cached embedding gradients into the model. Only one
-chunk's activations are alive at a time, so peak memory grows with `mini_batch_size`, not the batch size.
+chunk's activations are alive at a time, so peak memory grows with the chunk size, not the batch size.
 The result is the gradient of the same loss: a whole-batch forward draws different dropout masks, so it
 equals the plain autograd step over the same chunks from the same RNG state (and with dropout 0, the plain
 whole-batch step). The global RNG state afterwards is the same as after that plain step.
 """
 from contextlib import contextmanager, nullcontext
-from typing import Callable, ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 
-Embed = Callable[[list[str], str], torch.Tensor]
+Embed = Callable[[Any, str], torch.Tensor]
 LossFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor] | None], torch.Tensor]
 
 
-def uncached_backward(embed: Embed, texts: dict[str, list[str]], loss_fn: LossFn, *,
+def uncached_backward(embed: Embed, chunks: dict[str, list], loss_fn: LossFn, *,
                       keys: dict[str, torch.Tensor] | None = None, scale: float = 1.0,
                       backward: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Embed every role in one forward each, backpropagate `scale * loss`; return the unscaled loss, detached."""
-    loss = loss_fn({role: embed(batch, role) for role, batch in texts.items()}, keys)
+    """Embed every chunk with gradients, backpropagate `scale * loss`; return the unscaled loss, detached."""
+    embeddings = {role: torch.cat([embed(chunk, role) for chunk in role_chunks]) for role, role_chunks in chunks.items()}
+    loss = loss_fn(embeddings, keys)
     (backward or torch.Tensor.backward)(loss * scale)
     return loss.detach()
 
 
-def cached_backward(embed: Embed, texts: dict[str, list[str]], loss_fn: LossFn, mini_batch_size: int, *,
+def cached_backward(embed: Embed, chunks: dict[str, list], loss_fn: LossFn, *,
                     keys: dict[str, torch.Tensor] | None = None, scale: float = 1.0,
                     backward: Callable[[torch.Tensor], None] | None = None,
                     no_sync: Callable[[], ContextManager] | None = None) -> torch.Tensor:
@@ -48,29 +50,43 @@ def cached_backward(embed: Embed, texts: dict[str, list[str]], loss_fn: LossFn, 
     `no_sync()` (e.g. `lambda: accelerator.no_sync(model)`) wraps the re-forward and backward of every chunk
     but the last, so DDP all-reduces the accumulated gradients once.
     """
-    if mini_batch_size < 1:
-        raise ValueError(f"mini_batch_size must be >= 1; got {mini_batch_size}")
-    chunks = [(role, start, batch[start:start + mini_batch_size])
-              for role, batch in texts.items() for start in range(0, len(batch), mini_batch_size)]
-
-    states, pieces = [], {role: [] for role in texts}
+    work = [(role, chunk) for role, role_chunks in chunks.items() for chunk in role_chunks]
+    states, pieces = [], {role: [] for role in chunks}
     with torch.no_grad():
-        for role, _, chunk in chunks:
+        for role, chunk in work:
             states.append(_RngState())
             pieces[role].append(embed(chunk, role))
+    starts = [start for role in chunks for start in _offsets(pieces[role])]
     cached = {role: torch.cat(p).requires_grad_() for role, p in pieces.items()}
     loss = loss_fn(cached, keys)
     (backward or torch.Tensor.backward)(loss * scale)
     unused = [role for role, e in cached.items() if e.grad is None]
     if unused:
-        raise ValueError(f"the loss does not use role(s) {unused}; drop them from `texts`")
+        raise ValueError(f"the loss does not use role(s) {unused}; drop them from `chunks`")
 
-    for i, (role, start, chunk) in enumerate(chunks):
-        sync = nullcontext() if no_sync is None or i == len(chunks) - 1 else no_sync()
+    for i, ((role, chunk), start) in enumerate(zip(work, starts)):
+        sync = nullcontext() if no_sync is None or i == len(work) - 1 else no_sync()
         with sync, states[i].replay():
             embeddings = embed(chunk, role)
-            embeddings.backward(cached[role].grad[start:start + len(chunk)].to(embeddings.dtype))
+            embeddings.backward(cached[role].grad[start:start + len(embeddings)].to(embeddings.dtype))
     return loss.detach()
+
+
+def chunked(items: dict[str, list], size: int | None = None) -> dict[str, list[list]]:
+    """Each role's items cut into consecutive chunks of `size` (None: one chunk per role)."""
+    if size is not None and size < 1:
+        raise ValueError(f"chunk size must be >= 1; got {size}")
+    return {role: [rows[s:s + (size or len(rows))] for s in range(0, len(rows), size or max(1, len(rows)))]
+            for role, rows in items.items()}
+
+
+def _offsets(pieces: list[torch.Tensor]) -> list[int]:
+    """Row at which each piece starts in their concatenation."""
+    starts, total = [], 0
+    for piece in pieces:
+        starts.append(total)
+        total += len(piece)
+    return starts
 
 
 class _RngState:

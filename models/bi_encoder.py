@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from models.atomic import atomic_directory
@@ -15,6 +16,8 @@ from models.pooling import POOLING_MODES, pool
 from models.quantize import (COMPUTES, PRECISIONS, Int8Calibration, calibrate_int8, int8_linear_copy,
                              quantize_binary, quantize_int8)
 from models.resolve import describe_attempts, resolve_model_path
+from models.runtime import loader_settings
+from models.tokens import Padder, TextTokenizer
 
 TWINFOLD_FILE = "twinfold.json"
 KINDS = ("query", "document")
@@ -143,26 +146,30 @@ class BiEncoder(nn.Module):
     # --- the forward path -----------------------------------------------------------------------------
     def with_prefix(self, texts: list[str], kind: str) -> list[str]:
         """`texts` with the query or document prefix stored with the model."""
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        prefix = self.settings.query_prefix if kind == "query" else self.settings.document_prefix
-        return [prefix + t for t in texts] if prefix else list(texts)
+        return self.text_tokenizer.prefixed(texts, check_kind(kind))
 
     def tokenize(self, texts: list[str], kind: str = "document") -> dict[str, torch.Tensor]:
         """Tokenize with the kind's prefix, padding to the longest text and truncating at `max_length`."""
-        return dict(self.tokenizer(self.with_prefix(texts, kind), padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt"))
+        return self.padder(self.token_ids(texts, kind))
+
+    def token_ids(self, texts: list[str], kind: str = "document") -> list[list[int]]:
+        """Token ids of each text with the kind's prefix and special tokens, truncated at `max_length`, unpadded."""
+        return self.text_tokenizer.ids(texts, check_kind(kind))
+
+    @property
+    def text_tokenizer(self) -> TextTokenizer:
+        """Tokenization with this model's prefixes and `max_length` (picklable, for worker processes)."""
+        s = self.settings
+        return TextTokenizer(self.tokenizer, s.max_length, s.query_prefix, s.document_prefix)
+
+    @property
+    def padder(self) -> Padder:
+        """Pads token ids into encoder inputs (picklable, for DataLoader workers)."""
+        return Padder.for_tokenizer(self.tokenizer)
 
     def token_lengths(self, texts: list[str], kind: str = "document") -> list[int]:
         """Tokens in each text with the kind's prefix and special tokens, before truncation."""
-        ids = self.tokenizer(self.with_prefix(texts, kind), truncation=False, verbose=False,
-                             return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-        return [len(x) for x in ids]
-
-    def length_order(self, texts: list[str], kind: str = "document") -> list[int]:
-        """Indices of `texts`, longest first in tokens (as truncated at `max_length`); ties keep input order."""
-        lengths = [min(n, self.max_length) for n in self.token_lengths(texts, kind)]
-        return sorted(range(len(texts)), key=lambda i: -lengths[i])
+        return self.text_tokenizer.lengths(texts, check_kind(kind))
 
     def count_truncated(self, texts: list[str], kind: str = "document") -> int:
         """How many of `texts` (with the kind's prefix) are longer than `max_length` tokens."""
@@ -170,7 +177,13 @@ class BiEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids -> pooled (and normalised) embeddings [batch, dim]."""
+        """Token ids -> pooled (and normalised) embeddings [batch, dim] (training goes through here)."""
+        return self.embed_tokens(input_ids, attention_mask, token_type_ids)
+
+    def embed_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The computation of `forward`. `encode` calls it directly, so a mixed-precision wrapper that an
+        Accelerator puts around `forward` for training never changes what `encode` computes."""
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         emb = pool(hidden, attention_mask, self.settings.pooling)
@@ -196,29 +209,42 @@ class BiEncoder(nn.Module):
         convert_to_tensor: bool = False,
         compute: str = "float32",
     ):
-        """Embed `texts` in input order (batched by token length to cut padding).
+        """Embed `texts` in input order.
 
-        `dim` keeps a Matryoshka prefix and re-normalises it. `precision` of the output: "float32"; "int8"
-        (per-dimension ranges from `calibration`, or calibrated on these embeddings); "binary" (sign bits
-        packed in uint8). `compute`: "float32", or "int8" to run the linear layers in int8 on the CPU
-        (`models.quantize.int8_linear_copy`, built once per version of the weights).
+        Texts are sorted by length in characters (no tokenization pass just to sort) and batched; batches are
+        tokenized in background workers on a GPU and stay on the device until the end. `dim` keeps a Matryoshka
+        prefix and re-normalises it. `precision` of the output: "float32"; "int8" (per-dimension ranges from
+        `calibration`, or calibrated on these embeddings); "binary" (sign bits packed in uint8). `compute`:
+        "float32"; "bf16" (autocast; fast on GPUs and on CPUs with bf16 units, see
+        `models.runtime.cpu_has_bf16`); or "int8" (linear layers in int8 on the CPU,
+        `models.quantize.int8_linear_copy`, built once per version of the weights).
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if compute not in COMPUTES:
             raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
         runner = self._int8_runner() if compute == "int8" else self
+        device = self.device
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute == "bf16")
+        check_kind(kind)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        batches = TextBatches([texts[i] for i in order], kind, batch_size, self.text_tokenizer, self.padder)
+        settings = loader_settings(device)
+        loader = DataLoader(batches, batch_size=None, generator=torch.Generator(), **settings)  # global RNG untouched
+        in_order = torch.empty(len(texts), self.dim, pin_memory=settings["pin_memory"])
         was_training = self.training
         self.eval()
-        order = self.length_order(texts, kind)
-        chunks = []
-        for start in tqdm(range(0, len(texts), batch_size), desc="encode", disable=not show_progress_bar):
-            batch = [texts[i] for i in order[start:start + batch_size]]
-            chunks.append(runner.embed(batch, kind).float().cpu())
+        start = 0
+        for features in tqdm(loader, desc="encode", disable=not show_progress_bar):
+            with autocast:
+                out = runner.embed_tokens(**{k: v.to(device, non_blocking=True) for k, v in features.items()})
+            in_order[start:start + len(out)].copy_(out.float(), non_blocking=True)
+            start += len(out)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         self.train(was_training)
-        emb = torch.empty(len(texts), self.dim)
-        if chunks:
-            emb[torch.as_tensor(order)] = torch.cat(chunks)
+        emb = torch.empty_like(in_order, pin_memory=False)
+        emb[torch.as_tensor(order, dtype=torch.long)] = in_order
         emb = truncate(emb, dim, self.settings.normalize)
         if precision == "float32":
             return emb if convert_to_tensor else emb.numpy()
@@ -253,6 +279,12 @@ class BiEncoder(nn.Module):
         return asdict(self.settings)
 
 
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return kind
+
+
 def truncate(emb: torch.Tensor, dim: int | None, normalize: bool = True) -> torch.Tensor:
     """Keep the first `dim` dimensions (a Matryoshka prefix), re-normalised when `normalize`."""
     if dim is None or dim == emb.shape[-1]:
@@ -261,3 +293,16 @@ def truncate(emb: torch.Tensor, dim: int | None, normalize: bool = True) -> torc
         raise ValueError(f"dim must be in 1..{emb.shape[-1]}, got {dim}")
     emb = emb[..., :dim]
     return F.normalize(emb, dim=-1) if normalize else emb
+
+
+class TextBatches(Dataset):
+    """Batch i of texts (already in the wanted order), tokenized and padded: what `encode`'s loader workers run."""
+
+    def __init__(self, texts: list[str], kind: str, batch_size: int, tokenizer: TextTokenizer, padder: Padder):
+        self.texts, self.kind, self.batch_size, self.tokenizer, self.padder = texts, kind, batch_size, tokenizer, padder
+
+    def __len__(self) -> int:
+        return -(-len(self.texts) // self.batch_size)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.padder(self.tokenizer.ids(self.texts[i * self.batch_size:(i + 1) * self.batch_size], self.kind))

@@ -2,7 +2,7 @@
 
     python -m models.encode --model DIR --input FILE.jsonl [--field text] [--id-field _id]
         --output FILE.safetensors [--dim N] [--precision int8|binary] [--kind query|document]
-        [--compute int8]
+        [--compute {float32,bf16,int8}]
 """
 import argparse
 import sys
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int)
     p.add_argument("--precision", default="float32", choices=["float32", "int8", "binary"])
     p.add_argument("--kind", default="document", choices=["query", "document"])
-    p.add_argument("--compute", default="float32", choices=COMPUTES, help="int8: linear layers in int8 (CPU)")
+    p.add_argument("--compute", default="float32", choices=COMPUTES, help="bf16: autocast (GPUs, CPUs with bf16 units); int8: linear layers in int8 (CPU)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--no-progress", action="store_true")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 PRECISIONS = ("float32", "int8", "binary")
-COMPUTES = ("float32", "int8")
+COMPUTES = ("float32", "bf16", "int8")
 
 
 @dataclass

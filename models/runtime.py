@@ -3,6 +3,8 @@ import ctypes
 import logging
 import os
 
+import torch
+
 log = logging.getLogger("twinfold")
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -29,3 +31,29 @@ def keep_freed_memory() -> bool:
     if not applied:
         log.debug("mallopt refused the allocator settings; keeping glibc's defaults")
     return applied
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 matrix units (AVX512_BF16 or AMX_BF16); without them bf16 runs far slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def loader_settings(device: torch.device) -> dict:
+    """How a device is fed: background tokenization/padding workers and pinned memory on GPUs, inline on CPUs
+    (their cores are busy computing). `TWINFOLD_NUM_WORKERS` overrides the number of workers."""
+    gpu = device.type == "cuda"
+    workers = int(os.environ.get("TWINFOLD_NUM_WORKERS", min(4, len(os.sched_getaffinity(0)) // 2) if gpu else 0))
+    return {"num_workers": workers, "pin_memory": gpu, **({"prefetch_factor": 4, "persistent_workers": True}
+                                                          if workers else {})}
+
+
+def default_token_budget(device: torch.device) -> int:
+    """Padded tokens per forward. On a GPU one large forward beats many small ones (each is launch-bound): 64k tokens
+    take a whole batch of 256 texts of 256 tokens at once. On a CPU, chunks of about 2k padded tokens keep padding
+    low at the same matmul efficiency (measured with scripts/bench_train.py)."""
+    return 65536 if device.type == "cuda" else 2048

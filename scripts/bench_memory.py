@@ -39,7 +39,7 @@ def measure(args: argparse.Namespace, batch: int, mini_batch_size: int) -> dict:
     """Run one step in this process; mini_batch_size 0 means uncached. Memory in bytes."""
     import torch
 
-    from losses import InfoNCE, Matryoshka, cached_backward, uncached_backward
+    from losses import InfoNCE, Matryoshka, cached_backward, chunked, uncached_backward
     from models import BiEncoder
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,8 +59,8 @@ def measure(args: argparse.Namespace, batch: int, mini_batch_size: int) -> dict:
     def step(texts):
         model.zero_grad(set_to_none=True)
         if mini_batch_size:
-            return cached_backward(embed, texts, loss_fn, mini_batch_size)
-        return uncached_backward(embed, texts, loss_fn)
+            return cached_backward(embed, chunked(texts, mini_batch_size), loss_fn)
+        return uncached_backward(embed, chunked(texts), loss_fn)
 
     step({role: t[:2] for role, t in texts.items()})  # warm-up: one-off allocations and lazy initialisation
     model.zero_grad(set_to_none=True)

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random BERT, the real all-MiniLM-L6-v2 folder, the shared data folder."""
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TWINFOLD_CACHE", tempfile.mkdtemp(prefix="twinfold-test-cache-"))  # token caches of this run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -48,6 +48,7 @@ class DatasetConfig:
 class DataConfig:
     train: list[DatasetConfig] = field(default_factory=list)
     mixing: str = "proportional"  # proportional | round_robin
+    cache_dir: str | None = None  # tokenized datasets; null: $TWINFOLD_CACHE or ~/.cache/twinfold
 
 
 @dataclass
@@ -77,7 +78,8 @@ class TrainConfig:
     save_steps: int | None = None
     save_total_limit: int = 2
     eval_steps: int | None = None
-    log_steps: int = 10
+    log_steps: int = 10  # losses reach the host (and metrics.jsonl) every this many steps: no per-step device sync
+    chunk_tokens: int | None = None  # padded tokens per forward; null: the device's default (GPU 65536, CPU 2048)
     resume: bool = False
     mixed_precision: str = "no"  # no | bf16 | fp16 (GPU only)
 
@@ -93,6 +95,7 @@ class EvalConfig:
     batch_size: int = 64
     ignore_identical_ids: bool = False
     metric: str = "ndcg@10"  # decides the best checkpoint
+    compute: str = "float32"  # float32 | bf16 | int8: how evaluation encodes
 
 
 @dataclass
@@ -119,7 +122,7 @@ class Config:
 ROLES = ("anchor", "positive", "negative")
 _CHOICES = {"data.mixing": ("proportional", "round_robin"), "train.scheduler": ("linear", "cosine"),
             "train.mixed_precision": ("no", "bf16", "fp16"), "model.pooling": (None, "mean", "cls", "max"),
-            "log.wandb_mode": (None, "online", "offline", "disabled")}
+            "log.wandb_mode": (None, "online", "offline", "disabled"), "eval.compute": ("float32", "bf16", "int8")}
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -165,8 +168,10 @@ def validate(c: Config) -> None:
     _positive("train.epochs", t.epochs)
     _positive("loss.temperature", loss.temperature)
     _positive("eval.batch_size", c.eval.batch_size)
+    _positive("train.log_steps", t.log_steps)
     for key, value in (("train.max_steps", t.max_steps), ("train.save_steps", t.save_steps),
                        ("train.eval_steps", t.eval_steps), ("loss.mini_batch_size", loss.mini_batch_size),
+                       ("train.chunk_tokens", t.chunk_tokens),
                        ("model.max_length", c.model.max_length), ("train.max_grad_norm", t.max_grad_norm)):
         if value is not None:
             _positive(key, value)

@@ -1,11 +1,27 @@
-"""Training pairs: load with Hugging Face `datasets`, map source columns to named roles, validate rows."""
+"""Training pairs: load with Hugging Face `datasets` (Arrow, memory-mapped), map source columns to named roles,
+validate every text, and tokenize once into an on-disk cache shared by later runs and every process of a run.
+"""
+import hashlib
+import json
+import logging
+import os
+import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import numpy as np
+
+from losses import text_keys
 from models.jsonl import iter_json_lines
+from models.tokens import TextTokenizer
 from train.config import DatasetConfig
 
+log = logging.getLogger("twinfold")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+KIND = {"anchor": "query", "positive": "document", "negative": "document"}
+_VALIDATE_ROWS = 10_000  # rows per pass of the validation and of each tokenization batch
+_CACHE_FORMAT = 1
 
 
 class DataError(ValueError):
@@ -14,23 +30,28 @@ class DataError(ValueError):
 
 @dataclass
 class PairDataset:
-    """Texts by role: `anchor[i]`, `positive[i]` and zero or more `negatives[i]` form row i."""
+    """A validated Arrow table whose columns are roles: `anchor`, `positive`, then `negative_0` ... `negative_{k-1}`."""
 
     name: str
-    anchor: list[str]
-    positive: list[str]
-    negatives: list[list[str]]
+    table: object  # datasets.Dataset
     weight: float = 1.0
+    fingerprint: str = ""  # content of the source (local file) or the hub dataset's fingerprint
 
     def __len__(self) -> int:
-        return len(self.anchor)
+        return len(self.table)
 
-    def texts(self, i: int) -> list[str]:
-        return [self.anchor[i], self.positive[i], *self.negatives[i]]
+    @property
+    def roles(self) -> list[str]:
+        return list(self.table.column_names)
+
+    @property
+    def negatives(self) -> int:
+        """Hard negatives per row."""
+        return len(self.roles) - 2
 
 
 def load_pairs(cfg: DatasetConfig) -> PairDataset:
-    """Load one dataset of the config and check every mapped text."""
+    """Load one dataset of the config, keep its mapped columns under role names and check every text."""
     path = Path(cfg.path)
     local = path.exists()
     table = _load_table(cfg, path) if local else _load_hub(cfg)
@@ -46,25 +67,53 @@ def load_pairs(cfg: DatasetConfig) -> PairDataset:
                         f"data; its columns are {table.column_names}")
     if len(table) == 0:
         raise DataError(f"{cfg.path}: the dataset is empty")
-    values = {source: list(table[source]) for source in columns}
-    by_role: dict[str, list[list]] = {"anchor": [], "positive": [], "negative": []}
-    for source, role in columns.items():
-        by_role[role].append(values[source])
-    line = _line_numbers(path, len(table)) if local and path.suffix in (".jsonl", ".csv", ".tsv") else None
+    negatives = [source for source, role in columns.items() if role == "negative"]
+    sources = {role: source for source, role in columns.items() if role != "negative"}
+    renamed = {sources["anchor"]: "anchor", sources["positive"]: "positive",
+               **{source: f"negative_{j}" for j, source in enumerate(negatives)}}
+    _validate(table.select_columns(list(renamed)), cfg.path, path if local else None)
+    table = table.select_columns(list(renamed)).rename_columns(renamed)
+    table = table.select_columns(["anchor", "positive", *(f"negative_{j}" for j in range(len(negatives)))])
+    fingerprint = _file_hash(path) if local else table._fingerprint
+    name = cfg.name or (path.stem if local else cfg.path)
+    log.info("%s: %d rows read and validated", name, len(table))
+    return PairDataset(name, table, cfg.weight, fingerprint)
 
-    def where(i: int, source: str) -> str:
-        return f"{cfg.path}:{line[i]} field {source!r}" if line else f"{cfg.path} row {i} field {source!r}"
 
-    for source in columns:
-        for i, text in enumerate(values[source]):
-            if not isinstance(text, str):
-                what = "missing (null)" if text is None else f"not a string ({type(text).__name__})"
-                raise DataError(f"{where(i, source)}: text is {what}")
-            if not text.strip():
-                raise DataError(f"{where(i, source)}: text is empty")
-    anchor, positive = by_role["anchor"][0], by_role["positive"][0]
-    negatives = [list(row) for row in zip(*by_role["negative"])] if by_role["negative"] else [[] for _ in anchor]
-    return PairDataset(cfg.name or path.stem if local else cfg.name or cfg.path, anchor, positive, negatives, cfg.weight)
+def _validate(table, shown: str, path: Path | None) -> None:
+    """Every mapped field must be a non-empty string; the error names the file line (or row) and field."""
+    for start in range(0, len(table), _VALIDATE_ROWS):
+        chunk = table[start:start + _VALIDATE_ROWS]
+        for source, values in chunk.items():
+            for j, text in enumerate(values):
+                if isinstance(text, str) and text.strip():
+                    continue
+                what = ("missing (null)" if text is None else f"not a string ({type(text).__name__})"
+                        if not isinstance(text, str) else "empty")
+                raise DataError(f"{_where(shown, path, start + j)} field {source!r}: text is {what}")
+
+
+def _where(shown: str, path: Path | None, row: int) -> str:
+    """`file:line` of a row of a JSONL/CSV/TSV file (counted only when an error needs it), else `source row i`."""
+    if path is None or path.suffix not in (".jsonl", ".csv", ".tsv"):
+        return f"{shown} row {row}"
+    skip = 0 if path.suffix == ".jsonl" else 1  # CSV/TSV: the header line
+    with open(path, "rb") as f:
+        seen = -skip
+        for n, raw in enumerate(f, 1):
+            if raw.strip():
+                if seen == row:
+                    return f"{shown}:{n}"
+                seen += 1
+    return f"{shown}:{row + 1}"
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def _load_table(cfg: DatasetConfig, path: Path):
@@ -101,10 +150,100 @@ def _check_json_lines(path: Path) -> None:
         pass
 
 
-def _line_numbers(path: Path, rows: int) -> list[int]:
-    """File line of each row (JSONL: non-blank lines; CSV: after the header)."""
-    with open(path, "rb") as f:
-        lines = [n for n, raw in enumerate(f, 1) if raw.strip()]
-    if path.suffix != ".jsonl":
-        lines = lines[1:]
-    return lines[:rows] if len(lines) >= rows else list(range(1, rows + 1))
+# --- tokenized once ---------------------------------------------------------------------------------------
+@dataclass
+class TokenizedPairs:
+    """A dataset's token ids per role (truncated at `max_length`, unpadded) and text keys, memory-mapped.
+
+    Columns `{role}_ids` and `{role}_key` for role in `anchor`, `positive`, `negative_0` ...; the keys are
+    `losses.text_keys` of the texts (false-negative masking and no-duplicate batches).
+    """
+
+    name: str
+    table: object  # datasets.Dataset
+    weight: float
+    negatives: int
+    truncated: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def keys(self, role: str) -> np.ndarray:
+        """Text keys of a role (`anchor`, `positive`: [N]; `negative`: [N, k])."""
+        if role == "negative":
+            return np.stack([self._column(f"negative_{j}_key") for j in range(self.negatives)], axis=1) \
+                if self.negatives else np.zeros((len(self), 0), dtype=np.int64)
+        return self._column(f"{role}_key")
+
+    def _column(self, name: str) -> np.ndarray:
+        return self.table.data.column(name).to_numpy()
+
+    def rows(self, indices: list[int]) -> dict[str, tuple[list[list[int]], list[int]]]:
+        """Token ids and keys of these rows by role; `negative` holds row i's k negatives one after another."""
+        picked = self.table[indices]
+        out = {role: (picked[f"{role}_ids"], picked[f"{role}_key"]) for role in ("anchor", "positive")}
+        if self.negatives:
+            roles = [f"negative_{j}" for j in range(self.negatives)]
+            out["negative"] = ([picked[f"{r}_ids"][i] for i in range(len(indices)) for r in roles],
+                               [picked[f"{r}_key"][i] for i in range(len(indices)) for r in roles])
+        return out
+
+
+def cache_root(configured: str | None) -> Path:
+    """Where tokenized datasets are kept: `data.cache_dir`, else $TWINFOLD_CACHE, else ~/.cache/twinfold."""
+    return Path(configured or os.environ.get("TWINFOLD_CACHE") or Path.home() / ".cache" / "twinfold").expanduser()
+
+
+def tokenize_pairs(ds: PairDataset, tokenizer: TextTokenizer, cache_dir: Path) -> TokenizedPairs:
+    """Token ids of every text, computed once (in parallel processes for large data) and cached on disk.
+
+    The cache key is the data's content, the tokenizer (vocabulary, rules, prefixes, `max_length`) and the
+    columns; another run, or another process of this run, with the same key reads the cache instead.
+    """
+    import datasets
+
+    key = hashlib.sha256(json.dumps([_CACHE_FORMAT, ds.fingerprint, tokenizer.fingerprint(), ds.roles]).encode())
+    folder = cache_dir / "tokens" / key.hexdigest()[:24]
+    manifest = folder / "manifest.json"
+    if not manifest.exists():
+        tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        workers = max(1, min(len(os.sched_getaffinity(0)), len(ds) // 50_000))
+        features = datasets.Features({f"{role}_{field}": kind for role in ds.roles for field, kind in (
+            ("ids", datasets.Sequence(datasets.Value("int32"))), ("key", datasets.Value("int64")),
+            ("truncated", datasets.Value("bool")))})
+        mapped = ds.table.map(partial(_tokenize_batch, tokenizer=tokenizer), batched=True, features=features,
+                              batch_size=_VALIDATE_ROWS, num_proc=workers if workers > 1 else None,
+                              remove_columns=ds.roles, cache_file_name=str(tmp / "tokens.arrow"),
+                              desc=f"tokenize {ds.name} ({len(ds)} rows)")
+        truncated = {role: int(np.count_nonzero(mapped.data.column(f"{role}_truncated").to_numpy()))
+                     for role in ds.roles}
+        files = [Path(f["filename"]).name for f in mapped.cache_files]
+        (tmp / "manifest.json").write_text(json.dumps({"files": files, "rows": len(ds), "truncated": truncated}))
+        del mapped
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished the same cache first
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("%s: %d rows tokenized and cached in %s", ds.name, len(ds), folder)
+    else:
+        log.info("%s: token cache reused from %s", ds.name, folder)
+    saved = json.loads(manifest.read_text())
+    table = datasets.concatenate_datasets([datasets.Dataset.from_file(str(folder / f)) for f in saved["files"]])
+    return TokenizedPairs(ds.name, table, ds.weight, ds.negatives, saved["truncated"])
+
+
+def _tokenize_batch(batch: dict[str, list[str]], tokenizer: TextTokenizer) -> dict[str, list]:
+    """Ids, text keys and whether each text was truncated, for every role of a batch of rows."""
+    out = {}
+    for role, texts in batch.items():
+        kind = KIND[role.split("_")[0]]
+        ids = tokenizer.ids(texts, kind)
+        at_limit = [i for i, x in enumerate(ids) if len(x) >= tokenizer.max_length]
+        longer = {i for i, n in zip(at_limit, tokenizer.lengths([texts[i] for i in at_limit], kind))
+                  if n > tokenizer.max_length}
+        out[f"{role}_ids"] = ids
+        out[f"{role}_key"] = text_keys(texts).tolist()
+        out[f"{role}_truncated"] = [i in longer for i in range(len(texts))]
+    return out

@@ -2,7 +2,7 @@
 
     python -m train.evaluate --model M [--model M2 ...] --data BEIR_DIR [--split test] [--dims 384,256,128,64]
         [--precision float32,int8,binary] [--bm25] [--sts TSV] [--out DIR] [--k 1,3,5,10,100]
-        [--batch-size 64] [--ignore-identical-ids] [--strict] [--compute int8]
+        [--batch-size 64] [--ignore-identical-ids] [--strict] [--compute {float32,bf16,int8}]
 
 The corpus is encoded once per model at full dimension; every dim and precision is derived from that
 encoding, and it is cached by the model's fingerprint for the evaluator's lifetime (training calls the same
@@ -46,7 +46,7 @@ class RetrievalEvaluator:
     `rescore_multiplier * k` of them, rescored with the float32 query). `sts`: a TSV of sentence pairs whose
     Spearman correlation is added to the float32 rows. `out_dir`: where TREC runs are written
     (`runs/<name>.<dim>.<precision>.trec`). `cache_size`: models whose full-dim embeddings are kept.
-    `compute`: "float32", or "int8" to encode with int8 linear layers (see `BiEncoder.encode`).
+    `compute`: "float32", "bf16" or "int8" (see `BiEncoder.encode`).
     """
 
     def __init__(self, data: BeirData, dims=None, precisions=("float32",), k_values=(1, 3, 5, 10, 100),
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ignore-identical-ids", action="store_true", help="skip hits whose id is the query's id")
     p.add_argument("--strict", action="store_true", help="judgments naming unknown ids are an error")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights")
-    p.add_argument("--compute", default="float32", choices=COMPUTES, help="int8: encode with int8 linear layers (CPU)")
+    p.add_argument("--compute", default="float32", choices=COMPUTES, help="bf16: autocast (GPUs, CPUs with bf16 units); int8: int8 linear layers (CPU)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     keep_freed_memory()

@@ -14,16 +14,16 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from losses import InfoNCE, Matryoshka, cached_backward, text_keys, uncached_backward
+from losses import InfoNCE, Matryoshka, cached_backward, uncached_backward
 from models import BiEncoder
-from models.runtime import keep_freed_memory
+from models.runtime import cpu_has_bf16, default_token_budget, keep_freed_memory, loader_settings
+from train.batches import StepBatches, step_loader
 from train.checkpoint import complete_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from train.config import Config, ConfigError, save_config
-from train.data import load_pairs
-from train.sampler import BatchPlan
+from train.data import cache_root, load_pairs, tokenize_pairs
+from train.sampler import BatchPlan, RowKeys
 
 log = logging.getLogger("twinfold")
-KIND = {"anchor": "query", "positive": "document", "negative": "document"}
 
 
 class TrainingError(RuntimeError):
@@ -74,14 +74,12 @@ def build_optimizer(model: BiEncoder, loss_fn: torch.nn.Module, cfg: Config) -> 
     return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=True)  # one kernel per step on CPU and GPU
 
 
-def report_truncation(model: BiEncoder, datasets) -> None:
+def report_truncation(datasets, max_length: int) -> None:
     """Say once how many training texts exceed `max_length` tokens (they are truncated, not dropped)."""
     for ds in datasets:
-        counts = {"anchor": model.count_truncated(ds.anchor, KIND["anchor"]),
-                  "positive": model.count_truncated(ds.positive, KIND["positive"])}
-        if any(counts.values()):
-            log.warning("%s: %d of %d anchors and %d of %d positives exceed max_length %d tokens and are truncated",
-                        ds.name, counts["anchor"], len(ds), counts["positive"], len(ds), model.max_length)
+        if any(ds.truncated.values()):
+            counts = ", ".join(f"{n} of {len(ds)} {role.replace('_', ' ')}s" for role, n in ds.truncated.items() if n)
+            log.warning("%s: %s exceed max_length %d tokens and are truncated", ds.name, counts, max_length)
 
 
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
@@ -97,6 +95,9 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         share = max(1, len(os.sched_getaffinity(0)) // local_processes)
         torch.set_num_threads(int(os.environ.get("TWINFOLD_NUM_THREADS", share)))
+        if mixed_precision == "bf16" and not cpu_has_bf16():
+            log.warning("train.mixed_precision=bf16 on a CPU without bf16 units (avx512_bf16/amx_bf16): "
+                        "expect it to be far slower than fp32")
     # other processes wait while the main one evaluates: allow long evaluations before collectives time out
     patience = InitProcessGroupKwargs(timeout=timedelta(hours=3))
     return Accelerator(cpu=cpu_only and int(os.environ.get("WORLD_SIZE", "1")) > 1, mixed_precision=mixed_precision,
@@ -135,9 +136,11 @@ def train(cfg: Config) -> Path:
         check_output_dir(out, weight_bytes * (3 * (t.save_total_limit + 1) + 1))
         save_config(cfg, out / "config.yaml")
     datasets = [load_pairs(d) for d in cfg.data.train]
+    with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
+        tokenized = [tokenize_pairs(ds, model.text_tokenizer, cache_root(cfg.data.cache_dir)) for ds in datasets]
     if main:
-        report_truncation(model, datasets)
-    plan = BatchPlan(datasets, t.batch_size, t.seed, cfg.data.mixing)
+        report_truncation(tokenized, model.max_length)
+    plan = BatchPlan([RowKeys.of(ds) for ds in tokenized], t.batch_size, t.seed, cfg.data.mixing, processes=world)
     loss_fn = build_loss(cfg).to(accelerator.device)
     optimizer = build_optimizer(model, loss_fn, cfg)
     total_steps = t.max_steps or t.epochs * (len(plan) // t.grad_accum)
@@ -162,44 +165,34 @@ def train(cfg: Config) -> Path:
         write_metrics(metrics_file, {"step": 0, "eval": state["base"]})
     tracker = start_wandb(cfg, out, resume=state["step"] > 0) if main and cfg.log.wandb else None
 
-    def next_batch():
-        batches = plan.epoch(state["epoch"])
-        if state["batch"] >= len(batches):
-            state["epoch"], state["batch"] = state["epoch"] + 1, 0
-            batches = plan.epoch(state["epoch"])
-        batch = batches[state["batch"]]
-        state["batch"] += 1
-        ds = datasets[batch.dataset]
-        rows = batch.shard(accelerator.process_index, world)
-        texts = {"anchor": [ds.anchor[i] for i in rows], "positive": [ds.positive[i] for i in rows]}
-        if ds.negatives[rows[0]]:
-            texts["negative"] = [n for i in rows for n in ds.negatives[i]]
-        return texts
-
     step = TrainStep(cfg, accelerator, model, wrapped, loss_fn, optimizer, scheduler)
+    device = accelerator.device
+    batches = StepBatches(tokenized, accelerator.process_index, world, model.padder,
+                          t.chunk_tokens or default_token_budget(device), cfg.loss.mini_batch_size)
+    loader = iter(step_loader(batches, plan, state["epoch"], state["batch"], loader_settings(device)))
     progress = tqdm(total=total_steps, initial=state["step"], disable=not main, desc="train")
     wrapped.train()
-    window_start, window_pairs = time.perf_counter(), 0
+    window = Window()
     while state["step"] < total_steps:
-        batches = [next_batch() for _ in range(t.grad_accum)]
-        loss = step(batches, state["step"] + 1)
-        window_pairs += sum(len(texts["anchor"]) for texts in batches) * world
-        state["step"] += 1
-        # ---- bookkeeping: log, evaluate, checkpoint ------------------------------------------------------
-        progress.update(1)
-        elapsed = time.perf_counter() - window_start
-        record = {"step": state["step"], "epoch": state["epoch"], "loss": loss,
-                  "lr": scheduler.get_last_lr()[0], "pairs_per_s": window_pairs / max(elapsed, 1e-9)}
+        inputs = [next(loader) for _ in range(t.grad_accum)]
+        record = {"step": state["step"] + 1, "epoch": inputs[-1]["epoch"], "lr": scheduler.get_last_lr()[0]}
+        record["loss"] = step(inputs)  # stays on the device until the window is logged
         if cfg.loss.learnable_temperature:
-            record["temperature"] = float(getattr(loss_fn, "inner", loss_fn).temperature)
-        progress.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{record['pairs_per_s']:.1f}")
-        window_start, window_pairs = time.perf_counter(), 0
-        if main:
-            write_metrics(metrics_file, record)
-            if tracker:
-                tracker.log(record, step=state["step"])
+            record["temperature"] = getattr(loss_fn, "inner", loss_fn).temperature.detach().clone()
+        state["step"], state["epoch"], state["batch"] = record["step"], inputs[-1]["epoch"], inputs[-1]["index"] + 1
+        window.add(record, sum(x["pairs"] for x in inputs))
+        progress.update(1)
+        # ---- bookkeeping: log, evaluate, checkpoint (each needs the losses on the host first) -------------
         last, improved = state["step"] == total_steps, False
         evaluate_now = cfg.eval.data is not None and (last or (t.eval_steps and state["step"] % t.eval_steps == 0))
+        save_now = last or (t.save_steps and state["step"] % t.save_steps == 0)
+        if last or evaluate_now or save_now or state["step"] % t.log_steps == 0:
+            for logged in window.flush(accelerator, cfg):
+                progress.set_postfix(loss=f"{logged['loss']:.4f}", pairs_s=f"{logged['pairs_per_s']:.1f}")
+                if main:
+                    write_metrics(metrics_file, logged)
+                    if tracker:
+                        tracker.log(logged, step=logged["step"])
         if evaluate_now and main:
             rows = evaluator(model, f"step-{state['step']}")
             score = headline(rows, cfg.eval.metric)
@@ -213,8 +206,11 @@ def train(cfg: Config) -> Path:
                 tracker.log({f"eval/{cfg.eval.metric}": score}, step=state["step"])
         if evaluate_now and world > 1:  # every process must agree on saving: it gathers their RNG states
             improved = broadcast_object_list([improved])[0]
-        if last or (t.save_steps and (state["step"] % t.save_steps == 0 or improved)):
+        if save_now or (t.save_steps and improved):
             checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, t.save_total_limit)
+        if evaluate_now or save_now or improved:
+            window.restart()  # throughput counts training time only
+    del loader
     progress.close()
     accelerator.wait_for_everyone()
 
@@ -239,67 +235,89 @@ def train(cfg: Config) -> Path:
 class TrainStep:
     """One optimizer step, read top to bottom in `__call__`.
 
-    Each batch's texts are sorted by token length within each role, so that its chunks (groups of
-    `LENGTH_GROUP` texts, or the cached mode's mini-batches) pad little; the loss sees the embeddings back
-    in batch order, so the in-batch negatives are exactly the sampled ones.
+    Its inputs come from `train.batches`: per role, this process's texts sorted by token length and cut into
+    padded chunks by a token budget (in cached mode, at most `loss.mini_batch_size` texts each). The loss sees
+    the embeddings back in batch order, so the in-batch negatives are exactly the sampled ones. Nothing here
+    waits for the device: the loss is returned as a device tensor.
     """
-
-    LENGTH_GROUP = 8
 
     def __init__(self, cfg: Config, accelerator: Accelerator, model: BiEncoder, wrapped: torch.nn.Module,
                  loss_fn: torch.nn.Module, optimizer, scheduler):
         self.cfg, self.accelerator, self.model, self.wrapped = cfg, accelerator, model, wrapped
         self.loss_fn, self.optimizer, self.scheduler = loss_fn, optimizer, scheduler
 
-    def __call__(self, batches: list[dict[str, list[str]]], number: int) -> float:
+    def __call__(self, inputs: list[dict]) -> torch.Tensor:
         """Forward + loss + backward of each batch (gradients accumulate), then clip and update.
 
-        `batches` holds `train.grad_accum` batches mapping roles to this process's texts; `number` is the
-        step's 1-based index (for the error message). Returns the loss averaged over batches and processes.
+        `inputs` holds `train.grad_accum` assembled batches (`train.batches.assemble`). Returns this process's
+        loss averaged over them, on the device.
         """
-        cfg, accelerator = self.cfg, self.accelerator
+        cfg, accelerator, device = self.cfg, self.accelerator, self.accelerator.device
         losses = []
-        for micro, texts in enumerate(batches):
-            keys = {role: text_keys(v).to(accelerator.device) for role, v in texts.items() if role != "anchor"} \
+        for micro, batch in enumerate(inputs):
+            order = {role: o.to(device, non_blocking=True) for role, o in batch["order"].items()}
+            keys = {role: k.to(device, non_blocking=True) for role, k in batch["keys"].items() if role != "anchor"} \
                 if cfg.loss.mask_false_negatives else None
-            order = {role: torch.tensor(self.model.length_order(v, KIND[role])) for role, v in texts.items()}
-            by_length = {role: [v[i] for i in order[role]] for role, v in texts.items()}
 
             def loss_in_batch_order(embeddings: dict[str, torch.Tensor], keys) -> torch.Tensor:
-                restored = {role: torch.empty_like(e).index_copy(0, order[role].to(e.device), e)
-                            for role, e in embeddings.items()}
+                restored = {role: torch.empty_like(e).index_copy(0, order[role], e) for role, e in embeddings.items()}
                 return self.loss_fn(restored, keys)
 
-            sync = nullcontext() if micro == len(batches) - 1 else accelerator.no_sync(self.wrapped)
+            sync = nullcontext() if micro == len(inputs) - 1 else accelerator.no_sync(self.wrapped)
             with sync:
                 if cfg.loss.mini_batch_size:
-                    loss = cached_backward(self.embed, by_length, loss_in_batch_order, cfg.loss.mini_batch_size,
-                                           keys=keys, scale=1 / len(batches), backward=accelerator.backward,
+                    loss = cached_backward(self.embed, batch["chunks"], loss_in_batch_order, keys=keys,
+                                           scale=1 / len(inputs), backward=accelerator.backward,
                                            no_sync=lambda: accelerator.no_sync(self.wrapped))
                 else:
-                    loss = uncached_backward(self.embed_in_groups, by_length, loss_in_batch_order, keys=keys,
-                                             scale=1 / len(batches), backward=accelerator.backward)
+                    loss = uncached_backward(self.embed, batch["chunks"], loss_in_batch_order, keys=keys,
+                                             scale=1 / len(inputs), backward=accelerator.backward)
             losses.append(loss)
-        loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-        if not math.isfinite(loss):
-            raise TrainingError(f"loss is {loss} at step {number}; stopping. The last good checkpoint is kept in "
-                                f"{Path(cfg.train.output_dir) / 'checkpoints'}; lower train.lr or check the data")
         if cfg.train.max_grad_norm:
             accelerator.clip_grad_norm_(self.wrapped.parameters(), cfg.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss
+        return torch.stack(losses).mean()
 
-    def embed(self, texts: list[str], role: str) -> torch.Tensor:
-        """One padded forward of `texts` through the (possibly DDP-wrapped) model."""
-        features = self.model.tokenize(texts, KIND[role])
-        return self.wrapped(**{k: v.to(self.accelerator.device) for k, v in features.items()})
+    def embed(self, features: dict[str, torch.Tensor], role: str) -> torch.Tensor:
+        """One padded chunk through the (possibly DDP-wrapped) model."""
+        return self.wrapped(**{k: v.to(self.accelerator.device, non_blocking=True) for k, v in features.items()})
 
-    def embed_in_groups(self, texts: list[str], role: str) -> torch.Tensor:
-        """`embed` over consecutive groups of `LENGTH_GROUP` length-sorted texts, each padded to its own longest."""
-        g = self.LENGTH_GROUP
-        return torch.cat([self.embed(texts[i:i + g], role) for i in range(0, len(texts), g)])
+
+class Window:
+    """Step records since the last log, with their losses still on the device; the pairs and training time."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+        self.pairs, self.start = 0, time.perf_counter()
+
+    def add(self, record: dict, pairs: int) -> None:
+        self.records.append(record)
+        self.pairs += pairs
+
+    def restart(self) -> None:
+        """Start timing again (after a flush, evaluation or checkpoint: those are not training time)."""
+        self.start = time.perf_counter()
+
+    def flush(self, accelerator: Accelerator, cfg: Config) -> list[dict]:
+        """The window's records with host values (one wait for the device, one all-reduce); raise on a
+        non-finite loss, naming its step."""
+        if not self.records:
+            return []
+        losses = accelerator.reduce(torch.stack([r["loss"] for r in self.records]), reduction="mean").tolist()
+        rate = self.pairs / max(time.perf_counter() - self.start, 1e-9)
+        out = []
+        for record, loss in zip(self.records, losses):
+            if not math.isfinite(loss):
+                raise TrainingError(f"loss is {loss} at step {record['step']}; stopping. The last good checkpoint "
+                                    f"is kept in {Path(cfg.train.output_dir) / 'checkpoints'}; lower train.lr or "
+                                    "check the data")
+            out.append({**record, "loss": loss, "pairs_per_s": rate,
+                        **({"temperature": float(record["temperature"])} if "temperature" in record else {})})
+        self.records, self.pairs = [], 0
+        self.restart()
+        return out
 
 
 def headline(rows: list[dict], metric: str) -> float:
@@ -330,7 +348,7 @@ def build_evaluator(cfg: Config, out: Path):
     data = load_beir(e.data, e.split, ignore_identical_ids=e.ignore_identical_ids)
     dims = e.dims or cfg.loss.matryoshka_dims or None
     return RetrievalEvaluator(data, dims=dims, precisions=e.precisions, batch_size=e.batch_size, sts=e.sts,
-                              out_dir=out / "eval", show_progress_bar=True)
+                              out_dir=out / "eval", show_progress_bar=True, compute=e.compute)
 
 
 def run_info(cfg: Config, datasets, state: dict) -> dict:

@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from losses import InfoNCE, Matryoshka, cached_backward, text_keys, uncached_backward
+from losses import InfoNCE, Matryoshka, cached_backward, chunked, text_keys, uncached_backward
 from losses.distributed import average_gradient, gather_no_grad, gather_with_grad, rank, rank_offset, world_size
 from models import BiEncoder
 
@@ -77,10 +77,10 @@ def train(accelerator: Accelerator, args, mini_batch_size: int):
         keys = {role: text_keys(texts[role]) for role in ("positive", "negative")}
         optimizer.zero_grad()
         if mini_batch_size:
-            loss = cached_backward(embed, texts, loss_fn, mini_batch_size, keys=keys,
+            loss = cached_backward(embed, chunked(texts, mini_batch_size), loss_fn, keys=keys,
                                    backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model))
         else:
-            loss = uncached_backward(embed, texts, loss_fn, keys=keys, backward=accelerator.backward)
+            loss = uncached_backward(embed, chunked(texts), loss_fn, keys=keys, backward=accelerator.backward)
         optimizer.step()
         losses.append(accelerator.reduce(loss, "mean").item())
 

@@ -5,7 +5,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from losses import InfoNCE, Matryoshka, cached_backward, text_keys, uncached_backward
+from losses import InfoNCE, Matryoshka, cached_backward, chunked, text_keys, uncached_backward
 from models import BiEncoder
 
 KIND = {"anchor": "query", "positive": "document", "negative": "document"}
@@ -37,6 +37,14 @@ def load(path, dropout):
 
 def embedder(model):
     return lambda texts, role: model.embed(texts, KIND[role])
+
+
+def chunks(texts, size=MINI):
+    return chunked(texts, size)
+
+
+def whole(texts):
+    return chunked(texts)
 
 
 def chunked_reference(model, texts, loss_fn, keys):
@@ -89,7 +97,7 @@ def test_cached_equals_plain_step_over_the_same_chunks_with_dropout(tiny_bert_pa
     expected, rng_after = gradients(model, loss_fn), torch.get_rng_state()
     zero(model, loss_fn)
     torch.manual_seed(1)
-    loss = cached_backward(embedder(model), texts, loss_fn, MINI, keys=keys)
+    loss = cached_backward(embedder(model), chunks(texts), loss_fn, keys=keys)
 
     assert not loss.requires_grad
     assert loss.item() == pytest.approx(expected_loss.item(), abs=1e-6)
@@ -100,10 +108,10 @@ def test_cached_equals_plain_step_over_the_same_chunks_with_dropout(tiny_bert_pa
 def test_dropout_matters_so_the_chunked_reference_is_needed(tiny_bert_path, batch):
     model, texts = load(tiny_bert_path, 0.1), {role: batch[0][role] for role in ("anchor", "positive")}
     torch.manual_seed(1)
-    chunked = chunked_reference(model, texts, InfoNCE(), None)
+    by_chunk = chunked_reference(model, texts, InfoNCE(), None)
     torch.manual_seed(1)
-    whole = uncached_backward(embedder(model), texts, InfoNCE())
-    assert abs(chunked.item() - whole.item()) > 1e-4
+    one = uncached_backward(embedder(model), whole(texts), InfoNCE())
+    assert abs(by_chunk.item() - one.item()) > 1e-4
 
 
 @pytest.mark.parametrize("name", ["infonce", "matryoshka"])
@@ -113,10 +121,10 @@ def test_cached_equals_whole_batch_step_without_dropout(tiny_bert_path, batch, n
     make_loss, roles, _ = LOSSES[name]
     texts = {role: batch[0][role] for role in roles}
     model, loss_fn = load(tiny_bert_path, 0.0), make_loss()
-    expected_loss = uncached_backward(embedder(model), texts, loss_fn)
+    expected_loss = uncached_backward(embedder(model), whole(texts), loss_fn)
     expected = gradients(model)
     zero(model)
-    loss = cached_backward(embedder(model), texts, loss_fn, MINI)
+    loss = cached_backward(embedder(model), chunks(texts), loss_fn)
     assert loss.item() == pytest.approx(expected_loss.item(), abs=1e-6)
     assert_same_gradients(gradients(model), expected, rel=1e-4)
 
@@ -124,11 +132,11 @@ def test_cached_equals_whole_batch_step_without_dropout(tiny_bert_path, batch, n
 def test_scale_and_accumulation(tiny_bert_path, batch):
     texts = {role: batch[0][role] for role in ("anchor", "positive")}
     model = load(tiny_bert_path, 0.0)
-    full = cached_backward(embedder(model), texts, InfoNCE(), MINI)
+    full = cached_backward(embedder(model), chunks(texts), InfoNCE())
     expected = gradients(model)
     zero(model)
     for _ in range(2):  # two accumulation steps of half weight each; the returned loss is unscaled
-        assert cached_backward(embedder(model), texts, InfoNCE(), MINI, scale=0.5).item() == full.item()
+        assert cached_backward(embedder(model), chunks(texts), InfoNCE(), scale=0.5).item() == full.item()
     assert_same_gradients(gradients(model), expected)
 
 
@@ -148,7 +156,7 @@ def test_no_sync_wraps_every_chunk_but_the_last(tiny_bert_path, batch):
             seen.append(inside[0])
         return model.embed(rows, KIND[role])
 
-    cached_backward(embed, texts, InfoNCE(), MINI, no_sync=no_sync)
+    cached_backward(embed, chunks(texts), InfoNCE(), no_sync=no_sync)
     assert seen == [True] * 5 + [False]  # 2 roles x 3 chunks
 
 
@@ -160,13 +168,16 @@ def test_custom_backward_is_used_once_on_the_loss(tiny_bert_path, batch):
         calls.append(loss.detach())
         loss.backward()
 
-    loss = cached_backward(embedder(model), texts, InfoNCE(), MINI, scale=0.25, backward=backward)
+    loss = cached_backward(embedder(model), chunks(texts), InfoNCE(), scale=0.25, backward=backward)
     assert len(calls) == 1 and calls[0].item() == pytest.approx(0.25 * loss.item())
 
 
 def test_errors(tiny_bert_path, batch):
     model, texts = load(tiny_bert_path, 0.0), batch[0]
-    with pytest.raises(ValueError, match="mini_batch_size"):
-        cached_backward(embedder(model), texts, InfoNCE(), 0)
+    with pytest.raises(ValueError, match="chunk size"):
+        chunked(texts, 0)
+    assert chunked({"anchor": [1, 2, 3]}, 2) == {"anchor": [[1, 2], [3]]}
+    assert chunked({"anchor": [1]}) == {"anchor": [[1]]}
     with pytest.raises(ValueError, match=r"does not use role\(s\) \['negative'\]"):
-        cached_backward(embedder(model), texts, lambda e, k: InfoNCE()({r: e[r] for r in ("anchor", "positive")}), 4)
+        cached_backward(embedder(model), chunks(texts, 4),
+                        lambda e, k: InfoNCE()({r: e[r] for r in ("anchor", "positive")}))

@@ -233,12 +233,41 @@ def test_export_cli_takes_a_training_checkpoint_or_a_model_folder(tiny_bert_path
     assert "error:" in capsys.readouterr().err
 
 
-def test_length_order_sorts_by_tokens_longest_first_ties_in_input_order(tiny_bert_path):
+def test_token_ids_truncate_at_max_length_and_pad_as_the_tokenizer_does(tiny_bert_path):
     model = BiEncoder.from_pretrained(tiny_bert_path, max_length=6)
     # token counts with [CLS]/[SEP]: 3, 7 (truncated to 6), 4, 3, 8 (truncated to 6)
     texts = ["cell", "one two three four five", "two words", "gene", "a b c d e f"]
     assert model.token_lengths(texts) == [3, 7, 4, 3, 8]
-    assert model.length_order(texts) == [1, 4, 2, 0, 3]
+    assert [len(x) for x in model.token_ids(texts)] == [3, 6, 4, 3, 6]
+    reference = model.tokenizer(texts, padding=True, truncation=True, max_length=6, return_tensors="pt")
+    ours = model.tokenize(texts)
+    assert ours.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(ours[key], reference[key]), key
+    model.tokenizer.padding_side = "left"
+    left = model.tokenizer(texts, padding=True, truncation=True, max_length=6, return_tensors="pt")
+    assert all(torch.equal(model.tokenize(texts)[k], left[k]) for k in left)
+
+
+def test_bf16_compute_is_close_to_float32_and_has_its_own_fingerprint(tiny_bert_path):
+    model = BiEncoder.from_pretrained(tiny_bert_path)
+    texts = ["a protein binds the receptor", "tumour growth", "x"]
+    full, bf16 = model.encode(texts), model.encode(texts, compute="bf16")
+    assert 1e-5 < np.abs(full - bf16).max() < 3e-2  # really bf16 (8 bits of mantissa), and close
+    assert model.fingerprint("bf16") not in (model.fingerprint(), model.fingerprint("int8"))
+
+
+def test_encode_is_float32_inside_a_mixed_precision_accelerator(tiny_bert_path):
+    """accelerate wraps a prepared model's forward in bf16 autocast; encode must not inherit it."""
+    from accelerate import Accelerator
+
+    model = BiEncoder.from_pretrained(tiny_bert_path)
+    texts = ["a protein binds the receptor", "tumour growth", "x"]
+    before = model.encode(texts)
+    prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+    with torch.no_grad():  # training's forward is autocast: its results move by bf16 rounding
+        assert np.abs(prepared(**model.tokenize(texts)).float().numpy() - before).max() > 1e-5
+    assert np.abs(model.encode(texts) - before).max() < 1e-6
 
 
 def test_int8_compute_is_close_to_float32_and_has_its_own_fingerprint(minilm, stsb_sentences):

@@ -1,11 +1,13 @@
-"""train.data and train.sampler: roles by name, validation with file:line:field, no-duplicate batches."""
+"""train.data and train.sampler: roles by name, validation with file:line:field, tokenized once into a cache,
+no-duplicate batches that use every row once per epoch."""
 import json
 
 import pytest
 
+from models import BiEncoder
 from train.config import DatasetConfig
-from train.data import DataError, PairDataset, load_pairs
-from train.sampler import BatchPlan
+from train.data import DataError, load_pairs, tokenize_pairs
+from train.sampler import BatchPlan, RowKeys
 
 
 def jsonl(tmp_path, rows, name="pairs.jsonl"):
@@ -18,20 +20,21 @@ def test_columns_map_to_roles_by_name_not_order(tmp_path):
     path = jsonl(tmp_path, [{"doc": "d1", "extra": 1, "query": "q1", "hard": "n1"},
                             {"doc": "d2", "extra": 2, "query": "q2", "hard": "n2"}])
     ds = load_pairs(DatasetConfig(path=str(path), columns={"query": "anchor", "doc": "positive", "hard": "negative"}))
-    assert (ds.anchor, ds.positive, ds.negatives) == (["q1", "q2"], ["d1", "d2"], [["n1"], ["n2"]])
+    assert ds.table.to_dict() == {"anchor": ["q1", "q2"], "positive": ["d1", "d2"], "negative_0": ["n1", "n2"]}
+    assert ds.negatives == 1
 
 
 def test_csv_and_default_role_names(tmp_path):
     path = tmp_path / "pairs.csv"
     path.write_text("positive,anchor\np1,a1\np2,a2\n")
     ds = load_pairs(DatasetConfig(path=str(path)))
-    assert ds.anchor == ["a1", "a2"] and ds.positive == ["p1", "p2"] and ds.negatives == [[], []]
+    assert ds.table.to_dict() == {"anchor": ["a1", "a2"], "positive": ["p1", "p2"]} and ds.negatives == 0
 
 
 def test_real_scifact_pairs(data_dir):
     ds = load_pairs(DatasetConfig(path=str(data_dir / "scifact-train-pairs" / "train.jsonl"),
                                   columns={"anchor": "anchor", "positive": "positive"}))
-    assert len(ds) == 919 and all(isinstance(t, str) and t for t in ds.anchor + ds.positive)
+    assert len(ds) == 919 and all(isinstance(t, str) and t for t in [*ds.table["anchor"], *ds.table["positive"]])
 
 
 @pytest.mark.parametrize("rows, columns, message", [
@@ -60,44 +63,99 @@ def test_empty_and_non_utf8_files(tmp_path):
         load_pairs(DatasetConfig(path=str(bad), columns={"a": "anchor", "p": "positive"}))
 
 
-def pairs(n, duplicate_every=0):
+def pairs(n, duplicate_every=0, name="toy", weight=1.0):
     anchor = [f"q{i}" for i in range(n)]
     positive = [f"d{i % duplicate_every}" if duplicate_every else f"d{i}" for i in range(n)]
-    return PairDataset("toy", anchor, positive, [[] for _ in range(n)])
+    return RowKeys.of_texts(name, anchor, positive, weight=weight), anchor, positive
 
 
-def test_batches_never_repeat_a_text_and_are_deterministic():
-    ds = pairs(40, duplicate_every=10)  # every positive appears 4 times
-    plan = BatchPlan([ds], batch_size=8, seed=1)
+def test_batches_never_repeat_a_text_use_every_row_once_and_are_deterministic():
+    keys, anchor, positive = pairs(44, duplicate_every=11)  # every positive appears 4 times
+    plan = BatchPlan([keys], batch_size=8, seed=1)
     batches = plan.epoch(0)
-    assert batches and all(len(b.rows) == 8 for b in batches)
+    sizes = sorted((len(b.rows) for b in batches), reverse=True)  # mixing shuffles the short ones in
+    assert sizes[:5] == [8] * 5 and sum(sizes) == 44
+    assert sorted(i for b in batches for i in b.rows) == list(range(44))  # the short last batches included
     for b in batches:
-        texts = [t for i in b.rows for t in ds.texts(i)]
+        texts = [t for i in b.rows for t in (anchor[i], positive[i])]
         assert len(texts) == len(set(texts))
-    assert BatchPlan([ds], 8, seed=1).epoch(0) == batches
-    assert BatchPlan([ds], 8, seed=1).epoch(1) != batches
+    assert BatchPlan([keys], 8, seed=1).epoch(0) == batches
+    assert BatchPlan([keys], 8, seed=1).epoch(1) != batches
+
+
+def test_last_batch_is_a_multiple_of_the_processes():
+    keys, _, _ = pairs(43)
+    single = BatchPlan([keys], batch_size=8, seed=0).epoch(0)
+    assert sorted(len(b.rows) for b in single) == [3] + [8] * 5
+    double = BatchPlan([keys], batch_size=8, seed=0, processes=2).epoch(0)
+    short = [b for b in double if len(b.rows) < 8]
+    assert len(double) == 6 and [len(b.rows) for b in short] == [4]  # 3 left over + 1 from the epoch start
+    assert set(range(43)) <= {i for b in double for i in b.rows} and len(set(short[0].rows)) == 4
+
+
+def test_shared_negatives_are_allowed_but_never_equal_an_anchor_or_positive_of_the_batch():
+    n = 200
+    anchor, positive = [f"q{i}" for i in range(n)], [f"d{i}" for i in range(n)]
+    negatives = [[f"shared{i % 10}", positive[(i + 1) % n]] for i in range(n)]  # 10 negatives shared by all rows
+    keys = RowKeys.of_texts("shared", anchor, positive, negatives)
+    batches = BatchPlan([keys], batch_size=32, seed=0).epoch(0)
+    assert sorted(i for b in batches for i in b.rows) == list(range(n))  # every row once
+    assert sum(len(b.rows) == 32 for b in batches) >= 5
+    for b in batches:
+        core = {t for i in b.rows for t in (anchor[i], positive[i])}
+        assert len(core) == 2 * len(b.rows)
+        assert not core.intersection(t for i in b.rows for t in negatives[i])
 
 
 def test_shards_partition_the_global_batch():
-    plan = BatchPlan([pairs(32)], batch_size=8, seed=0)
+    plan = BatchPlan([pairs(32)[0]], batch_size=8, seed=0)
     batch = plan.epoch(0)[0]
     shards = [batch.shard(r, 2) for r in range(2)]
     assert shards[0] + shards[1] == batch.rows and len(shards[0]) == 4
 
 
 def test_mixing_keeps_one_dataset_per_batch_and_weights():
-    a, b = pairs(32), PairDataset("b", [f"x{i}" for i in range(16)], [f"y{i}" for i in range(16)], [[]] * 16, 2.0)
+    a, b = pairs(32)[0], pairs(16, name="b", weight=2.0)[0]
     plan = BatchPlan([a, b], batch_size=8, seed=0, mixing="round_robin")
     datasets = [batch.dataset for batch in plan.epoch(0)]
-    assert datasets.count(0) == 4 and datasets.count(1) == 4  # b: weight 2 x 2 full batches
+    assert datasets.count(0) == 4 and datasets.count(1) == 4  # b: weight 2 x 16 rows
     assert datasets[:2] in ([0, 1], [1, 0])
 
 
 def test_dataset_smaller_than_a_batch_or_all_duplicates():
     with pytest.raises(DataError, match="4 rows, fewer than one batch of 8"):
-        BatchPlan([pairs(4)], batch_size=8, seed=0)
+        BatchPlan([pairs(4)[0]], batch_size=8, seed=0)
     with pytest.raises(DataError, match="mostly duplicates"):
-        BatchPlan([pairs(16, duplicate_every=2)], batch_size=8, seed=0).epoch(0)
+        BatchPlan([pairs(16, duplicate_every=2)[0]], batch_size=8, seed=0).epoch(0)
+
+
+def test_tokenized_once_into_a_cache_keyed_by_data_and_tokenizer(tmp_path, tiny_bert_path, caplog):
+    rows = [{"a": f"claim {i} " + "word " * (i % 7), "p": f"abstract {i} " + "text " * i, "n": "shared negative"}
+            for i in range(12)]
+    path = jsonl(tmp_path, rows)
+    cfg = DatasetConfig(path=str(path), columns={"a": "anchor", "p": "positive", "n": "negative"})
+    model = BiEncoder.from_pretrained(tiny_bert_path, max_length=8, query_prefix="query: ")
+    ds = load_pairs(cfg)
+    tokens = tokenize_pairs(ds, model.text_tokenizer, tmp_path / "cache")
+    picked = tokens.rows([3, 0])
+    assert picked["anchor"][0] == model.token_ids([rows[3]["a"], rows[0]["a"]], "query")
+    assert picked["positive"][0] == model.token_ids([rows[3]["p"], rows[0]["p"]], "document")
+    assert picked["negative"][0] == model.token_ids(["shared negative"] * 2, "document")
+    assert tokens.truncated == {"anchor": model.count_truncated([r["a"] for r in rows], "query"),
+                                "positive": model.count_truncated([r["p"] for r in rows], "document"),
+                                "negative_0": 0}
+    assert 0 < tokens.truncated["positive"] < 12
+    assert tokens.keys("negative").shape == (12, 1) and len(set(tokens.keys("anchor").tolist())) == 12
+    folders = list((tmp_path / "cache" / "tokens").iterdir())
+    with caplog.at_level("INFO", logger="twinfold"):
+        again = tokenize_pairs(load_pairs(cfg), model.text_tokenizer, tmp_path / "cache")
+    assert "token cache reused" in caplog.text and again.rows([3, 0]) == picked
+    assert list((tmp_path / "cache" / "tokens").iterdir()) == folders
+    longer = BiEncoder.from_pretrained(tiny_bert_path, max_length=16, query_prefix="query: ")
+    tokenize_pairs(ds, longer.text_tokenizer, tmp_path / "cache")  # another max_length: another cache
+    path.write_text(path.read_text().replace("claim 3", "claim three"))  # other content: another cache
+    tokenize_pairs(load_pairs(cfg), model.text_tokenizer, tmp_path / "cache")
+    assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 3
 
 
 def test_csv_with_a_ragged_row(tmp_path):

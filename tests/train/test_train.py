@@ -133,11 +133,14 @@ def test_wandb_logging_works_offline(tmp_path, tiny_bert_path):
 
 
 def test_length_sorted_grouped_step_equals_the_plain_step(tmp_path, tiny_bert_path, data_dir, monkeypatch):
-    """TrainStep sorts each role by length and embeds in groups; the update equals one plain forward per role."""
+    """TrainStep embeds each role length-sorted in chunks of a token budget; the update equals one plain forward
+    per role (the embeddings reach the loss in batch order)."""
     from accelerate import Accelerator
 
+    from train.batches import assemble_texts
     from train.config import load_config
-    from train.loop import KIND, TrainStep, build_loss, build_model
+    from train.data import KIND
+    from train.loop import TrainStep, build_loss, build_model
 
     monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))
     cfg = load_config(REPO / "configs" / "smoke.yaml", [
@@ -155,8 +158,10 @@ def test_length_sorted_grouped_step_equals_the_plain_step(tmp_path, tiny_bert_pa
 
     model, loss_fn, optimizer, scheduler = make()
     step = TrainStep(cfg, Accelerator(cpu=True), model, model, loss_fn, optimizer, scheduler)
-    assert len(set(map(len, texts["anchor"]))) > TrainStep.LENGTH_GROUP // 2  # several lengths, two groups
-    loss = step([texts], 1)
+    batch = assemble_texts(model, texts, token_budget=40)
+    assert all(len(chunks) >= 3 for chunks in batch["chunks"].values())  # several chunks of several lengths
+    assert batch["order"]["anchor"].tolist() != list(range(12))  # sorting moved texts
+    loss = step([batch]).item()
 
     plain, plain_loss_fn, plain_optimizer, _ = make()
     reference = plain_loss_fn({role: plain.embed(v, KIND[role]) for role, v in texts.items()}, None)

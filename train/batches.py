@@ -1,0 +1,81 @@
+"""What a training step consumes: this process's slice of a global batch, per role sorted by token length and cut
+into padded chunks by a token budget, ready before the device needs it.
+
+One mechanism for every device: the device only decides the sizes (`models.runtime.default_token_budget`,
+`loader_settings`). A `torch.utils.data.DataLoader` runs `StepBatches` in worker processes on GPUs (pinned memory,
+prefetch), inline on CPUs. The loss gets the embeddings back in batch order (`order`), so the in-batch
+negatives are exactly the sampled ones.
+"""
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from losses import text_keys
+from models.tokens import Padder, length_chunks
+from train.data import KIND, TokenizedPairs
+from train.sampler import Batch, BatchPlan
+
+
+def assemble(tokens: dict[str, tuple[list[list[int]], list[int]]], padder: Padder, token_budget: int,
+             max_texts: int | None = None) -> dict:
+    """Token ids and text keys by role (batch order) -> `{"order", "chunks", "keys"}` of one step.
+
+    Per role: `order[role][k]` is the batch position of the k-th text longest first; `chunks[role]` are
+    consecutive pieces of that sorted list (see `models.tokens.length_chunks`), each padded to its longest.
+    """
+    out = {"order": {}, "chunks": {}, "keys": {}}
+    for role, (ids, keys) in tokens.items():
+        lengths = torch.tensor([len(x) for x in ids])
+        order = torch.sort(lengths, descending=True, stable=True).indices
+        sorted_ids = [ids[i] for i in order.tolist()]
+        chunks, start = [], 0
+        for size in length_chunks(lengths[order].tolist(), token_budget, max_texts):
+            chunks.append(padder(sorted_ids[start:start + size]))
+            start += size
+        out["order"][role], out["chunks"][role] = order, chunks
+        out["keys"][role] = torch.as_tensor(keys, dtype=torch.int64)
+    return out
+
+
+def assemble_texts(model, texts: dict[str, list[str]], token_budget: int, max_texts: int | None = None) -> dict:
+    """`assemble` from texts by role (tokenized with the model's prefixes and max_length): for benchmarks and tests."""
+    tokens = {role: (model.token_ids(v, KIND[role]), text_keys(v).tolist()) for role, v in texts.items()}
+    return assemble(tokens, model.padder, token_budget, max_texts)
+
+
+class StepBatches(Dataset):
+    """Item `(epoch, index, batch)` of `PlanSampler` -> this process's assembled slice of that global batch."""
+
+    def __init__(self, datasets: list[TokenizedPairs], rank: int, world: int, padder: Padder, token_budget: int,
+                 max_texts: int | None):
+        self.datasets, self.rank, self.world, self.padder = datasets, rank, world, padder
+        self.token_budget, self.max_texts = token_budget, max_texts
+
+    def __getitem__(self, item: tuple[int, int, Batch]) -> dict:
+        epoch, index, batch = item
+        rows = batch.shard(self.rank, self.world)
+        step = assemble(self.datasets[batch.dataset].rows(rows), self.padder, self.token_budget, self.max_texts)
+        return {"epoch": epoch, "index": index, "pairs": len(batch.rows), **step}
+
+
+class PlanSampler(Sampler):
+    """The plan's batches in order from (epoch, index), across epochs without end; the loop decides when to stop."""
+
+    def __init__(self, plan: BatchPlan, epoch: int, index: int):
+        self.plan, self.epoch, self.index = plan, epoch, index
+
+    def __iter__(self) -> Iterator[tuple[int, int, Batch]]:
+        epoch, index = self.epoch, self.index
+        while True:
+            batches = self.plan.epoch(epoch)
+            for i in range(index, len(batches)):
+                yield epoch, i, batches[i]
+            epoch, index = epoch + 1, 0
+
+
+def step_loader(batches: StepBatches, plan: BatchPlan, epoch: int, index: int, settings: dict) -> DataLoader:
+    """The stream of assembled global-batch slices from the position (epoch, index) on."""
+    # its own generator: creating the loader must not draw from the global RNG (dropout masks, exact resume)
+    return DataLoader(batches, batch_size=None, sampler=PlanSampler(plan, epoch, index), generator=torch.Generator(),
+                      **settings)
