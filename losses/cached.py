@@ -35,7 +35,8 @@ def uncached_backward(embed: Embed, chunks: dict[str, list], loss_fn: LossFn, *,
                       keys: dict[str, torch.Tensor] | None = None, scale: float = 1.0,
                       backward: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Embed every chunk with gradients, backpropagate `scale * loss`; return the unscaled loss, detached."""
-    embeddings = {role: torch.cat([embed(chunk, role) for chunk in role_chunks]) for role, role_chunks in chunks.items()}
+    embeddings = {role: torch.cat([embed(chunk, role) for chunk in role_chunks])
+                  for role, role_chunks in chunks.items()}
     loss = loss_fn(embeddings, keys)
     (backward or torch.Tensor.backward)(loss * scale)
     return loss.detach()

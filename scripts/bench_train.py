@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="model folder or name")
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), help="default: bf16 on cuda, no on cpu")
+    parser.add_argument("--chunk-tokens", type=int, help="twinfold's train.chunk_tokens (default: the device's)")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.mixed_precision = args.mixed_precision or ("bf16" if args.device == "cuda" else "no")
@@ -119,7 +120,7 @@ def twinfold_step(args):
     batches = [b for group in plan(args).values() for b in group]
     tokens = [{role: (model.token_ids([r[role] for r in rows], KIND[role]), [0] * len(rows))
                for role in ("anchor", "positive")} for rows in batches]  # the token cache
-    budget, padder = default_token_budget(accelerator.device), model.padder
+    budget, padder = args.chunk_tokens or default_token_budget(accelerator.device), model.padder
 
     class Assembled(torch.utils.data.Dataset):
         def __getitem__(self, i):
@@ -215,7 +216,8 @@ def main(argv=None) -> int:
             flags = ["--child", side, "--pairs", str(args.pairs), "--batch-size", str(args.batch_size),
                      "--mini-batch-size", str(args.mini_batch_size), "--max-length", str(args.max_length),
                      "--steps", str(args.steps), "--rounds", "1", "--device", args.device, "--model", args.model,
-                     "--mixed-precision", args.mixed_precision]
+                     "--mixed-precision", args.mixed_precision, *(["--chunk-tokens", str(args.chunk_tokens)]
+                                                                  if args.chunk_tokens else [])]
             result = run_child(__file__, flags)
             runs[side].append(result)
             print(f"  round {r + 1} {side}: {args.steps * args.batch_size / result['seconds']:.2f} pairs/s, "

@@ -78,8 +78,12 @@ def report_truncation(datasets, max_length: int) -> None:
     """Say once how many training texts exceed `max_length` tokens (they are truncated, not dropped)."""
     for ds in datasets:
         if any(ds.truncated.values()):
-            counts = ", ".join(f"{n} of {len(ds)} {role.replace('_', ' ')}s" for role, n in ds.truncated.items() if n)
-            log.warning("%s: %s exceed max_length %d tokens and are truncated", ds.name, counts, max_length)
+            negatives = sum(n for role, n in ds.truncated.items() if role.startswith("negative"))
+            counts = [f"{ds.truncated['anchor']} of {len(ds)} anchors",
+                      f"{ds.truncated['positive']} of {len(ds)} positives"]
+            counts += [f"{negatives} of {len(ds) * ds.negatives} negatives"] if ds.negatives else []
+            log.warning("%s: %s exceed max_length %d tokens and are truncated", ds.name, " and ".join(counts),
+                        max_length)
 
 
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
