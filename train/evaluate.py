@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from models import BiEncoder, ModelLoadError, truncate
 from models.quantize import COMPUTES, PRECISIONS, bytes_per_vector, calibrate_int8, quantize_binary, quantize_int8
@@ -82,18 +83,24 @@ class RetrievalEvaluator:
         self._dims(model.dim, name)
         fingerprint = model.fingerprint(self.compute)
         emb = self._embeddings(model, fingerprint)
-        rows = self.score_embeddings(emb["queries"], emb["corpus"], name, model.settings.normalize)
+        rows = self.score_embeddings(emb["queries"], emb["corpus"], name, model.settings.normalize,
+                                     model.settings.similarity)
         for row in rows:
             row["fingerprint"] = fingerprint
             if self.sts and row["precision"] == "float32":
                 row["sts_spearman"] = sts_spearman(truncate(emb["sts"], row["dim"], model.settings.normalize), self.sts)
         return rows
 
-    def score_embeddings(self, queries, corpus, name: str, normalize: bool = True) -> list[dict]:
+    def score_embeddings(self, queries, corpus, name: str, normalize: bool = True,
+                         similarity: str = "cosine") -> list[dict]:
         """Rows for full-dim embeddings (tensors or arrays) of the judged queries and the corpus, in `data`'s order.
 
-        Each dim is a prefix of the full vectors, re-normalised when `normalize`.
+        Documents are ranked by the model's `similarity`: cosine, or dot (inner product of the vectors as they
+        are). Each dim is a prefix of the full vectors, re-normalised when `normalize` (as `encode(dim=...)`).
         """
+        if similarity == "cosine":  # cosine = inner product of unit vectors, at every prefix
+            queries, corpus = (F.normalize(torch.as_tensor(x).float(), dim=-1) for x in (queries, corpus))
+            normalize = True
         rows = []
         for dim in self._dims(corpus.shape[1], name):
             dim_queries = truncate(torch.as_tensor(queries), dim, normalize)
