@@ -287,7 +287,8 @@ class TrainStep:
                 if cfg.loss.mini_batch_size:
                     loss = cached_backward(self.embed, by_length, loss_in_batch_order, cfg.loss.mini_batch_size,
                                            keys=keys, scale=1 / len(batches), backward=accelerator.backward,
-                                           no_sync=lambda: accelerator.no_sync(self.wrapped))
+                                           no_sync=lambda: accelerator.no_sync(self.wrapped),
+                                           check_replay=cfg.loss.check_replay)
                 else:
                     loss = uncached_backward(self.embed_in_groups, by_length, loss_in_batch_order, keys=keys,
                                              scale=1 / len(batches), backward=accelerator.backward)

@@ -85,7 +85,8 @@ def test_logged_lr_is_the_rate_the_step_used(tmp_path, tiny_bert_path):
 
 
 @pytest.mark.parametrize("mode", [(), ("loss.mini_batch_size=2", "train.grad_accum=2", "loss.symmetric=true",
-                                       "loss.learnable_temperature=true")], ids=["plain", "cached-accum"])
+                                       "loss.learnable_temperature=true", "loss.check_replay=true")],
+                         ids=["plain", "cached-accum"])
 def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(tmp_path, tiny_bert_path, mode):
     overrides = ("train.lr=2e-4", "train.save_steps=null", "model.dropout=0.0", *mode)
     one = run_train(tmp_path, "one", *overrides, tiny=tiny_bert_path)
