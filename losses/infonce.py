@@ -55,9 +55,9 @@ def info_nce(
 ) -> torch.Tensor:
     """InfoNCE of one batch -> scalar (mean over local anchors). See the module docstring for the formula.
 
-    With cosine similarity the embeddings are L2-normalised here, so inputs need not be. `positive_keys` [B] / `negative_keys` (one per
-    negative row) are int64 text keys; masking needs `positive_keys`. With `gather` and several processes,
-    candidates (and anchors, for the symmetric term) come from every process.
+    With cosine similarity the embeddings are L2-normalised here, so inputs need not be. `positive_keys` [B] /
+    `negative_keys` (one per negative row) are int64 text keys; masking needs `positive_keys`. With `gather`
+    and several processes, candidates (and anchors, for the symmetric term) come from every process.
     """
     if anchor.ndim != 2 or positive.shape != anchor.shape:
         raise ValueError(f"anchor and positive must both be [batch, dim]; got {tuple(anchor.shape)} "
@@ -161,4 +161,5 @@ class InfoNCE(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "learnable" if self.learnable else "fixed"
-        return f"temperature={self.temperature.item():.4g} ({kind}), symmetric={self.symmetric}, similarity={self.similarity}"
+        return (f"temperature={self.temperature.item():.4g} ({kind}), symmetric={self.symmetric}, "
+                f"similarity={self.similarity}")

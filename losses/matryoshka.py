@@ -3,8 +3,9 @@ Kusupati et al. 2022, "Matryoshka Representation Learning".
 
 The model encodes once at full size; every embedding role is cut to its first `dim` dimensions and
 re-normalised (`models.truncate`, the same cut used when encoding at a smaller dim; `normalize=False` keeps the
-raw prefix, for an inner loss on inner products), and the inner loss runs on each prefix. Total = sum_d w_d * inner(prefix_d): a weighted *sum*, not a mean (sentence-transformers'
-MatryoshkaLoss convention), so with the default weights of 1.0 the loss grows with the number of dims.
+raw prefix, for an inner loss on inner products), and the inner loss runs on each prefix.
+Total = sum_d w_d * inner(prefix_d): a weighted *sum*, not a mean (sentence-transformers' MatryoshkaLoss
+convention), so with the default weights of 1.0 the loss grows with the number of dims.
 """
 import torch
 from torch import nn

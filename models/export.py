@@ -29,7 +29,8 @@ def write_model_folder(model, folder: Path) -> None:
     for dense in model.head:
         idx = len(modules)
         save_dense(dense, folder / f"{idx}_Dense")
-        modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Dense", "type": "sentence_transformers.models.Dense"})
+        modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Dense",
+                        "type": "sentence_transformers.models.Dense"})
     if s.normalize:
         idx = len(modules)
         modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Normalize",

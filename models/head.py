@@ -44,7 +44,8 @@ class Dense(nn.Module):
                  activation_function: str | None = "torch.nn.modules.activation.Tanh", use_residual: bool = False,
                  where: str = "Dense"):
         super().__init__()
-        self.in_features, self.out_features, self.bias, self.use_residual = in_features, out_features, bias, use_residual
+        self.in_features, self.out_features = in_features, out_features
+        self.bias, self.use_residual = bias, use_residual
         self.activation_name = activation_function or IDENTITY
         self.linear = nn.Linear(in_features, out_features, bias=bias)
         self.activation_function = activation_from_name(activation_function, where)

@@ -85,7 +85,8 @@ def read_sentence_transformers_layout(path: Path) -> tuple[dict, list[Path]]:
                              f"{modules[0].get('path')!r}); {supported}, with the Transformer in the folder itself")
     for i in range(2, len(modules)):
         if kinds[i] not in ("Dense", "Normalize") or kinds[i - 1] == "Normalize":
-            raise ModelLoadError(f"{modules_file}: module {modules[i].get('path')!r} of type {modules[i].get('type')!r} "
+            raise ModelLoadError(f"{modules_file}: module {modules[i].get('path')!r} of type "
+                                 f"{modules[i].get('type')!r} "
                                  f"after {' -> '.join(kinds[:i])} is not supported; {supported}. "
                                  "Convert the model, or use sentence-transformers for it")
     settings = {"normalize": kinds[-1] == "Normalize"}
@@ -105,7 +106,8 @@ def read_sentence_transformers_layout(path: Path) -> tuple[dict, list[Path]]:
     st_config = path / "config_sentence_transformers.json"
     if st_config.exists():
         settings.update(_prompt_settings(_read_json(st_config), st_config))
-    if pooling_config.get("include_prompt", True) is False and (settings.get("query_prefix") or settings.get("document_prefix")):
+    prompted = settings.get("query_prefix") or settings.get("document_prefix")
+    if pooling_config.get("include_prompt", True) is False and prompted:
         raise ModelLoadError(f"{pooling_file}: include_prompt false (prompt tokens left out of pooling) is not "
                              "supported; twinfold pools over the prompt too")
     return settings, [path / m["path"] for m, kind in zip(modules, kinds) if kind == "Dense"]

@@ -33,9 +33,9 @@ class TrainingError(RuntimeError):
 def build_model(cfg: Config) -> BiEncoder:
     m = cfg.model
     model = BiEncoder.from_pretrained(
-        m.name_or_path, pooling=m.pooling, normalize=m.normalize, similarity=m.similarity, max_length=m.max_length, dropout=m.dropout,
-        query_prefix=m.query_prefix, document_prefix=m.document_prefix, allow_pickle=m.allow_pickle,
-        trust_remote_code=m.trust_remote_code,
+        m.name_or_path, pooling=m.pooling, normalize=m.normalize, similarity=m.similarity, max_length=m.max_length,
+        dropout=m.dropout, query_prefix=m.query_prefix, document_prefix=m.document_prefix,
+        allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code,
     )
     dims = cfg.loss.matryoshka_dims
     if dims and dims[0] > model.dim:
@@ -108,9 +108,8 @@ def make_accelerator(mixed_precision: str | None = None) -> Accelerator:
                               mixed_precision=mixed_precision, kwargs_handlers=[patience])
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if mixed_precision is not None and launcher not in (None, mixed_precision) and accelerator.is_main_process:
-        log.warning("train.mixed_precision: %s overrides the launcher's mixed_precision %s; the run uses %s "
-                    "(leave train.mixed_precision unset to follow the launcher)", mixed_precision, launcher,
-                    mixed_precision)
+        log.warning("train.mixed_precision: %s overrides the launcher's mixed_precision %s (leave "
+                    "train.mixed_precision unset to follow the launcher)", mixed_precision, launcher)
     return accelerator
 
 

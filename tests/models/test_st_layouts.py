@@ -124,7 +124,8 @@ def test_layout_loads_as_the_same_network_and_exports_back(name, tiny_bert_path,
 def test_dense_head_is_trained_and_fingerprinted(tiny_bert_path, tmp_path):
     build(tiny_bert_path, [pooling("cls"), dense(128, 64), normalize()], {}, tmp_path / "st")
     model = BiEncoder.from_pretrained(tmp_path / "st")
-    assert model.dim == 64 and any(n.startswith("head.0.linear.") for n, p in model.named_parameters() if p.requires_grad)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert model.dim == 64 and {"head.0.linear.weight", "head.0.linear.bias"} <= set(trained)
     before = model.fingerprint()
     with torch.no_grad():
         model.head[0].linear.weight[0, 0] += 1e-6
