@@ -92,8 +92,8 @@ class BiEncoder(nn.Module):
         info: dict = {}
         dense_folders: list[Path] = []
         if Path(path).is_dir():
+            stored, dense_folders = read_sentence_transformers_layout(Path(path))  # first: names unsupported layouts
             check_model_folder(Path(path), allow_pickle=allow_pickle)
-            stored, dense_folders = read_sentence_transformers_layout(Path(path))
             twinfold_file = Path(path) / TWINFOLD_FILE
             if twinfold_file.exists():
                 saved = json.loads(twinfold_file.read_text())

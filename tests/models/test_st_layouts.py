@@ -160,7 +160,19 @@ REFUSED = {
     "lowercasing": (lambda: [pooling("mean")], {},
                     lambda f: edit_json(f / "sentence_bert_config.json", do_lower_case=True), "do_lower_case"),
     "euclidean-similarity": (lambda: [pooling("mean")], {"similarity_fn_name": "euclidean"}, None, "euclidean"),
+    "transformer-in-a-subfolder": (lambda: [pooling("mean")], {}, lambda f: move_transformer(f, "0_Transformer"),
+                                   "Transformer at '0_Transformer'"),
 }
+
+
+def move_transformer(folder, sub):
+    """The older layout: the Transformer's files in a subfolder named in modules.json."""
+    (folder / sub).mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).rename(folder / sub / name)
+    modules = json.loads((folder / "modules.json").read_text())
+    modules[0]["path"] = sub
+    (folder / "modules.json").write_text(json.dumps(modules))
 
 
 @pytest.mark.parametrize("name", REFUSED)
