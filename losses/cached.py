@@ -21,6 +21,11 @@ chunk's activations are alive at a time, so peak memory grows with the chunk siz
 The result is the gradient of the same loss: a whole-batch forward draws different dropout masks, so it
 equals the plain autograd step over the same chunks from the same RNG state (and with dropout 0, the plain
 whole-batch step). The global RNG state afterwards is the same as after that plain step.
+
+That equality rests on each re-embedded chunk reproducing its cached embeddings: a device whose no-grad and
+grad passes pick kernels that draw dropout differently would make the gradients silently wrong. With
+`check_replay` (on by default; `loss.check_replay` in runs) every replayed chunk is compared with its cached
+embeddings, one device sync per step, and a mismatch raises `ReplayMismatch`.
 """
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, ContextManager
@@ -28,6 +33,14 @@ from typing import Any, Callable, ContextManager
 import torch
 
 Embed = Callable[[Any, str], torch.Tensor]
+# Largest |replayed - cached| allowed, relative to the chunk's largest |cached| entry. Another kernel's
+# rounding passes, in bf16 too (the output dtype does not tell the compute precision under autocast); another
+# dropout mask does not: on the tiny test BERT it moves embeddings by 0.19 (dropout 0.1) and 0.11 (0.01).
+REPLAY_TOLERANCE = 3e-2
+
+
+class ReplayMismatch(RuntimeError):
+    """A chunk re-embedded with gradients differs from its cached embeddings: the step's gradients would be wrong."""
 LossFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor] | None], torch.Tensor]
 
 
@@ -45,11 +58,12 @@ def uncached_backward(embed: Embed, chunks: dict[str, list], loss_fn: LossFn, *,
 def cached_backward(embed: Embed, chunks: dict[str, list], loss_fn: LossFn, *,
                     keys: dict[str, torch.Tensor] | None = None, scale: float = 1.0,
                     backward: Callable[[torch.Tensor], None] | None = None,
-                    no_sync: Callable[[], ContextManager] | None = None) -> torch.Tensor:
+                    no_sync: Callable[[], ContextManager] | None = None, check_replay: bool = True) -> torch.Tensor:
     """GradCache step (see module docstring); return the unscaled loss, detached.
 
     `no_sync()` (e.g. `lambda: accelerator.no_sync(model)`) wraps the re-forward and backward of every chunk
-    but the last, so DDP all-reduces the accumulated gradients once.
+    but the last, so DDP all-reduces the accumulated gradients once. `check_replay`: raise `ReplayMismatch`
+    (after the backward, before any optimizer step) if a replayed chunk differs from its cached embeddings.
     """
     work = [(role, chunk) for role, role_chunks in chunks.items() for chunk in role_chunks]
     states, pieces = [], {role: [] for role in chunks}
@@ -65,11 +79,19 @@ def cached_backward(embed: Embed, chunks: dict[str, list], loss_fn: LossFn, *,
     if unused:
         raise ValueError(f"the loss does not use role(s) {unused}; drop them from `chunks`")
 
+    differences = []
     for i, ((role, chunk), start) in enumerate(zip(work, starts)):
         sync = nullcontext() if no_sync is None or i == len(work) - 1 else no_sync()
         with sync, states[i].replay():
             embeddings = embed(chunk, role)
-            embeddings.backward(cached[role].grad[start:start + len(embeddings)].to(embeddings.dtype))
+            rows = slice(start, start + len(embeddings))
+            if check_replay:
+                differences.append(_relative_difference(embeddings.detach(), cached[role][rows]))
+            embeddings.backward(cached[role].grad[rows].to(embeddings.dtype))
+    if differences:
+        sizes = [len(piece) for role in chunks for piece in pieces[role]]
+        _check_replay(torch.stack(differences).tolist(),
+                      [(role, start, size) for (role, _), start, size in zip(work, starts, sizes)])
     return loss.detach()
 
 
@@ -88,6 +110,24 @@ def _offsets(pieces: list[torch.Tensor]) -> list[int]:
         starts.append(total)
         total += len(piece)
     return starts
+
+
+def _relative_difference(replayed: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+    """max |replayed - cached| over max |cached| (a device scalar: no sync)."""
+    cached = cached.detach().float()
+    return (replayed.float() - cached).abs().max() / cached.abs().max().clamp(min=1e-12)
+
+
+def _check_replay(differences: list[float], where: list[tuple[str, int, int]]) -> None:
+    """Raise `ReplayMismatch` naming the worst chunk (`where[i]`: role, first row, rows) if it is off."""
+    worst = max(range(len(differences)), key=differences.__getitem__)
+    if differences[worst] > REPLAY_TOLERANCE:
+        role, start, size = where[worst]
+        raise ReplayMismatch(
+            f"cached mode: re-embedding {role} rows {start}..{start + size - 1} gave embeddings that differ "
+            f"from the cached ones by {differences[worst]:.3g} (relative; at most {REPLAY_TOLERANCE:g}), so this "
+            "step's gradients would be wrong; the no-grad and grad passes must draw the same dropout: set "
+            "model.dropout: 0.0, or loss.mini_batch_size: null on this device")
 
 
 class _RngState:

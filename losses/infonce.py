@@ -6,7 +6,10 @@ Roles: `anchor` [B, d] (queries), `positive` [B, d] (row i is anchor i's match),
 ([B, d], [B, k, d] or the flat [B*k, d] rows of k hard negatives per anchor). For anchor i the candidates are
 all positives and all negatives of the whole (gathered) batch; the label is its own positive:
 
-    loss_i = -log( exp(s(a_i, p_i)/t) / sum_{c in candidates} exp(s(a_i, c)/t) ),  s = cosine similarity.
+    loss_i = -log( exp(s(a_i, p_i)/t) / sum_{c in candidates} exp(s(a_i, c)/t) ),
+
+s = cosine similarity (the default), or with `similarity="dot"` the inner product of the embeddings as given
+(for models whose embeddings are not normalised and are searched by inner product).
 
 The loss is the mean over this process's anchors (see `losses.distributed` for why that is exact across
 processes). Symmetric: 0.5 * (anchor -> candidates) + 0.5 * (positive -> anchors), the second term being
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses.distributed import average_gradient, gather_no_grad, gather_with_grad, rank_offset
+from models.loading import SIMILARITIES
 
 DEFAULT_TEMPERATURE = 0.05
 MIN_TEMPERATURE = 0.01
@@ -47,12 +51,13 @@ def info_nce(
     positive_keys: torch.Tensor | None = None,
     negative_keys: torch.Tensor | None = None,
     gather: bool = True,
+    similarity: str = "cosine",
 ) -> torch.Tensor:
     """InfoNCE of one batch -> scalar (mean over local anchors). See the module docstring for the formula.
 
-    Embeddings are L2-normalised here, so inputs need not be. `positive_keys` [B] / `negative_keys` (one per
-    negative row) are int64 text keys; masking needs `positive_keys`. With `gather` and several processes,
-    candidates (and anchors, for the symmetric term) come from every process.
+    With cosine similarity the embeddings are L2-normalised here, so inputs need not be. `positive_keys` [B] /
+    `negative_keys` (one per negative row) are int64 text keys; masking needs `positive_keys`. With `gather`
+    and several processes, candidates (and anchors, for the symmetric term) come from every process.
     """
     if anchor.ndim != 2 or positive.shape != anchor.shape:
         raise ValueError(f"anchor and positive must both be [batch, dim]; got {tuple(anchor.shape)} "
@@ -67,14 +72,17 @@ def info_nce(
                                       or negative_keys.numel() * dim != negative.numel()):
         raise ValueError("negative_keys need negatives (one key per negative row) and positive_keys "
                          "(masking compares every candidate with the anchor's own positive)")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}; got {similarity!r}")
     dtype = torch.promote_types(anchor.dtype, torch.float32)
+    unit = (lambda x: F.normalize(x, dim=-1)) if similarity == "cosine" else _local
     gather_grad, gather_keys = (gather_with_grad, gather_no_grad) if gather else (_local, _local)
 
-    a = F.normalize(anchor.to(dtype), dim=-1)
-    p = F.normalize(positive.to(dtype), dim=-1)
+    a = unit(anchor.to(dtype))
+    p = unit(positive.to(dtype))
     candidates = [gather_grad(p)]
     if negative is not None:
-        candidates.append(gather_grad(F.normalize(negative.to(dtype).reshape(-1, dim), dim=-1)))
+        candidates.append(gather_grad(unit(negative.to(dtype).reshape(-1, dim))))
     logits = a @ torch.cat(candidates).T / temperature
     labels = torch.arange(batch, device=a.device) + (rank_offset(batch) if gather else 0)
 
@@ -111,7 +119,8 @@ class InfoNCE(nn.Module):
     """
 
     def __init__(self, temperature: float = DEFAULT_TEMPERATURE, *, learnable: bool = False,
-                 min_temperature: float = MIN_TEMPERATURE, symmetric: bool = False, gather: bool = True):
+                 min_temperature: float = MIN_TEMPERATURE, symmetric: bool = False, gather: bool = True,
+                 similarity: str = "cosine"):
         super().__init__()
         if not temperature >= min_temperature > 0:
             raise ValueError(f"temperature must be >= min_temperature > 0; got {temperature} and {min_temperature}")
@@ -123,6 +132,7 @@ class InfoNCE(nn.Module):
         self.min_temperature = min_temperature
         self.symmetric = symmetric
         self.gather = gather
+        self.similarity = similarity
 
     @property
     def learnable(self) -> bool:
@@ -147,8 +157,9 @@ class InfoNCE(nn.Module):
             temperature = average_gradient(temperature)
         return info_nce(embeddings["anchor"], embeddings["positive"], embeddings.get("negative"),
                         temperature=temperature, symmetric=self.symmetric, positive_keys=keys.get("positive"),
-                        negative_keys=keys.get("negative"), gather=self.gather)
+                        negative_keys=keys.get("negative"), gather=self.gather, similarity=self.similarity)
 
     def extra_repr(self) -> str:
         kind = "learnable" if self.learnable else "fixed"
-        return f"temperature={self.temperature.item():.4g} ({kind}), symmetric={self.symmetric}"
+        return (f"temperature={self.temperature.item():.4g} ({kind}), symmetric={self.symmetric}, "
+                f"similarity={self.similarity}")

@@ -2,9 +2,10 @@
 Kusupati et al. 2022, "Matryoshka Representation Learning".
 
 The model encodes once at full size; every embedding role is cut to its first `dim` dimensions and
-re-normalised (`models.truncate`, the same cut used when encoding at a smaller dim), and the inner loss runs on
-each prefix. Total = sum_d w_d * inner(prefix_d): a weighted *sum*, not a mean (sentence-transformers'
-MatryoshkaLoss convention), so with the default weights of 1.0 the loss grows with the number of dims.
+re-normalised (`models.truncate`, the same cut used when encoding at a smaller dim; `normalize=False` keeps the
+raw prefix, for an inner loss on inner products), and the inner loss runs on each prefix.
+Total = sum_d w_d * inner(prefix_d): a weighted *sum*, not a mean (sentence-transformers' MatryoshkaLoss
+convention), so with the default weights of 1.0 the loss grows with the number of dims.
 """
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ from models.bi_encoder import truncate
 class Matryoshka(nn.Module):
     """Wrap `inner(embeddings, keys) -> scalar` (e.g. `InfoNCE`) to train every prefix in `dims`."""
 
-    def __init__(self, inner: nn.Module, dims: list[int], weights: list[float] | None = None):
+    def __init__(self, inner: nn.Module, dims: list[int], weights: list[float] | None = None, normalize: bool = True):
         super().__init__()
         dims = [int(d) for d in dims]
         weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
@@ -26,13 +27,14 @@ class Matryoshka(nn.Module):
         self.inner = inner
         self.dims = dims
         self.weights = weights
+        self.normalize = normalize
 
     def forward(self, embeddings: dict[str, torch.Tensor], keys: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         full = next(iter(embeddings.values())).shape[-1]
         if max(self.dims) > full:
             raise ValueError(f"Matryoshka dims {self.dims} exceed the embedding size {full}")
-        return sum(w * self.inner({role: truncate(e, d) for role, e in embeddings.items()}, keys)
+        return sum(w * self.inner({role: truncate(e, d, self.normalize) for role, e in embeddings.items()}, keys)
                    for d, w in zip(self.dims, self.weights))
 
     def extra_repr(self) -> str:
-        return f"dims={self.dims}, weights={self.weights}"
+        return f"dims={self.dims}, weights={self.weights}, normalize={self.normalize}"

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from models.atomic import atomic_directory
-from models.loading import ModelLoadError, check_model_folder, read_sentence_transformers_settings
+from models.head import load_dense
+from models.loading import SIMILARITIES, ModelLoadError, check_model_folder, read_sentence_transformers_layout
 from models.pooling import POOLING_MODES, pool
 from models.quantize import (COMPUTES, PRECISIONS, Int8Calibration, calibrate_int8, int8_linear_copy,
                              quantize_binary, quantize_int8)
@@ -29,6 +30,7 @@ class EncoderSettings:
 
     pooling: str = "mean"
     normalize: bool = True
+    similarity: str = "cosine"  # what the loss trains and search ranks by: cosine, or dot (inner product)
     max_length: int | None = None
     query_prefix: str = ""
     document_prefix: str = ""
@@ -37,17 +39,22 @@ class EncoderSettings:
     def __post_init__(self):
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"pooling {self.pooling!r} is not one of {', '.join(POOLING_MODES)}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity {self.similarity!r} is not one of {', '.join(SIMILARITIES)}")
 
 
 class BiEncoder(nn.Module):
-    """A shared encoder for queries and documents: tokens -> pooled vector -> (optionally) unit length.
+    """A shared encoder for queries and documents: tokens -> pooled vector -> Dense head (optional) ->
+    (optionally) unit length.
 
     `max_length` lives here and only here: `tokenize`, `encode` and training all read it.
     """
 
-    def __init__(self, encoder: nn.Module, tokenizer, settings: EncoderSettings | None = None, info: dict | None = None):
+    def __init__(self, encoder: nn.Module, tokenizer, settings: EncoderSettings | None = None, info: dict | None = None,
+                 head: nn.Sequential | None = None):
         super().__init__()
         self.encoder = encoder
+        self.head = head if head is not None else nn.Sequential()  # Dense layers after pooling (models.head)
         self.tokenizer = tokenizer
         self.settings = settings or EncoderSettings()
         if self.settings.max_length is None:
@@ -68,6 +75,7 @@ class BiEncoder(nn.Module):
         *,
         pooling: str | None = None,
         normalize: bool | None = None,
+        similarity: str | None = None,
         max_length: int | None = None,
         query_prefix: str | None = None,
         document_prefix: str | None = None,
@@ -85,16 +93,16 @@ class BiEncoder(nn.Module):
         path = resolve_model_path(name_or_path)
         stored: dict = {}
         info: dict = {}
+        dense_folders: list[Path] = []
         if Path(path).is_dir():
+            stored, dense_folders = read_sentence_transformers_layout(Path(path))  # first: names unsupported layouts
             check_model_folder(Path(path), allow_pickle=allow_pickle)
             twinfold_file = Path(path) / TWINFOLD_FILE
             if twinfold_file.exists():
                 saved = json.loads(twinfold_file.read_text())
                 stored = {k: saved[k] for k in EncoderSettings.__dataclass_fields__ if k in saved}
                 info = {k: v for k, v in saved.items() if k not in stored and k not in ("format", "fingerprint")}
-            else:
-                stored = read_sentence_transformers_settings(Path(path))
-        overrides = dict(pooling=pooling, normalize=normalize, max_length=max_length,
+        overrides = dict(pooling=pooling, normalize=normalize, similarity=similarity, max_length=max_length,
                          query_prefix=query_prefix, document_prefix=document_prefix)
         stored.update({k: v for k, v in overrides.items() if v is not None})
         settings = EncoderSettings(**stored)
@@ -113,7 +121,15 @@ class BiEncoder(nn.Module):
             if Path(path).is_dir():
                 raise ModelLoadError(f"cannot load model from {path}: {e}") from e
             raise ModelLoadError(f"cannot resolve model {name_or_path!r}; tried {describe_attempts(name_or_path)}: {e}") from e
-        return cls(encoder, tokenizer, settings, info)
+        head = nn.Sequential(*(load_dense(folder, allow_pickle) for folder in dense_folders))
+        if len(head) and head[0].in_features != encoder.config.hidden_size:
+            raise ModelLoadError(f"{dense_folders[0]}: in_features {head[0].in_features} does not match the "
+                                 f"encoder's hidden size {encoder.config.hidden_size}")
+        for before, after, folder in zip(head, head[1:], dense_folders[1:]):
+            if after.in_features != before.out_features:
+                raise ModelLoadError(f"{folder}: in_features {after.in_features} does not match the previous "
+                                     f"Dense layer's out_features {before.out_features}")
+        return cls(encoder, tokenizer, settings, info, head)
 
     # --- properties -----------------------------------------------------------------------------------
     @property
@@ -122,7 +138,7 @@ class BiEncoder(nn.Module):
 
     @property
     def dim(self) -> int:
-        return int(self.encoder.config.hidden_size)
+        return self.head[-1].out_features if len(self.head) else int(self.encoder.config.hidden_size)
 
     @property
     def device(self) -> torch.device:
@@ -131,7 +147,8 @@ class BiEncoder(nn.Module):
     def fingerprint(self, compute: str = "float32") -> str:
         """Stable hash of the weights and every setting that changes an embedding (`compute`: see `encode`)."""
         h = hashlib.sha256()
-        for name, tensor in sorted(self.encoder.state_dict().items()):
+        head = {f"head.{name}": t for name, t in self.head.state_dict().items()}  # none: hashes stay as before
+        for name, tensor in sorted({**self.encoder.state_dict(), **head}.items()):
             t = tensor.detach().cpu().contiguous().reshape(-1)
             h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
             h.update(t.view(torch.uint8).numpy().tobytes())
@@ -186,7 +203,7 @@ class BiEncoder(nn.Module):
         Accelerator puts around `forward` for training never changes what `encode` computes."""
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        emb = pool(hidden, attention_mask, self.settings.pooling)
+        emb = self.head(pool(hidden, attention_mask, self.settings.pooling))
         return F.normalize(emb, dim=-1) if self.settings.normalize else emb
 
     def embed(self, texts: list[str], kind: str = "document") -> torch.Tensor:
@@ -260,7 +277,7 @@ class BiEncoder(nn.Module):
         version = tuple(p._version for p in self.encoder.parameters())
         cached = self.__dict__.get("_int8")  # a plain attribute, not a registered submodule
         if cached is None or cached[0] != version:
-            runner = BiEncoder(int8_linear_copy(self.encoder), self.tokenizer, self.settings)
+            runner = BiEncoder(int8_linear_copy(self.encoder), self.tokenizer, self.settings, head=self.head)
             self.__dict__["_int8"] = cached = (version, runner)
         return cached[1]
 

@@ -25,6 +25,7 @@ class EmbeddingSet:
     precision: str = "float32"
     dim: int | None = None
     calibration: Int8Calibration | None = None
+    similarity: str = "dot"  # the model's (EncoderSettings.similarity); files without it were scored by dot
 
     def save(self, path: str | Path) -> None:
         tensors = {"embeddings": np.ascontiguousarray(self.embeddings)}
@@ -32,7 +33,8 @@ class EmbeddingSet:
             tensors["int8_starts"] = self.calibration.starts
             tensors["int8_steps"] = self.calibration.steps
         meta = {"fingerprint": self.fingerprint, "precision": self.precision,
-                "dim": str(self.dim or self.embeddings.shape[1]), "ids": json.dumps(self.ids)}
+                "dim": str(self.dim or self.embeddings.shape[1]), "ids": json.dumps(self.ids),
+                "similarity": self.similarity}
         atomic_write_bytes(path, save(tensors, metadata=meta))
 
     @classmethod
@@ -46,7 +48,7 @@ class EmbeddingSet:
         if "int8_starts" in tensors:
             calibration = Int8Calibration(tensors["int8_starts"], tensors["int8_steps"])
         return cls(tensors["embeddings"], json.loads(meta["ids"]), meta["fingerprint"], meta["precision"],
-                   int(meta["dim"]), calibration)
+                   int(meta["dim"]), calibration, meta.get("similarity", "dot"))
 
 
 def check_same_model(a: str, b: str, what: str = "embeddings") -> None:
@@ -59,9 +61,13 @@ def check_same_model(a: str, b: str, what: str = "embeddings") -> None:
 
 
 def similarity(queries: EmbeddingSet, documents: EmbeddingSet) -> np.ndarray:
-    """Dot-product scores [n_queries, n_documents] of two float32 sets from the same model."""
+    """Scores [n_queries, n_documents] of two float32 sets from the same model, by the model's similarity
+    (cosine, or dot: the inner product of the vectors as stored)."""
     check_same_model(queries.fingerprint, documents.fingerprint)
     for s in (queries, documents):
         if s.precision != "float32":
             raise ValueError(f"similarity needs float32 embeddings, got {s.precision}")
-    return queries.embeddings @ documents.embeddings.T
+    q, d = queries.embeddings, documents.embeddings
+    if queries.similarity == "cosine":
+        q, d = (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) for x in (q, d))
+    return q @ d.T

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.precision == "binary":
         emb = quantize_binary(emb)
     dim = args.dim or model.dim
-    EmbeddingSet(emb, ids, model.fingerprint(args.compute), args.precision, dim, calibration).save(args.output)
+    EmbeddingSet(emb, ids, model.fingerprint(args.compute), args.precision, dim, calibration,
+                 model.settings.similarity).save(args.output)
     print(f"wrote {len(ids)} embeddings ({args.precision}, dim {dim}) to {args.output}")
     return 0
 

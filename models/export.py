@@ -10,6 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+from models.head import save_dense
+from models.loading import POOLING_KEYS
+
 EXPORT_FORMAT = 1
 
 
@@ -21,26 +24,28 @@ def write_model_folder(model, folder: Path) -> None:
     s = model.settings
     meta = {"format": EXPORT_FORMAT, **model.settings_dict(), "fingerprint": model.fingerprint(), **model.info}
     _write_json(folder / "twinfold.json", meta)
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    for dense in model.head:
+        idx = len(modules)
+        save_dense(dense, folder / f"{idx}_Dense")
+        modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Dense",
+                        "type": "sentence_transformers.models.Dense"})
     if s.normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        idx = len(modules)
+        modules.append({"idx": idx, "name": str(idx), "path": f"{idx}_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
     _write_json(folder / "modules.json", modules)
     (folder / "1_Pooling").mkdir()
     _write_json(folder / "1_Pooling" / "config.json", {
-        "word_embedding_dimension": model.dim,
-        "pooling_mode_cls_token": s.pooling == "cls",
-        "pooling_mode_mean_tokens": s.pooling == "mean",
-        "pooling_mode_max_tokens": s.pooling == "max",
-        "pooling_mode_mean_sqrt_len_tokens": False,
+        "word_embedding_dimension": model.encoder.config.hidden_size,
+        **{key: s.pooling == mode for mode, key in POOLING_KEYS.items()},
         "include_prompt": True,
     })
     _write_json(folder / "sentence_bert_config.json", {"max_seq_length": s.max_length, "do_lower_case": False})
     prompts = {name: p for name, p in (("query", s.query_prefix), ("document", s.document_prefix)) if p}
     _write_json(folder / "config_sentence_transformers.json",
-                {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"})
+                {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": s.similarity})
 
 
 def _write_json(path: Path, obj) -> None:

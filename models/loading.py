@@ -60,34 +60,109 @@ def check_safetensors_file(file: Path) -> None:
         )
 
 
-def read_sentence_transformers_settings(path: Path) -> dict:
-    """Pooling, normalisation, max_length and prefixes from a sentence-transformers layout, if present."""
-    settings: dict = {}
+# sentence-transformers' legacy boolean keys of a Pooling config.json, per pooling mode
+POOLING_KEYS = {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens", "mean": "pooling_mode_mean_tokens",
+                "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
+                "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken"}
+SIMILARITIES = ("cosine", "dot")
+
+
+def read_sentence_transformers_layout(path: Path) -> tuple[dict, list[Path]]:
+    """Settings (pooling, normalize, similarity, max_length, prefixes) and the Dense module folders of a
+    sentence-transformers layout; ({}, []) without `modules.json`.
+
+    twinfold computes Transformer -> Pooling -> Dense* -> Normalize? exactly as sentence-transformers does;
+    anything else raises ModelLoadError naming the module or mode, so no model loads as another network.
+    """
     modules_file = path / "modules.json"
     if not modules_file.exists():
-        return settings
-    modules = json.loads(modules_file.read_text())
-    settings["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
-    for module in modules:
-        if module.get("type", "").endswith("Pooling"):
-            pooling = json.loads((path / module["path"] / "config.json").read_text())
-            for mode in ("mean", "cls", "max"):
-                if pooling.get(f"pooling_mode_{mode}_tokens") or (mode == "cls" and pooling.get("pooling_mode_cls_token")):
-                    settings["pooling"] = mode
-                    break
-            if pooling.get("pooling_mode") in ("mean", "cls", "max"):
-                settings["pooling"] = pooling["pooling_mode"]
+        return {}, []
+    modules = sorted(_read_json(modules_file), key=lambda m: m.get("idx", 0))
+    kinds = [str(m.get("type", "")).rpartition(".")[2] for m in modules]
+    supported = "twinfold computes Transformer -> Pooling -> Dense (any number) -> Normalize (optional)"
+    if kinds[:2] != ["Transformer", "Pooling"] or modules[0].get("path", "") != "":
+        raise ModelLoadError(f"{modules_file}: the modules are {' -> '.join(kinds)} (Transformer at "
+                             f"{modules[0].get('path')!r}); {supported}, with the Transformer in the folder itself")
+    for i in range(2, len(modules)):
+        if kinds[i] not in ("Dense", "Normalize") or kinds[i - 1] == "Normalize":
+            raise ModelLoadError(f"{modules_file}: module {modules[i].get('path')!r} of type "
+                                 f"{modules[i].get('type')!r} "
+                                 f"after {' -> '.join(kinds[:i])} is not supported; {supported}. "
+                                 "Convert the model, or use sentence-transformers for it")
+    settings = {"normalize": kinds[-1] == "Normalize"}
+    pooling_file = path / modules[1]["path"] / "config.json"
+    pooling_config = _read_json(pooling_file)
+    settings["pooling"] = _pooling_mode(pooling_config, pooling_file)
+    for module in modules[2:]:
+        config_file = path / module["path"] / "config.json"
+        config = _read_json(config_file) if config_file.exists() else {}
+        for key in ("module_input_name", "module_output_name"):
+            if config.get(key) not in (None, "sentence_embedding"):
+                raise ModelLoadError(f"{config_file}: {key} {config[key]!r} is not supported; twinfold applies "
+                                     "Dense and Normalize to the pooled sentence embedding only")
     sbert = path / "sentence_bert_config.json"
     if sbert.exists():
-        max_len = json.loads(sbert.read_text()).get("max_seq_length")
-        if max_len:
-            settings["max_length"] = int(max_len)
+        settings.update(_transformer_settings(_read_json(sbert), sbert))
     st_config = path / "config_sentence_transformers.json"
     if st_config.exists():
-        prompts = json.loads(st_config.read_text()).get("prompts") or {}
-        if prompts.get("query"):
-            settings["query_prefix"] = prompts["query"]
-        doc = prompts.get("document") or prompts.get("passage")
-        if doc:
-            settings["document_prefix"] = doc
+        settings.update(_prompt_settings(_read_json(st_config), st_config))
+    prompted = settings.get("query_prefix") or settings.get("document_prefix")
+    if pooling_config.get("include_prompt", True) is False and prompted:
+        raise ModelLoadError(f"{pooling_file}: include_prompt false (prompt tokens left out of pooling) is not "
+                             "supported; twinfold pools over the prompt too")
+    return settings, [path / m["path"] for m, kind in zip(modules, kinds) if kind == "Dense"]
+
+
+def _pooling_mode(config: dict, where: Path) -> str:
+    """The one pooling mode of a Pooling config.json (new `pooling_mode` or legacy boolean keys)."""
+    mode = config.get("pooling_mode")
+    if mode is None:
+        mode = [m for m, key in POOLING_KEYS.items() if config.get(key)] or ["mean"]
+    modes = [mode] if isinstance(mode, str) else list(mode)
+    if len(modes) != 1:
+        raise ModelLoadError(f"{where}: pooling modes {' + '.join(modes)} concatenated are not supported; "
+                             "twinfold pools with one mode")
+    if modes[0] not in POOLING_KEYS:
+        raise ModelLoadError(f"{where}: pooling mode {modes[0]!r} is not one of {', '.join(POOLING_KEYS)}")
+    return modes[0]
+
+
+def _transformer_settings(config: dict, where: Path) -> dict:
+    """max_length from sentence_bert_config.json; refuse what would change the tokens or the states pooled."""
+    if config.get("do_lower_case"):
+        raise ModelLoadError(f"{where}: do_lower_case true (sentence-transformers lowercases every text) is not "
+                             "supported; lowercase the tokenizer itself or the texts")
+    if config.get("transformer_task", "feature-extraction") != "feature-extraction":
+        raise ModelLoadError(f"{where}: transformer_task {config['transformer_task']!r} is not supported; "
+                             "twinfold pools the encoder's last hidden state (feature-extraction)")
+    output = (config.get("modality_config") or {}).get("text", {}).get("method_output_name", "last_hidden_state")
+    if output != "last_hidden_state":
+        raise ModelLoadError(f"{where}: method_output_name {output!r} is not supported; twinfold pools "
+                             "last_hidden_state")
+    return {"max_length": int(config["max_seq_length"])} if config.get("max_seq_length") else {}
+
+
+def _prompt_settings(config: dict, where: Path) -> dict:
+    """Query/document prefixes as sentence-transformers' encode_query/encode_document pick them, and similarity."""
+    settings: dict = {}
+    similarity = config.get("similarity_fn_name") or "cosine"
+    if similarity not in SIMILARITIES:
+        raise ModelLoadError(f"{where}: similarity_fn_name {similarity!r} is not supported; twinfold scores by "
+                             f"{' or '.join(SIMILARITIES)}")
+    settings["similarity"] = similarity
+    prompts = config.get("prompts") or {}
+    default = prompts.get(config.get("default_prompt_name")) if config.get("default_prompt_name") else None
+    query = prompts["query"] if "query" in prompts else default
+    document = next((prompts[n] for n in ("document", "passage", "corpus") if n in prompts), default)
+    if query:
+        settings["query_prefix"] = query
+    if document:
+        settings["document_prefix"] = document
     return settings
+
+
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{file}: cannot read ({e})") from None

@@ -1,7 +1,7 @@
-"""Pooling of token states into one vector per text."""
+"""Pooling of token states into one vector per text: sentence-transformers' `Pooling` modes, computed as it does."""
 import torch
 
-POOLING_MODES = ("mean", "cls", "max")
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -10,9 +10,31 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
+def mean_sqrt_len_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of the kept token states over the square root of their number."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9).sqrt()
+
+
+def weighted_mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the kept token states weighted by position (1, 2, ... from the first kept token)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    positions = torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=hidden.dtype).view(1, -1, 1)
+    first = attention_mask.to(torch.int32).argmax(dim=1).view(-1, 1, 1)  # left padding shifts the weights
+    weights = mask * (positions - first)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
 def cls_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """State of the first token."""
-    return hidden[:, 0]
+    """State of the first kept token (the first token, unless the tokenizer pads on the left)."""
+    first = attention_mask.to(torch.int32).argmax(dim=1)
+    return hidden[torch.arange(len(hidden), device=hidden.device), first]
+
+
+def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """State of the last kept token."""
+    last = hidden.shape[1] - 1 - attention_mask.to(torch.int32).flip(1).argmax(dim=1)
+    return hidden[torch.arange(len(hidden), device=hidden.device), last]
 
 
 def max_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -21,7 +43,8 @@ def max_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor
     return masked.max(1).values
 
 
-_POOLERS = {"mean": mean_pool, "cls": cls_pool, "max": max_pool}
+_POOLERS = {"mean": mean_pool, "cls": cls_pool, "max": max_pool, "mean_sqrt_len_tokens": mean_sqrt_len_pool,
+            "weightedmean": weighted_mean_pool, "lasttoken": last_token_pool}
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:

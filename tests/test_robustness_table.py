@@ -1,15 +1,32 @@
-"""docs/robustness.md: every case names a test that exists."""
+"""docs/robustness.md and docs/exactness.md: every row names tests that exist."""
 import re
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def table_rows(doc: str) -> list[str]:
+    return [line for line in (REPO / "docs" / doc).read_text().splitlines() if line.startswith("| ")][2:]
+
+
+def assert_named_tests_exist(row: str) -> None:
+    refs = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", row)
+    assert refs, f"no test named in: {row}"
+    for path, name in refs:
+        source = (REPO / path).read_text() if (REPO / path).exists() else ""
+        assert f"def {name}(" in source, f"{path} has no {name}"
+
+
 def test_every_case_in_the_table_names_an_existing_test():
-    rows = [line for line in (REPO / "docs" / "robustness.md").read_text().splitlines() if line.startswith("| ")][2:]
+    rows = table_rows("robustness.md")
     assert len(rows) >= 30
     for row in rows:
-        ref = re.search(r"`(tests/[\w/]+\.py)::(\w+)`", row)
-        assert ref, f"no test named in: {row}"
-        source = (REPO / ref.group(1)).read_text()
-        assert f"def {ref.group(2)}(" in source, f"{ref.group(1)} has no {ref.group(2)}"
+        assert_named_tests_exist(row)
+
+
+@pytest.mark.parametrize("row", table_rows("exactness.md"))
+def test_every_guarantee_in_the_exactness_table_names_an_existing_test(row):
+    assert re.match(r"\| \d+ \| ", row), f"the first column is the issue's point: {row}"
+    assert_named_tests_exist(row)

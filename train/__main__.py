@@ -4,6 +4,7 @@ import logging
 import os
 import sys
 
+from losses import ReplayMismatch
 from models.loading import ModelLoadError
 from train.config import ConfigError, load_config
 from train.beir import BeirFormatError
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         final = train(load_config(args.config, args.overrides))
-    except (*USER_ERRORS, TrainingError) as e:
+    except (*USER_ERRORS, TrainingError, ReplayMismatch) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from models.atomic import atomic_directory
 from models.export import write_model_folder
+from models.head import read_head
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -45,6 +46,7 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 def load_checkpoint(folder: Path, model, optimizer, scheduler, loss_module) -> tuple[dict, list]:
     """Restore weights and optimizer, scheduler and loss states in place; return (trainer state, RNG states)."""
     model.encoder.load_state_dict(load_file(folder / "model" / "model.safetensors"))
+    model.head.load_state_dict(read_head(folder / "model").state_dict())
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     loss_module.load_state_dict(torch.load(folder / "loss.pt", weights_only=True))

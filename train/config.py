@@ -15,6 +15,9 @@ from pathlib import Path
 import yaml
 
 from losses import DEFAULT_TEMPERATURE
+from models.loading import SIMILARITIES
+from models.pooling import POOLING_MODES
+from train.metrics import DEFAULT_K_VALUES, METRICS, metric_names
 
 
 class ConfigError(ValueError):
@@ -28,6 +31,7 @@ class ModelConfig:
     max_length: int | None = None  # the one place that sets it; null keeps the checkpoint's
     dropout: float | None = None  # null keeps the checkpoint's
     normalize: bool | None = None
+    similarity: str | None = None  # cosine | dot: what the loss trains and search ranks by; null keeps the checkpoint's
     query_prefix: str | None = None
     document_prefix: str | None = None
     allow_pickle: bool = False
@@ -55,11 +59,13 @@ class DataConfig:
 class LossConfig:
     temperature: float = DEFAULT_TEMPERATURE
     learnable_temperature: bool = False
+    temperature_lr: float = 1e-2  # the learnable temperature's own peak learning rate (on log temperature)
     symmetric: bool = False
     matryoshka_dims: list[int] = field(default_factory=list)
     matryoshka_weights: list[float] | None = None
     mini_batch_size: int | None = None  # set: cached (GradCache) mode, memory grows with this, not the batch
     mask_false_negatives: bool = True
+    check_replay: bool = False  # cached mode: fail if a re-encoded chunk differs from its cached embeddings
 
 
 @dataclass
@@ -81,7 +87,7 @@ class TrainConfig:
     log_steps: int = 10  # losses reach the host (and metrics.jsonl) every this many steps: no per-step device sync
     chunk_tokens: int | None = None  # padded tokens per forward; null: the device's default (GPU 65536, CPU 2048)
     resume: bool = False
-    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU only)
+    mixed_precision: str | None = None  # no | bf16 | fp16; null follows the launcher (accelerate launch)
 
 
 @dataclass
@@ -121,8 +127,9 @@ class Config:
 
 ROLES = ("anchor", "positive", "negative")
 _CHOICES = {"data.mixing": ("proportional", "round_robin"), "train.scheduler": ("linear", "cosine"),
-            "train.mixed_precision": ("no", "bf16", "fp16"), "model.pooling": (None, "mean", "cls", "max"),
-            "log.wandb_mode": (None, "online", "offline", "disabled"), "eval.compute": ("float32", "bf16", "int8")}
+            "train.mixed_precision": (None, "no", "bf16", "fp16"), "model.pooling": (None, *POOLING_MODES),
+            "model.similarity": (None, *SIMILARITIES), "eval.compute": ("float32", "bf16", "int8"),
+            "log.wandb_mode": (None, "online", "offline", "disabled")}
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -167,6 +174,7 @@ def validate(c: Config) -> None:
     _positive("train.grad_accum", t.grad_accum)
     _positive("train.epochs", t.epochs)
     _positive("loss.temperature", loss.temperature)
+    _positive("loss.temperature_lr", loss.temperature_lr)
     _positive("eval.batch_size", c.eval.batch_size)
     _positive("train.log_steps", t.log_steps)
     for key, value in (("train.max_steps", t.max_steps), ("train.save_steps", t.save_steps),
@@ -202,6 +210,13 @@ def validate(c: Config) -> None:
         _positive(f"{where}.weight", ds.weight)
         if _looks_local(ds.path) and not Path(ds.path).exists():
             raise ConfigError(f"{where}.path: {ds.path} does not exist")
+    metrics = metric_names() + (["sts_spearman"] if c.eval.sts else [])
+    if c.eval.metric not in metrics:
+        close = difflib.get_close_matches(c.eval.metric, metrics, n=1)
+        raise ConfigError(f"eval.metric: {c.eval.metric!r} is not a metric the evaluation reports"
+                          f"{f'; did you mean {close[0]!r}?' if close else ''} (METRIC@K with METRIC one of "
+                          f"{', '.join(METRICS)} and K one of {', '.join(map(str, DEFAULT_K_VALUES))}"
+                          f"{'; or sts_spearman' if c.eval.sts else '; sts_spearman needs eval.sts'})")
     if c.eval.data is not None and not Path(c.eval.data).is_dir():
         raise ConfigError(f"eval.data: {c.eval.data} is not a folder (a BEIR folder with corpus.jsonl, queries.jsonl, qrels/)")
 

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from models import BiEncoder, ModelLoadError, truncate
 from models.quantize import COMPUTES, PRECISIONS, bytes_per_vector, calibrate_int8, quantize_binary, quantize_int8
 from models.runtime import keep_freed_memory
 from models.search import binary_search, exact_search, int8_search
 from train.beir import BeirData, BeirFormatError, load_beir
-from train.metrics import evaluate_run, spearman, write_trec_run
+from train.metrics import DEFAULT_K_VALUES, evaluate_run, spearman, write_trec_run
 from train.report import markdown_table, write_report
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class RetrievalEvaluator:
     `compute`: "float32", "bf16" or "int8" (see `BiEncoder.encode`).
     """
 
-    def __init__(self, data: BeirData, dims=None, precisions=("float32",), k_values=(1, 3, 5, 10, 100),
+    def __init__(self, data: BeirData, dims=None, precisions=("float32",), k_values=DEFAULT_K_VALUES,
                  batch_size: int = 64, sts: str | Path | None = None, out_dir: str | Path | None = None,
                  rescore_multiplier: int = 4, cache_size: int = 2, show_progress_bar: bool = False,
                  compute: str = "float32"):
@@ -82,18 +83,24 @@ class RetrievalEvaluator:
         self._dims(model.dim, name)
         fingerprint = model.fingerprint(self.compute)
         emb = self._embeddings(model, fingerprint)
-        rows = self.score_embeddings(emb["queries"], emb["corpus"], name, model.settings.normalize)
+        rows = self.score_embeddings(emb["queries"], emb["corpus"], name, model.settings.normalize,
+                                     model.settings.similarity)
         for row in rows:
             row["fingerprint"] = fingerprint
             if self.sts and row["precision"] == "float32":
                 row["sts_spearman"] = sts_spearman(truncate(emb["sts"], row["dim"], model.settings.normalize), self.sts)
         return rows
 
-    def score_embeddings(self, queries, corpus, name: str, normalize: bool = True) -> list[dict]:
+    def score_embeddings(self, queries, corpus, name: str, normalize: bool = True,
+                         similarity: str = "cosine") -> list[dict]:
         """Rows for full-dim embeddings (tensors or arrays) of the judged queries and the corpus, in `data`'s order.
 
-        Each dim is a prefix of the full vectors, re-normalised when `normalize`.
+        Documents are ranked by the model's `similarity`: cosine, or dot (inner product of the vectors as they
+        are). Each dim is a prefix of the full vectors, re-normalised when `normalize` (as `encode(dim=...)`).
         """
+        if similarity == "cosine":  # cosine = inner product of unit vectors, at every prefix
+            queries, corpus = (F.normalize(torch.as_tensor(x).float(), dim=-1) for x in (queries, corpus))
+            normalize = True
         rows = []
         for dim in self._dims(corpus.shape[1], name):
             dim_queries = truncate(torch.as_tensor(queries), dim, normalize)
@@ -248,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test")
     p.add_argument("--dims", type=_int_list, help="Matryoshka dims, e.g. 384,256,128,64 (default: full)")
     p.add_argument("--precision", type=_precision_list, default=["float32"], help="float32,int8,binary")
-    p.add_argument("--k", type=_int_list, default=[1, 3, 5, 10, 100], help="cutoffs (10 and 100 always included)")
+    p.add_argument("--k", type=_int_list, default=list(DEFAULT_K_VALUES), help="cutoffs (10 and 100 always included)")
     p.add_argument("--bm25", action="store_true", help="add a BM25 row (bm25s)")
     p.add_argument("--sts", type=Path, help="TSV of sentence1, sentence2, score: adds Spearman to float32 rows")
     p.add_argument("--out", type=Path, help="write report.json, report.md, ndcg_vs_dim.png and TREC runs here")

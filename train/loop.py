@@ -33,9 +33,9 @@ class TrainingError(RuntimeError):
 def build_model(cfg: Config) -> BiEncoder:
     m = cfg.model
     model = BiEncoder.from_pretrained(
-        m.name_or_path, pooling=m.pooling, normalize=m.normalize, max_length=m.max_length, dropout=m.dropout,
-        query_prefix=m.query_prefix, document_prefix=m.document_prefix, allow_pickle=m.allow_pickle,
-        trust_remote_code=m.trust_remote_code,
+        m.name_or_path, pooling=m.pooling, normalize=m.normalize, similarity=m.similarity, max_length=m.max_length,
+        dropout=m.dropout, query_prefix=m.query_prefix, document_prefix=m.document_prefix,
+        allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code,
     )
     dims = cfg.loss.matryoshka_dims
     if dims and dims[0] > model.dim:
@@ -46,10 +46,13 @@ def build_model(cfg: Config) -> BiEncoder:
     return model
 
 
-def build_loss(cfg: Config) -> torch.nn.Module:
+def build_loss(cfg: Config, similarity: str = "cosine") -> torch.nn.Module:
+    """The configured loss on the model's `similarity` (`EncoderSettings.similarity`: what search ranks by)."""
     c = cfg.loss
-    loss = InfoNCE(c.temperature, learnable=c.learnable_temperature, symmetric=c.symmetric)
-    return Matryoshka(loss, c.matryoshka_dims, c.matryoshka_weights) if c.matryoshka_dims else loss
+    loss = InfoNCE(c.temperature, learnable=c.learnable_temperature, symmetric=c.symmetric, similarity=similarity)
+    if not c.matryoshka_dims:
+        return loss
+    return Matryoshka(loss, c.matryoshka_dims, c.matryoshka_weights, normalize=similarity == "cosine")
 
 
 def lr_lambda(total: int, warmup: int, kind: str):
@@ -69,8 +72,8 @@ def build_optimizer(model: BiEncoder, loss_fn: torch.nn.Module, cfg: Config) -> 
             (no_decay if p.ndim < 2 else decay).append(p)  # biases and LayerNorm weights
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
-    if loss_params:
-        groups.append({"params": loss_params, "weight_decay": 0.0})
+    if loss_params:  # the learnable temperature: its own rate (one lr moves log temperature by about lr a step)
+        groups.append({"params": loss_params, "weight_decay": 0.0, "lr": cfg.loss.temperature_lr})
     return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=True)  # one kernel per step on CPU and GPU
 
 
@@ -86,9 +89,11 @@ def report_truncation(datasets, max_length: int) -> None:
                         max_length)
 
 
-def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+def make_accelerator(mixed_precision: str | None = None) -> Accelerator:
     """An Accelerator; processes launched without GPUs join a gloo group (accelerate would run them alone).
 
+    `mixed_precision` (train.mixed_precision) null follows the launcher (`accelerate launch`'s
+    `--mixed_precision` or config file); set, it wins, and a launcher that says otherwise is reported.
     On CPUs, `accelerate launch` pins every process to one thread (OMP_NUM_THREADS=1); twinfold gives each
     process its share of the cores instead (`TWINFOLD_NUM_THREADS` overrides), and makes malloc reuse the
     step's freed activations (`models.runtime.keep_freed_memory`).
@@ -104,8 +109,13 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
                         "expect it to be far slower than fp32")
     # other processes wait while the main one evaluates: allow long evaluations before collectives time out
     patience = InitProcessGroupKwargs(timeout=timedelta(hours=3))
-    return Accelerator(cpu=cpu_only and int(os.environ.get("WORLD_SIZE", "1")) > 1, mixed_precision=mixed_precision,
-                       kwargs_handlers=[patience])
+    accelerator = Accelerator(cpu=cpu_only and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+                              mixed_precision=mixed_precision, kwargs_handlers=[patience])
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if mixed_precision is not None and launcher not in (None, mixed_precision) and accelerator.is_main_process:
+        log.warning("train.mixed_precision: %s overrides the launcher's mixed_precision %s (leave "
+                    "train.mixed_precision unset to follow the launcher)", mixed_precision, launcher)
+    return accelerator
 
 
 def check_output_dir(path: Path, need_bytes: int) -> None:
@@ -145,7 +155,7 @@ def train(cfg: Config) -> Path:
     if main:
         report_truncation(tokenized, model.max_length)
     plan = BatchPlan([RowKeys.of(ds) for ds in tokenized], t.batch_size, t.seed, cfg.data.mixing, processes=world)
-    loss_fn = build_loss(cfg).to(accelerator.device)
+    loss_fn = build_loss(cfg, model.settings.similarity).to(accelerator.device)
     optimizer = build_optimizer(model, loss_fn, cfg)
     total_steps = t.max_steps or t.epochs * (len(plan) // t.grad_accum)
     warmup = math.ceil(t.warmup_ratio * total_steps)
@@ -179,7 +189,8 @@ def train(cfg: Config) -> Path:
     window = Window()
     while state["step"] < total_steps:
         inputs = [next(loader) for _ in range(t.grad_accum)]
-        record = {"step": state["step"] + 1, "epoch": inputs[-1]["epoch"], "lr": scheduler.get_last_lr()[0]}
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on inside the step)
+        record = {"step": state["step"] + 1, "epoch": inputs[-1]["epoch"], "lr": lr}
         record["loss"] = step(inputs)  # stays on the device until the window is logged
         if cfg.loss.learnable_temperature:
             record["temperature"] = getattr(loss_fn, "inner", loss_fn).temperature.detach().clone()
@@ -272,7 +283,8 @@ class TrainStep:
                 if cfg.loss.mini_batch_size:
                     loss = cached_backward(self.embed, batch["chunks"], loss_in_batch_order, keys=keys,
                                            scale=1 / len(inputs), backward=accelerator.backward,
-                                           no_sync=lambda: accelerator.no_sync(self.wrapped))
+                                           no_sync=lambda: accelerator.no_sync(self.wrapped),
+                                           check_replay=cfg.loss.check_replay)
                 else:
                     loss = uncached_backward(self.embed, batch["chunks"], loss_in_batch_order, keys=keys,
                                              scale=1 / len(inputs), backward=accelerator.backward)

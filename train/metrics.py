@@ -13,6 +13,12 @@ import numpy as np
 from models.atomic import atomic_write_bytes
 
 METRICS = ("ndcg", "mrr", "recall", "map", "precision")
+DEFAULT_K_VALUES = (1, 3, 5, 10, 100)
+
+
+def metric_names(k_values=DEFAULT_K_VALUES) -> list[str]:
+    """Every `metric@k` that `evaluate_run` reports for `k_values`."""
+    return [f"{m}@{k}" for m in METRICS for k in k_values]
 
 
 def rank(scores: dict[str, float]) -> list[str]:
@@ -41,7 +47,7 @@ def query_metrics(ranking: list[str], judged: dict[str, int], k_values) -> dict[
 
 
 def evaluate_run(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]],
-                 k_values=(1, 3, 5, 10, 100)) -> dict[str, float]:
+                 k_values=DEFAULT_K_VALUES) -> dict[str, float]:
     """Mean of every metric over the judged queries (the keys of `qrels`)."""
     if not qrels:
         raise ValueError("qrels hold no judged query, so there is nothing to average")

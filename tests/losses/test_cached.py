@@ -5,7 +5,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from losses import InfoNCE, Matryoshka, cached_backward, chunked, text_keys, uncached_backward
+from losses import InfoNCE, Matryoshka, ReplayMismatch, cached_backward, chunked, text_keys, uncached_backward
 from models import BiEncoder
 
 KIND = {"anchor": "query", "positive": "document", "negative": "document"}
@@ -181,3 +181,42 @@ def test_errors(tiny_bert_path, batch):
     with pytest.raises(ValueError, match=r"does not use role\(s\) \['negative'\]"):
         cached_backward(embedder(model), chunks(texts, 4),
                         lambda e, k: InfoNCE()({r: e[r] for r in ("anchor", "positive")}))
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_replayed_chunks_reproduce_the_cached_ones_on_this_device(tiny_bert_path, batch, device, precision):
+    """Run with dropout on each device there is (a GPU too, where the no-grad and grad passes may pick other
+    attention kernels): the replay check passes and the gradients are those of the plain chunked step."""
+    texts = {role: batch[0][role] for role in ("anchor", "positive", "negative")}
+    model, loss_fn = load(tiny_bert_path, 0.1).to(device), InfoNCE(symmetric=True)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+    torch.manual_seed(1)
+    with autocast:
+        expected_loss = chunked_reference(model, texts, loss_fn, None)
+    expected = gradients(model)
+    zero(model)
+    torch.manual_seed(1)
+    with autocast:
+        loss = cached_backward(embedder(model), chunks(texts), loss_fn, check_replay=True)
+    rel = {("cpu", "float32"): 1e-5, ("cuda", "float32"): 1e-4}.get((device, precision), 5e-2)  # bf16: rounding
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=rel)
+    assert_same_gradients(gradients(model), expected, rel=rel)
+
+
+def test_a_replay_that_draws_other_dropout_fails_loudly(tiny_bert_path, batch):
+    texts = {role: batch[0][role] for role in ("anchor", "positive")}
+    model = load(tiny_bert_path, 0.1)
+
+    def embed(rows, role):  # a grad pass that draws one extra random number: other dropout masks
+        if torch.is_grad_enabled() and role == "positive":
+            torch.rand(1)
+        return model.embed(rows, KIND[role])
+
+    with pytest.raises(ReplayMismatch, match=r"re-embedding positive rows \d+\.\.\d+ gave embeddings that differ"):
+        cached_backward(embed, chunks(texts), InfoNCE())
+    zero(model)
+    cached_backward(embed, chunks(texts), InfoNCE(), check_replay=False)  # unchecked, the wrong step goes through

@@ -45,6 +45,17 @@ POSITIVES_3 = [[0.6, 0.8, 0.0], [0.0, 0.6, 0.8], [0.8, 0.0, 0.6]]
 S = [[0.6, 0.0, 0.8], [0.8, 0.6, 0.0], [0.0, 0.8, 0.6]]
 
 
+def test_dot_similarity_uses_the_embeddings_as_given():
+    # inner products [[2, 0], [0, 3]] (cosine would be the identity); temperature 1
+    anchor, positive = t([[2.0, 0.0], [0.0, 1.0]]), t([[1.0, 0.0], [0.0, 3.0]])
+    expected = 0.5 * (cross_entropy([2.0, 0.0], 0, 1.0) + cross_entropy([0.0, 3.0], 1, 1.0))
+    assert info_nce(anchor, positive, temperature=1.0, similarity="dot").item() == pytest.approx(expected, rel=1e-6)
+    cosine = 0.5 * 2 * cross_entropy([1.0, 0.0], 0, 1.0)
+    assert info_nce(anchor, positive, temperature=1.0).item() == pytest.approx(cosine, rel=1e-6)
+    module = InfoNCE(1.0, similarity="dot")
+    assert module({"anchor": anchor, "positive": positive}).item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_hard_negatives_by_hand():
     # One hard negative per anchor: n_i = e_i rotated, cos(a_i, n_j) = N[i][j]; every anchor sees all six.
     negative = [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]

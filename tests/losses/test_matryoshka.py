@@ -67,3 +67,12 @@ def test_bad_configuration(dims, weights, message):
 def test_dim_larger_than_embedding():
     with pytest.raises(ValueError, match=r"exceed the embedding size 8"):
         Matryoshka(InfoNCE(), [16, 8])({"anchor": unit(2, 8), "positive": unit(2, 8)})
+
+
+def test_raw_prefixes_for_an_inner_product_loss():
+    spy = Spy()
+    embeddings = {"anchor": 3 * unit(2, 8), "positive": 2 * unit(2, 8, seed=1)}
+    Matryoshka(spy, dims=[8, 4], normalize=False)(embeddings)
+    for (seen, _), dim in zip(spy.calls, [8, 4]):
+        for role, e in seen.items():
+            torch.testing.assert_close(e, embeddings[role][..., :dim])

@@ -212,6 +212,15 @@ def test_comparing_embeddings_of_different_models_fails(tmp_path):
         similarity(a, b)
 
 
+def test_embedding_files_are_scored_by_the_models_similarity(tmp_path):
+    vectors = np.array([[3.0, 4.0], [0.0, 2.0]], dtype=np.float32)
+    for kind, expected in (("cosine", [[1.0, 0.8], [0.8, 1.0]]), ("dot", [[25.0, 8.0], [8.0, 4.0]])):
+        EmbeddingSet(vectors, ["a", "b"], "f", similarity=kind).save(tmp_path / f"{kind}.safetensors")
+        loaded = EmbeddingSet.load(tmp_path / f"{kind}.safetensors")
+        assert loaded.similarity == kind
+        np.testing.assert_allclose(similarity(loaded, loaded), expected, rtol=1e-6)
+
+
 def test_encode_cli_reports_bad_line(tiny_bert_path, tmp_path, capsys):
     from models.encode import main
 

@@ -68,3 +68,24 @@ def test_missing_data_path_and_bad_roles(tmp_path):
         load_config(write(tmp_path, "data:\n  train:\n    - path: x.jsonl\n      columns: {a: query}\n"))
     with pytest.raises(ConfigError, match="no training datasets"):
         load_config(write(tmp_path, "train:\n  lr: 1.0e-5\n"))
+
+
+def test_eval_metric_is_checked_at_load_time(tmp_path, pairs):
+    path = write(tmp_path, recipe(pairs))
+    with pytest.raises(ConfigError, match=r"eval.metric: 'ndcg@20' is not a metric .*did you mean 'ndcg@10'\?"):
+        load_config(path, ["eval.metric=ndcg@20"])
+    with pytest.raises(ConfigError, match="sts_spearman needs eval.sts"):
+        load_config(path, ["eval.metric=sts_spearman"])
+    assert load_config(path, ["eval.metric=recall@100"]).eval.metric == "recall@100"
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("sentence1\tsentence2\tscore\n")
+    assert load_config(path, ["eval.metric=sts_spearman", f"eval.sts={sts}"]).eval.metric == "sts_spearman"
+
+
+def test_every_reported_metric_name_is_accepted(tmp_path, pairs):
+    from train.metrics import evaluate_run
+
+    reported = evaluate_run({"q": {"d": 1.0}}, {"q": {"d": 1}})
+    path = write(tmp_path, recipe(pairs))
+    for name in reported:
+        assert load_config(path, [f"eval.metric={name}"]).eval.metric == name

@@ -40,7 +40,8 @@ def hand_folder(tmp_path):
 def _fixed_rows(folder, ignore_identical_ids, out_dir=None, precisions=("float32",)):
     data = load_beir(folder, ignore_identical_ids=ignore_identical_ids)
     evaluator = RetrievalEvaluator(data, precisions=precisions, k_values=(1, 3, 5), out_dir=out_dir)
-    return evaluator.score_embeddings(torch.tensor(QUERY_SCORES), torch.eye(6), "fixed", normalize=False)
+    return evaluator.score_embeddings(torch.tensor(QUERY_SCORES), torch.eye(6), "fixed", normalize=False,
+                                       similarity="dot")
 
 
 def _mean(*values):

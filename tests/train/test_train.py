@@ -77,8 +77,16 @@ def test_smoke_recipe_trains_evaluates_and_exports(tmp_path, tiny_bert_path, dat
     assert abs(ours - theirs).max() < 1e-5
 
 
+def test_logged_lr_is_the_rate_the_step_used(tmp_path, tiny_bert_path):
+    # smoke: lr 2e-5, 4 steps, warm-up ceil(0.25 * 4) = 1 step: factors 1/2, then 1, 2/3, 1/3 (linear decay)
+    out = run_train(tmp_path, "lr", "train.save_steps=null", tiny=tiny_bert_path)
+    logged = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([1e-5, 2e-5, 2e-5 * 2 / 3, 2e-5 / 3], rel=1e-9)
+
+
 @pytest.mark.parametrize("mode", [(), ("loss.mini_batch_size=2", "train.grad_accum=2", "loss.symmetric=true",
-                                       "loss.learnable_temperature=true")], ids=["plain", "cached-accum"])
+                                       "loss.learnable_temperature=true", "loss.check_replay=true")],
+                         ids=["plain", "cached-accum"])
 def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(tmp_path, tiny_bert_path, mode):
     overrides = ("train.lr=2e-4", "train.save_steps=null", "model.dropout=0.0", *mode)
     one = run_train(tmp_path, "one", *overrides, tiny=tiny_bert_path)
