@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from train.loop import TrainingError, train
+    from train.signals import StoppedBySignal
 
     try:
         final = train(load_config(args.config, args.overrides))
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StoppedBySignal as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     if os.environ.get("RANK", "0") == "0":
         print(f"done: exported model in {final}")
     return 0

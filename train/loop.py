@@ -17,10 +17,13 @@ from tqdm.auto import tqdm
 from losses import InfoNCE, Matryoshka, cached_backward, text_keys, uncached_backward
 from models import BiEncoder
 from models.runtime import keep_freed_memory
-from train.checkpoint import complete_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from train.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from train.config import Config, ConfigError, save_config
 from train.data import load_pairs
+from train.lock import RunLock
+from train.resume import check_run_folder, decided_on_main, resume_point
 from train.sampler import BatchPlan
+from train.signals import StopOnSignal
 
 log = logging.getLogger("twinfold")
 KIND = {"anchor": "query", "positive": "document", "negative": "document"}
@@ -129,7 +132,10 @@ def train(cfg: Config) -> Path:
         raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by the {world} processes")
     set_seed(t.seed)
     model = build_model(cfg)
+    lock = RunLock(out) if main else None
     if main:
+        check_run_folder(out, t.resume)
+        lock.acquire()
         # a checkpoint holds the weights and AdamW's two moments; keep_last + best + the final export
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         check_output_dir(out, weight_bytes * (3 * (t.save_total_limit + 1) + 1))
@@ -145,14 +151,19 @@ def train(cfg: Config) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.scheduler))
 
     state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "evals": []}
-    if t.resume and (found := complete_checkpoints(out)):
-        state, rng_states = load_checkpoint(found[-1], model, optimizer, scheduler, loss_fn)
+    found, changes = decided_on_main(accelerator, lambda: resume_point(out, cfg.to_dict(), world)) \
+        if t.resume else (None, [])
+    if found:
+        state, rng_states = load_checkpoint(found, model, optimizer, scheduler, loss_fn, accelerator.scaler)
         torch.set_rng_state(rng_states[accelerator.process_index]["cpu"])
         if torch.cuda.is_available() and rng_states[accelerator.process_index].get("cuda") is not None:
             torch.cuda.set_rng_state(rng_states[accelerator.process_index]["cuda"])
         if main:
-            log.info("resumed from %s (step %d)", found[-1], state["step"])
+            log.info("resumed from %s (step %d)", found, state["step"])
             drop_metrics_after(out / "metrics.jsonl", state["step"])
+            if changes:  # harmless ones (resume_point refuses the others): recorded with the run
+                log.info("recipe changes since that checkpoint: %s", ", ".join(changes))
+                write_metrics(out / "metrics.jsonl", {"step": state["step"], "resumed_with_changes": changes})
     wrapped, optimizer = accelerator.prepare(model, optimizer)
 
     evaluator = build_evaluator(cfg, out) if main else None
@@ -179,29 +190,26 @@ def train(cfg: Config) -> Path:
     step = TrainStep(cfg, accelerator, model, wrapped, loss_fn, optimizer, scheduler)
     progress = tqdm(total=total_steps, initial=state["step"], disable=not main, desc="train")
     wrapped.train()
-    window_start, window_pairs = time.perf_counter(), 0
+    stop = StopOnSignal().install()
     while state["step"] < total_steps:
+        started = time.perf_counter()
         batches = [next_batch() for _ in range(t.grad_accum)]
         loss = step(batches, state["step"] + 1)
-        window_pairs += sum(len(texts["anchor"]) for texts in batches) * world
+        pairs = sum(len(texts["anchor"]) for texts in batches) * world
         state["step"] += 1
         # ---- bookkeeping: log, evaluate, checkpoint ------------------------------------------------------
         progress.update(1)
-        elapsed = time.perf_counter() - window_start
-        record = {"step": state["step"], "epoch": state["epoch"], "loss": loss,
-                  "lr": scheduler.get_last_lr()[0], "pairs_per_s": window_pairs / max(elapsed, 1e-9)}
+        record = {"step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": scheduler.get_last_lr()[0],
+                  "pairs_per_s": pairs / max(time.perf_counter() - started, 1e-9)}  # training time only
         if cfg.loss.learnable_temperature:
             record["temperature"] = float(getattr(loss_fn, "inner", loss_fn).temperature)
         progress.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{record['pairs_per_s']:.1f}")
-        window_start, window_pairs = time.perf_counter(), 0
-        if main:
-            write_metrics(metrics_file, record)
-            if tracker:
-                tracker.log(record, step=state["step"])
         last, improved = state["step"] == total_steps, False
         evaluate_now = cfg.eval.data is not None and (last or (t.eval_steps and state["step"] % t.eval_steps == 0))
         if evaluate_now and main:
+            started = time.perf_counter()
             rows = evaluator(model, f"step-{state['step']}")
+            record["eval_s"] = time.perf_counter() - started
             score = headline(rows, cfg.eval.metric)
             state["evals"].append({"step": state["step"], cfg.eval.metric: score})
             improved = state["best"] is None or score > state["best"]["score"]
@@ -213,8 +221,17 @@ def train(cfg: Config) -> Path:
                 tracker.log({f"eval/{cfg.eval.metric}": score}, step=state["step"])
         if evaluate_now and world > 1:  # every process must agree on saving: it gathers their RNG states
             improved = broadcast_object_list([improved])[0]
-        if last or (t.save_steps and (state["step"] % t.save_steps == 0 or improved)):
-            checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, t.save_total_limit)
+        signum = stop.requested(accelerator)
+        if last or signum or (t.save_steps and (state["step"] % t.save_steps == 0 or improved)):
+            record["checkpoint_s"] = checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, cfg)
+        if main:
+            write_metrics(metrics_file, record)
+            if tracker:
+                tracker.log(record, step=state["step"])
+        if signum:
+            progress.close()
+            raise stop.stopped(signum, state["step"], out / "checkpoints" / f"step-{state['step']}")
+    stop.uninstall()
     progress.close()
     accelerator.wait_for_everyone()
 
@@ -231,6 +248,7 @@ def train(cfg: Config) -> Path:
             write_report(rows, out / "eval", info={**evaluator.describe(), "config": cfg.to_dict()})
         if tracker:
             tracker.finish()
+        lock.release()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
@@ -308,16 +326,19 @@ def headline(rows: list[dict], metric: str) -> float:
     return max(full, key=lambda r: r["dim"])[metric]
 
 
-def checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, keep_last) -> None:
-    """Save on the main process with every process's RNG state; keep the last K and the best."""
+def checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, cfg: Config) -> float:
+    """Save on the main process with every process's RNG state; keep the last K and the best. Returns seconds taken."""
+    started = time.perf_counter()
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rng_states = gather_object([rng]) if accelerator.num_processes > 1 else [rng]
     if accelerator.is_main_process:
         saved = {k: v for k, v in state.items() if k != "last_rows"}
-        save_checkpoint(out, state["step"], model, optimizer, scheduler, loss_fn, rng_states, saved)
+        save_checkpoint(out, state["step"], model, optimizer, scheduler, loss_fn, rng_states, saved, cfg.to_dict(),
+                        accelerator.scaler)
         best = out / "checkpoints" / f"step-{state['best']['step']}" if state.get("best") else None
-        prune_checkpoints(out, keep_last, keep=best)
+        prune_checkpoints(out, cfg.train.save_total_limit, keep=best)
     accelerator.wait_for_everyone()
+    return time.perf_counter() - started
 
 
 def build_evaluator(cfg: Config, out: Path):
