@@ -48,8 +48,9 @@ def atomic_directory(dst: str | Path, overwrite: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_replaceable(dst: str | Path, overwrite: bool = False, flag: str = "--overwrite / overwrite=True") -> None:
-    """Raise `OverwriteRefused` unless `dst` is missing, an empty folder, or a folder twinfold wrote.
+def check_replaceable(dst: str | Path, overwrite: bool = False,
+                      remedy: str = "Choose another folder or pass --overwrite / overwrite=True to replace it") -> None:
+    """Raise `OverwriteRefused` (ending with `remedy`) unless `dst` is missing, empty, or a folder twinfold wrote.
 
     A twinfold folder has a manifest that lists every file now in it; a file added by hand makes it foreign.
     """
@@ -57,19 +58,19 @@ def check_replaceable(dst: str | Path, overwrite: bool = False, flag: str = "--o
     if overwrite or not (dst.exists() or dst.is_symlink()):
         return
     if not dst.is_dir() or dst.is_symlink():
-        raise OverwriteRefused(f"{dst} exists and is not a folder twinfold wrote; choose another path or pass {flag}")
+        raise OverwriteRefused(f"{dst} exists and is not a folder twinfold wrote; nothing was changed. {remedy}")
     foreign = foreign_files(dst)
     if foreign:
         raise OverwriteRefused(
             f"{dst} holds {len(foreign)} file(s) twinfold did not write (e.g. {foreign[0]!r}); nothing was changed. "
-            f"Choose another folder or pass {flag} to replace it")
+            f"{remedy}")
 
 
-def check_output_folder(folder: str | Path, owned: set[str], flag: str) -> None:
-    """Raise `OverwriteRefused` if `folder` holds top-level entries other than the `owned` names twinfold writes.
+def check_output_folder(folder: str | Path, owned: set[str], remedy: str) -> None:
+    """Raise `OverwriteRefused` (ending with `remedy`) if `folder` holds entries other than the `owned` names.
 
-    For folders twinfold fills file by file (a run folder, an evaluation report): their own files are
-    replaced, nothing else is ever touched, and a folder holding anything else is refused unless `flag` says so.
+    For folders twinfold fills file by file (a run folder, an evaluation report): its own files there are
+    replaced and nothing else is touched, but a folder holding anything else is refused up front.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -77,8 +78,7 @@ def check_output_folder(folder: str | Path, owned: set[str], flag: str) -> None:
     foreign = sorted(p.name for p in folder.iterdir() if p.name not in owned and not p.name.startswith(LEFTOVERS))
     if foreign:
         raise OverwriteRefused(
-            f"{folder} holds {len(foreign)} entries twinfold did not write (e.g. {foreign[0]!r}); "
-            f"choose a new or empty folder{flag}")
+            f"{folder} holds {len(foreign)} entries twinfold did not write (e.g. {foreign[0]!r}); {remedy}")
 
 
 def foreign_files(folder: Path) -> list[str]:

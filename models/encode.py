@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.precision == "binary":
         emb = quantize_binary(emb)
     dim = args.dim or model.dim
-    EmbeddingSet(emb, ids, model.fingerprint(args.compute), args.precision, dim, calibration).save(args.output, args.overwrite)
+    embeddings = EmbeddingSet(emb, ids, model.fingerprint(args.compute), args.precision, dim, calibration)
+    embeddings.save(args.output, args.overwrite)
     print(f"wrote {len(ids)} embeddings ({args.precision}, dim {dim}) to {args.output}")
     return 0
 

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model's own code")
     args = parser.parse_args(argv)
     try:
-        check_replaceable(args.dst, args.overwrite, flag="--overwrite")  # before loading anything
+        # before loading anything
+        check_replaceable(args.dst, args.overwrite, "Choose another folder or pass --overwrite to replace it")
         model = BiEncoder.from_pretrained(model_folder_of(args.src), allow_pickle=args.allow_pickle,
                                           trust_remote_code=args.trust_remote_code)
         model.save_pretrained(args.dst, overwrite=args.overwrite)

@@ -74,6 +74,11 @@ def checkpoint_config(folder: Path) -> dict | None:
     return yaml.safe_load(path.read_text()) if path.exists() else None
 
 
+def checkpoint_processes(folder: Path) -> int:
+    """How many processes trained the checkpoint (it holds one RNG state per process)."""
+    return len(_load(folder / "rng.pt"))
+
+
 def _load(path: Path):
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.out and not args.overwrite:
-            check_output_folder(args.out, {*REPORT_FILES.values(), TREC_RUNS}, " or pass --overwrite")
+            check_output_folder(args.out, {*REPORT_FILES.values(), TREC_RUNS},
+                                "choose a new or empty folder or pass --overwrite")
         data = load_beir(args.data, args.split, strict=args.strict, ignore_identical_ids=args.ignore_identical_ids)
         evaluator = RetrievalEvaluator(data, args.dims, args.precision, args.k, args.batch_size, args.sts,
                                        args.out, args.rescore_multiplier, show_progress_bar=not args.no_progress,

@@ -110,7 +110,7 @@ def check_output_dir(path: Path, need_bytes: int) -> None:
     """Fail before training if the output folder cannot be written or lacks room for the checkpoints."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / ".tmp-write-test"  # a leftover of a crash here is ignored like any `.tmp-*`
         probe.write_bytes(b"\0" * 4096)
         probe.unlink()
     except OSError as e:

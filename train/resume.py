@@ -2,11 +2,10 @@
 import logging
 from pathlib import Path
 
-import torch
 from accelerate.utils import broadcast_object_list
 
 from models.atomic import OverwriteRefused, check_output_folder, check_replaceable, verify_manifest
-from train.checkpoint import checkpoint_config, complete_checkpoints
+from train.checkpoint import checkpoint_config, checkpoint_processes, complete_checkpoints
 from train.config import ConfigError
 from train.lock import LOCK_FILE
 
@@ -23,8 +22,8 @@ GROWING = ("train.max_steps", "train.epochs")  # harmless when they grow: the ru
 def check_run_folder(out: Path, resume: bool) -> None:
     """Refuse a run folder that holds other files, or a previous run that a new (not resumed) run would mix with."""
     try:
-        check_output_folder(out, RUN_ENTRIES, "; train.output_dir is for twinfold's run files only")
-        check_replaceable(out / "final", flag="another train.output_dir")
+        check_output_folder(out, RUN_ENTRIES, "choose a new or empty train.output_dir (it holds a run's files only)")
+        check_replaceable(out / "final", remedy="Move it away or choose another train.output_dir")
     except OverwriteRefused as e:
         raise ConfigError(f"train.output_dir: {e}") from None
     if not resume and (found := complete_checkpoints(out)):
@@ -76,8 +75,7 @@ def resume_point(out: Path, config: dict, processes: int) -> tuple[Path | None, 
         log.warning("checkpoint %s does not record its config (written by an older twinfold); the recipe "
                     "is not compared", folder)
         return folder, []
-    old_processes = len(torch.load(folder / "rng.pt", map_location="cpu", weights_only=True))
-    breaking, harmless = recipe_changes(old, config, old_processes, processes)
+    breaking, harmless = recipe_changes(old, config, checkpoint_processes(folder), processes)
     if breaking:
         raise ConfigError(f"train.resume: {folder} was trained with another recipe; these changes break exact "
                           f"resumption: {', '.join(breaking)}. Undo them, or start a new run in another "

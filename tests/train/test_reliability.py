@@ -69,7 +69,7 @@ def test_a_run_folder_holding_other_files_or_another_run_is_refused(tmp_path, ti
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: train.output_dir: {project} holds 1 entries twinfold did not write (e.g. 'paper.tex'); choose a new "
-        "or empty folder; train.output_dir is for twinfold's run files only")
+        "or empty train.output_dir (it holds a run's files only)")
     assert (project / "config.yaml").read_text() == "my own config\n" and len(list(project.iterdir())) == 2
 
     run = tmp_path / "run"
@@ -238,3 +238,18 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu_and_keeps_the_fp16_scaler_state(tmp
     assert scheduler2.state_dict() == scheduler.state_dict()
     assert torch.equal(loss_fn2.log_temperature, loss_fn.log_temperature)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def test_the_first_signal_is_recorded_and_a_second_one_acts_as_usual():
+    from train.signals import StopOnSignal
+
+    before = signal.getsignal(signal.SIGINT)
+    stop = StopOnSignal().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):  # the user will not wait: Python's own handler is back
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
