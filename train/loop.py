@@ -20,8 +20,7 @@ from models.runtime import keep_freed_memory
 from train.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from train.config import Config, ConfigError, save_config
 from train.data import load_pairs
-from train.lock import RunLock
-from train.resume import check_run_folder, decided_on_main, resume_point
+from train.resume import claim_run_folder, decided_on_main, resume_point
 from train.sampler import BatchPlan
 from train.signals import StopOnSignal
 
@@ -132,10 +131,8 @@ def train(cfg: Config) -> Path:
         raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by the {world} processes")
     set_seed(t.seed)
     model = build_model(cfg)
-    lock = RunLock(out) if main else None
+    lock = claim_run_folder(out, t.resume) if main else None
     if main:
-        check_run_folder(out, t.resume)
-        lock.acquire()
         # a checkpoint holds the weights and AdamW's two moments; keep_last + best + the final export
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         check_output_dir(out, weight_bytes * (3 * (t.save_total_limit + 1) + 1))

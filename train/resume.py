@@ -7,7 +7,7 @@ from accelerate.utils import broadcast_object_list
 from models.atomic import OverwriteRefused, check_output_folder, check_replaceable, verify_manifest
 from train.checkpoint import checkpoint_config, checkpoint_processes, complete_checkpoints
 from train.config import ConfigError
-from train.lock import LOCK_FILE
+from train.lock import LOCK_FILE, RunLock
 
 log = logging.getLogger("twinfold")
 
@@ -19,16 +19,20 @@ HARMLESS = ("eval.", "log.", "train.output_dir", "train.resume", "train.save_ste
 GROWING = ("train.max_steps", "train.epochs")  # harmless when they grow: the run goes on longer
 
 
-def check_run_folder(out: Path, resume: bool) -> None:
-    """Refuse a run folder that holds other files, or a previous run that a new (not resumed) run would mix with."""
+def claim_run_folder(out: Path, resume: bool) -> RunLock:
+    """Lock the run folder for this run, refusing one that holds other files, is in use, or holds a previous
+    run that a new (not resumed) run would mix with."""
     try:
         check_output_folder(out, RUN_ENTRIES, "choose a new or empty train.output_dir (it holds a run's files only)")
         check_replaceable(out / "final", remedy="Move it away or choose another train.output_dir")
     except OverwriteRefused as e:
         raise ConfigError(f"train.output_dir: {e}") from None
+    lock = RunLock(out).acquire()
     if not resume and (found := complete_checkpoints(out)):
+        lock.release()
         raise ConfigError(f"train.output_dir: {out} already holds a run (checkpoints up to {found[-1].name}); "
                           "continue it with train.resume=true or choose another train.output_dir")
+    return lock
 
 
 def newest_intact_checkpoint(out: Path) -> Path | None:
