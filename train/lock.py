@@ -27,8 +27,11 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         """Take the lock, or raise ConfigError naming the pid of the run that holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+")
+        except OSError as e:
+            raise ConfigError(f"train.output_dir: cannot write to {self.path.parent}: {e.strerror or e}") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -13,7 +13,7 @@ log = logging.getLogger("twinfold")
 
 # everything a run writes into train.output_dir (train.loop); anything else there belongs to someone else
 RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "final", "eval", "wandb", LOCK_FILE}
-# keys that change what a resumed run computes; everything not listed here or in GROWING is harmless
+# keys (or key prefixes) whose changes leave a resumed run exact; any other change breaks exactness
 HARMLESS = ("eval.", "log.", "train.output_dir", "train.resume", "train.save_steps", "train.save_total_limit",
             "train.eval_steps", "train.log_steps", "model.allow_pickle", "model.trust_remote_code")
 GROWING = ("train.max_steps", "train.epochs")  # harmless when they grow: the run goes on longer
