@@ -1,22 +1,40 @@
-"""Atomic writes: a folder or file appears complete or not at all."""
+"""Atomic writes that never delete what twinfold did not write.
+
+A folder written by `atomic_directory` appears complete or not at all, and carries `twinfold-manifest.json`
+(size and SHA-256 of each of its files): readers verify it (`verify_manifest`), and the overwrite rule uses it
+to tell a twinfold folder from anything else (`check_replaceable`).
+"""
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+MANIFEST = "twinfold-manifest.json"
+LEFTOVERS = (".tmp-", ".old-")  # what an interrupted `atomic_directory` or `atomic_write_bytes` leaves beside dst
+
+
+class OverwriteRefused(FileExistsError):
+    """An output path holds data twinfold did not write; nothing was changed."""
+
 
 @contextlib.contextmanager
-def atomic_directory(dst: str | Path):
+def atomic_directory(dst: str | Path, overwrite: bool = False):
     """Yield a fresh temporary folder beside `dst`; on success it replaces `dst` in one rename.
 
-    A crash inside the block leaves `dst` as it was (only a `.tmp-*` folder, which readers ignore).
+    `dst` may be missing, empty or a folder twinfold wrote; anything else raises `OverwriteRefused` before
+    any work unless `overwrite`. A crash inside the block leaves `dst` as it was (only a `.tmp-*` folder,
+    which readers ignore).
     """
     dst = Path(dst)
+    check_replaceable(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dst.name}-", dir=dst.parent))
     try:
         yield tmp
+        write_manifest(tmp)
         _fsync_tree(tmp)
         if dst.exists():
             old = dst.with_name(f".old-{dst.name}-{os.getpid()}")
@@ -28,6 +46,88 @@ def atomic_directory(dst: str | Path):
         _fsync_dir(dst.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_replaceable(dst: str | Path, overwrite: bool = False,
+                      remedy: str = "Choose another folder or pass --overwrite / overwrite=True to replace it") -> None:
+    """Raise `OverwriteRefused` (ending with `remedy`) unless `dst` is missing, empty, or a folder twinfold wrote.
+
+    A twinfold folder has a manifest that lists every file now in it; a file added by hand makes it foreign.
+    """
+    dst = Path(dst)
+    if overwrite or not (dst.exists() or dst.is_symlink()):
+        return
+    if not dst.is_dir() or dst.is_symlink():
+        raise OverwriteRefused(f"{dst} exists and is not a folder twinfold wrote; nothing was changed. {remedy}")
+    foreign = foreign_files(dst)
+    if foreign:
+        raise OverwriteRefused(
+            f"{dst} holds {len(foreign)} file(s) twinfold did not write (e.g. {foreign[0]!r}); nothing was changed. "
+            f"{remedy}")
+
+
+def check_output_folder(folder: str | Path, owned: set[str], remedy: str) -> None:
+    """Raise `OverwriteRefused` (ending with `remedy`) if `folder` holds entries other than the `owned` names.
+
+    For folders twinfold fills file by file (a run folder, an evaluation report): its own files there are
+    replaced and nothing else is touched, but a folder holding anything else is refused up front.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in owned and not p.name.startswith(LEFTOVERS))
+    if foreign:
+        raise OverwriteRefused(
+            f"{folder} holds {len(foreign)} entries twinfold did not write (e.g. {foreign[0]!r}); {remedy}")
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """Files in `folder` (relative paths, sorted) that its manifest does not list; all of them if it has none."""
+    present = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+    listed = _read_manifest(folder)
+    if listed is None:
+        return present
+    return [name for name in present if name != MANIFEST and name not in listed]
+
+
+def write_manifest(folder: Path) -> None:
+    """Record size and SHA-256 of every file under `folder` in its manifest."""
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+
+
+def verify_manifest(folder: Path) -> str | None:
+    """None if every file the manifest lists is there with its size and checksum; else what is wrong, in words."""
+    listed = _read_manifest(folder)
+    if listed is None:
+        return f"{MANIFEST} is missing or unreadable"
+    for name, expected in listed.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size} bytes, expected {expected['size']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return files if isinstance(files, dict) else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(dst: str | Path, data: bytes) -> None:

@@ -282,13 +282,17 @@ class BiEncoder(nn.Module):
         return cached[1]
 
     # --- export ---------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, info: dict | None = None) -> Path:
-        """Write the model atomically in twinfold and sentence-transformers layouts (see models.export)."""
+    def save_pretrained(self, directory: str | Path, info: dict | None = None, overwrite: bool = False) -> Path:
+        """Write the model atomically in twinfold and sentence-transformers layouts (see models.export).
+
+        `directory` may be missing, empty or a folder twinfold wrote; anything else is refused
+        (`models.atomic.OverwriteRefused`) unless `overwrite`.
+        """
         from models.export import write_model_folder
 
         if info:
             self.info.update(info)
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, overwrite) as tmp:
             write_model_folder(self, tmp)
         return Path(directory)
 

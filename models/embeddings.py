@@ -7,7 +7,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save
 
-from models.atomic import atomic_write_bytes
+from models.atomic import OverwriteRefused, atomic_write_bytes
 from models.quantize import Int8Calibration
 
 
@@ -27,7 +27,9 @@ class EmbeddingSet:
     calibration: Int8Calibration | None = None
     similarity: str = "dot"  # the model's (EncoderSettings.similarity); files without it were scored by dot
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write atomically; an existing file is replaced only if it is a twinfold embedding file (or `overwrite`)."""
+        check_embedding_output(path, overwrite)
         tensors = {"embeddings": np.ascontiguousarray(self.embeddings)}
         if self.calibration is not None:
             tensors["int8_starts"] = self.calibration.starts
@@ -49,6 +51,22 @@ class EmbeddingSet:
             calibration = Int8Calibration(tensors["int8_starts"], tensors["int8_steps"])
         return cls(tensors["embeddings"], json.loads(meta["ids"]), meta["fingerprint"], meta["precision"],
                    int(meta["dim"]), calibration, meta.get("similarity", "dot"))
+
+
+def check_embedding_output(path: str | Path, overwrite: bool = False) -> None:
+    """Raise `OverwriteRefused` if `path` exists and is not a twinfold embedding file (unless `overwrite`)."""
+    if not overwrite and Path(path).exists() and not is_embedding_file(path):
+        raise OverwriteRefused(f"{path} exists and is not a twinfold embedding file; nothing was changed. "
+                               "Choose another path or pass --overwrite / overwrite=True to replace it")
+
+
+def is_embedding_file(path: str | Path) -> bool:
+    """True if `path` is a safetensors file with a twinfold fingerprint in its metadata."""
+    try:
+        with safe_open(str(path), "np") as f:
+            return "fingerprint" in (f.metadata() or {})
+    except Exception:  # safetensors raises its own error types for anything that is not its format
+        return False
 
 
 def check_same_model(a: str, b: str, what: str = "embeddings") -> None:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from models.bi_encoder import BiEncoder
-from models.embeddings import EmbeddingSet
+from models.embeddings import EmbeddingSet, check_embedding_output
 from models.jsonl import iter_json_lines
 from models.loading import ModelLoadError
 from models.quantize import COMPUTES, calibrate_int8, quantize_binary, quantize_int8
@@ -48,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --output even if twinfold did not write it")
     args = p.parse_args(argv)
     try:
+        check_embedding_output(args.output, args.overwrite)  # before the work, not after it
         texts, ids = read_texts(args.input, args.field, args.id_field)
         model = BiEncoder.from_pretrained(args.model, allow_pickle=args.allow_pickle)
     except (InputError, ModelLoadError, OSError, UnicodeDecodeError) as e:
@@ -65,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.precision == "binary":
         emb = quantize_binary(emb)
     dim = args.dim or model.dim
-    EmbeddingSet(emb, ids, model.fingerprint(args.compute), args.precision, dim, calibration,
-                 model.settings.similarity).save(args.output)
+    embeddings = EmbeddingSet(emb, ids, model.fingerprint(args.compute), args.precision, dim, calibration,
+                              model.settings.similarity)
+    embeddings.save(args.output, args.overwrite)
     print(f"wrote {len(ids)} embeddings ({args.precision}, dim {dim}) to {args.output}")
     return 0
 

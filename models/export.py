@@ -3,7 +3,8 @@
     python -m models.export SRC DST
 
 SRC: a training checkpoint (its `model/` folder is used) or any model folder; DST gets `model.safetensors`,
-`config.json`, tokenizer files, `twinfold.json` and the sentence-transformers layout.
+`config.json`, tokenizer files, `twinfold.json` and the sentence-transformers layout. DST must be new, empty or
+an earlier twinfold export (`--overwrite` replaces anything else).
 """
 import argparse
 import json
@@ -58,22 +59,26 @@ def model_folder_of(src: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from models.atomic import OverwriteRefused, check_replaceable
     from models.bi_encoder import BiEncoder
     from models.loading import ModelLoadError
 
     parser = argparse.ArgumentParser(prog="python -m models.export", description=__doc__.splitlines()[0])
     parser.add_argument("src", type=Path, help="training checkpoint or model folder")
-    parser.add_argument("dst", type=Path, help="output folder (replaced atomically)")
+    parser.add_argument("dst", type=Path, help="output folder: new, empty or an earlier export (replaced atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST even if twinfold did not write it")
     parser.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin weights")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model's own code")
     args = parser.parse_args(argv)
     try:
+        # before loading anything
+        check_replaceable(args.dst, args.overwrite, "Choose another folder or pass --overwrite to replace it")
         model = BiEncoder.from_pretrained(model_folder_of(args.src), allow_pickle=args.allow_pickle,
                                           trust_remote_code=args.trust_remote_code)
-    except ModelLoadError as e:
+        model.save_pretrained(args.dst, overwrite=args.overwrite)
+    except (ModelLoadError, OverwriteRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model.save_pretrained(args.dst)
     print(f"exported {args.src} -> {args.dst} (fingerprint {model.fingerprint()})")
     return 0
 

@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from train.loop import TrainingError, train
+    from train.signals import StoppedBySignal
 
     try:
         final = train(load_config(args.config, args.overrides))
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StoppedBySignal as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     if os.environ.get("RANK", "0") == "0":
         print(f"done: exported model in {final}")
     return 0

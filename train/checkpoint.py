@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from models.atomic import atomic_directory
@@ -12,6 +13,8 @@ from models.export import write_model_folder
 from models.head import read_head
 
 STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+SCALER_FILE = "scaler.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -20,16 +23,23 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, scheduler, loss_module,
-                    rng_states: list, state: dict) -> Path:
-    """Write `checkpoints/step-N/` atomically: a crash mid-write leaves no folder that looks complete."""
+                    rng_states: list, state: dict, config: dict, scaler=None) -> Path:
+    """Write `checkpoints/step-N/` atomically: a crash mid-write leaves no folder that looks complete.
+
+    It holds the resolved `config` it was trained with, the mixed-precision `scaler`'s state (fp16) and a
+    manifest of checksums of all its files (`models.atomic`).
+    """
     folder = checkpoints_dir(output_dir) / f"step-{step}"
-    with atomic_directory(folder) as tmp:
+    with atomic_directory(folder, overwrite=True) as tmp:  # checkpoints/ belongs to the run
         (tmp / "model").mkdir()
         write_model_folder(model, tmp / "model")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(loss_module.state_dict(), tmp / "loss.pt")
         torch.save(rng_states, tmp / "rng.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / SCALER_FILE)
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
     return folder
 
@@ -43,15 +53,36 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, loss_module) -> tuple[dict, list]:
-    """Restore weights and optimizer, scheduler and loss states in place; return (trainer state, RNG states)."""
-    model.encoder.load_state_dict(load_file(folder / "model" / "model.safetensors"))
+def load_checkpoint(folder: Path, model, optimizer, scheduler, loss_module, scaler=None) -> tuple[dict, list]:
+    """Restore weights and optimizer, scheduler, loss and scaler states in place; return (trainer state, RNG states).
+
+    Everything is read onto the CPU first (a checkpoint written on any GPU loads on any machine); each state
+    then moves to the device of what it belongs to (the optimizer's to its parameters', the rest by copy).
+    """
+    model.encoder.load_state_dict(load_file(folder / "model" / "model.safetensors", device="cpu"))
     model.head.load_state_dict(read_head(folder / "model").state_dict())
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    loss_module.load_state_dict(torch.load(folder / "loss.pt", weights_only=True))
-    rng_states = torch.load(folder / "rng.pt", weights_only=True)
+    optimizer.load_state_dict(_load(folder / "optimizer.pt"))
+    scheduler.load_state_dict(_load(folder / "scheduler.pt"))
+    loss_module.load_state_dict(_load(folder / "loss.pt"))
+    if scaler is not None and (folder / SCALER_FILE).exists():
+        scaler.load_state_dict(_load(folder / SCALER_FILE))
+    rng_states = _load(folder / "rng.pt")
     return json.loads((folder / STATE_FILE).read_text()), rng_states
+
+
+def checkpoint_config(folder: Path) -> dict | None:
+    """The resolved config a checkpoint was trained with (None for checkpoints written before it was kept)."""
+    path = folder / CONFIG_FILE
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def checkpoint_processes(folder: Path) -> int:
+    """How many processes trained the checkpoint (it holds one RNG state per process)."""
+    return len(_load(folder / "rng.pt"))
+
+
+def _load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last: int, keep: Path | None = None) -> None:

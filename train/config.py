@@ -151,10 +151,41 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"override {item!r}: section {section!r} is not a mapping")
-        raw[section][name] = yaml.safe_load(value) if value else None
+        raw[section][name] = _parse_override(value, _field_type(section, name), key)
     config = _build(Config, _expand_env(raw, ""), "")
     validate(config)
     return config
+
+
+def _field_type(section: str, name: str):
+    """The declared type of `section.name`, or None for keys the schema lacks (`_build` names them)."""
+    section_type = typing.get_type_hints(Config).get(section)
+    if not dataclasses.is_dataclass(section_type):
+        return None
+    return typing.get_type_hints(section_type).get(name)
+
+
+def _parse_override(text: str, hint, key: str):
+    """An override's text read as its key's type: strings as written, true/false, numbers, `null`, YAML lists."""
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    if optional:
+        if text == "null":
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is str:
+        return text
+    if not text:
+        return None  # `key=` clears an optional key, as `null` does
+    if hint is bool:
+        if text.lower() not in ("true", "false"):
+            raise ConfigError(f"{key}: expected bool (true or false), got {text!r}")
+        return text.lower() == "true"
+    if hint in (int, float):
+        return text  # `_coerce` parses numbers from text and names the key if it cannot
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: not valid YAML: {' '.join(str(e).split())}") from None
 
 
 def save_config(config: Config, path: str | Path) -> None:

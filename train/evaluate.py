@@ -23,15 +23,17 @@ import torch
 import torch.nn.functional as F
 
 from models import BiEncoder, ModelLoadError, truncate
+from models.atomic import check_output_folder
 from models.quantize import COMPUTES, PRECISIONS, bytes_per_vector, calibrate_int8, quantize_binary, quantize_int8
 from models.runtime import keep_freed_memory
 from models.search import binary_search, exact_search, int8_search
 from train.beir import BeirData, BeirFormatError, load_beir
 from train.metrics import DEFAULT_K_VALUES, evaluate_run, spearman, write_trec_run
-from train.report import markdown_table, write_report
+from train.report import REPORT_FILES, markdown_table, write_report
 
 log = logging.getLogger(__name__)
 
+TREC_RUNS = "runs"  # the subfolder of `out_dir` holding TREC runs
 REPORT_K = (10, 100)  # the report's columns need @10 and @100, so they are always computed
 
 
@@ -183,7 +185,7 @@ class RetrievalEvaluator:
             run[qid] = dict(hits[:max(self.k_values)])
         if self.out_dir:
             slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
-            write_trec_run(self.out_dir / "runs" / f"{slug}.{what}.trec", run, slug)
+            write_trec_run(self.out_dir / TREC_RUNS / f"{slug}.{what}.trec", run, slug)
         return evaluate_run(run, self.data.qrels, self.k_values)
 
 
@@ -266,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights")
     p.add_argument("--compute", default="float32", choices=COMPUTES, help="bf16: autocast (GPUs, CPUs with bf16 units); int8: int8 linear layers (CPU)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even if it holds other files")
     args = p.parse_args(argv)
     keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -277,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the same --model is given twice", file=sys.stderr)
         return 2
     try:
+        if args.out and not args.overwrite:
+            check_output_folder(args.out, {*REPORT_FILES.values(), TREC_RUNS},
+                                "choose a new or empty folder or pass --overwrite")
         data = load_beir(args.data, args.split, strict=args.strict, ignore_identical_ids=args.ignore_identical_ids)
         evaluator = RetrievalEvaluator(data, args.dims, args.precision, args.k, args.batch_size, args.sts,
                                        args.out, args.rescore_multiplier, show_progress_bar=not args.no_progress,

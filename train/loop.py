@@ -18,10 +18,12 @@ from losses import InfoNCE, Matryoshka, cached_backward, uncached_backward
 from models import BiEncoder
 from models.runtime import cpu_has_bf16, default_token_budget, keep_freed_memory, loader_settings
 from train.batches import StepBatches, step_loader
-from train.checkpoint import complete_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from train.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from train.config import Config, ConfigError, save_config
 from train.data import cache_root, load_pairs, tokenize_pairs
+from train.resume import claim_run_folder, decided_on_main, resume_point
 from train.sampler import BatchPlan, RowKeys
+from train.signals import StopOnSignal
 
 log = logging.getLogger("twinfold")
 
@@ -122,7 +124,7 @@ def check_output_dir(path: Path, need_bytes: int) -> None:
     """Fail before training if the output folder cannot be written or lacks room for the checkpoints."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / ".tmp-write-test"  # a leftover of a crash here is ignored like any `.tmp-*`
         probe.write_bytes(b"\0" * 4096)
         probe.unlink()
     except OSError as e:
@@ -144,6 +146,7 @@ def train(cfg: Config) -> Path:
         raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by the {world} processes")
     set_seed(t.seed)
     model = build_model(cfg)
+    lock = claim_run_folder(out, t.resume) if main else None
     if main:
         # a checkpoint holds the weights and AdamW's two moments; keep_last + best + the final export
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -162,14 +165,19 @@ def train(cfg: Config) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.scheduler))
 
     state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "evals": []}
-    if t.resume and (found := complete_checkpoints(out)):
-        state, rng_states = load_checkpoint(found[-1], model, optimizer, scheduler, loss_fn)
+    found, changes = decided_on_main(accelerator, lambda: resume_point(out, cfg.to_dict(), world)) \
+        if t.resume else (None, [])
+    if found:
+        state, rng_states = load_checkpoint(found, model, optimizer, scheduler, loss_fn, accelerator.scaler)
         torch.set_rng_state(rng_states[accelerator.process_index]["cpu"])
         if torch.cuda.is_available() and rng_states[accelerator.process_index].get("cuda") is not None:
             torch.cuda.set_rng_state(rng_states[accelerator.process_index]["cuda"])
         if main:
-            log.info("resumed from %s (step %d)", found[-1], state["step"])
+            log.info("resumed from %s (step %d)", found, state["step"])
             drop_metrics_after(out / "metrics.jsonl", state["step"])
+            if changes:  # harmless ones (resume_point refuses the others): recorded with the run
+                log.info("recipe changes since that checkpoint: %s", ", ".join(changes))
+                write_metrics(out / "metrics.jsonl", {"step": state["step"], "resumed_with_changes": changes})
     wrapped, optimizer = accelerator.prepare(model, optimizer)
 
     evaluator = build_evaluator(cfg, out) if main else None
@@ -187,6 +195,7 @@ def train(cfg: Config) -> Path:
     progress = tqdm(total=total_steps, initial=state["step"], disable=not main, desc="train")
     wrapped.train()
     window = Window()
+    stop = StopOnSignal().install()
     while state["step"] < total_steps:
         inputs = [next(loader) for _ in range(t.grad_accum)]
         lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on inside the step)
@@ -198,18 +207,17 @@ def train(cfg: Config) -> Path:
         window.add(record, sum(x["pairs"] for x in inputs))
         progress.update(1)
         # ---- bookkeeping: log, evaluate, checkpoint (each needs the losses on the host first) -------------
-        last, improved = state["step"] == total_steps, False
+        last, improved, timings = state["step"] == total_steps, False, {}
         evaluate_now = cfg.eval.data is not None and (last or (t.eval_steps and state["step"] % t.eval_steps == 0))
         save_now = last or (t.save_steps and state["step"] % t.save_steps == 0)
-        if last or evaluate_now or save_now or state["step"] % t.log_steps == 0:
-            for logged in window.flush(accelerator, cfg):
-                progress.set_postfix(loss=f"{logged['loss']:.4f}", pairs_s=f"{logged['pairs_per_s']:.1f}")
-                if main:
-                    write_metrics(metrics_file, logged)
-                    if tracker:
-                        tracker.log(logged, step=logged["step"])
+        log_now = last or evaluate_now or save_now or state["step"] % t.log_steps == 0
+        # one process sees a signal at once; several agree on it (a collective) where they log anyway
+        signum = stop.requested(accelerator) if world == 1 or log_now else None
+        logged = window.flush(accelerator, cfg) if log_now or signum else []
         if evaluate_now and main:
+            started = time.perf_counter()
             rows = evaluator(model, f"step-{state['step']}")
+            timings["eval_s"] = time.perf_counter() - started
             score = headline(rows, cfg.eval.metric)
             state["evals"].append({"step": state["step"], cfg.eval.metric: score})
             improved = state["best"] is None or score > state["best"]["score"]
@@ -221,10 +229,21 @@ def train(cfg: Config) -> Path:
                 tracker.log({f"eval/{cfg.eval.metric}": score}, step=state["step"])
         if evaluate_now and world > 1:  # every process must agree on saving: it gathers their RNG states
             improved = broadcast_object_list([improved])[0]
-        if save_now or (t.save_steps and improved):
-            checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, t.save_total_limit)
-        if evaluate_now or save_now or improved:
+        if save_now or signum or (t.save_steps and improved):
+            timings["checkpoint_s"] = checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, cfg)
+        if logged:
+            logged[-1].update(timings)  # evaluation and checkpoint time, apart from training throughput
+            progress.set_postfix(loss=f"{logged[-1]['loss']:.4f}", pairs_s=f"{logged[-1]['pairs_per_s']:.1f}")
+        for entry in logged if main else []:
+            write_metrics(metrics_file, entry)
+            if tracker:
+                tracker.log(entry, step=entry["step"])
+        if signum:
+            progress.close()
+            raise stop.stopped(signum, state["step"], out / "checkpoints" / f"step-{state['step']}")
+        if timings:
             window.restart()  # throughput counts training time only
+    stop.uninstall()
     del loader
     progress.close()
     accelerator.wait_for_everyone()
@@ -242,6 +261,7 @@ def train(cfg: Config) -> Path:
             write_report(rows, out / "eval", info={**evaluator.describe(), "config": cfg.to_dict()})
         if tracker:
             tracker.finish()
+        lock.release()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
@@ -342,16 +362,19 @@ def headline(rows: list[dict], metric: str) -> float:
     return max(full, key=lambda r: r["dim"])[metric]
 
 
-def checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, keep_last) -> None:
-    """Save on the main process with every process's RNG state; keep the last K and the best."""
+def checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, cfg: Config) -> float:
+    """Save on the main process with every process's RNG state; keep the last K and the best. Returns seconds taken."""
+    started = time.perf_counter()
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rng_states = gather_object([rng]) if accelerator.num_processes > 1 else [rng]
     if accelerator.is_main_process:
         saved = {k: v for k, v in state.items() if k != "last_rows"}
-        save_checkpoint(out, state["step"], model, optimizer, scheduler, loss_fn, rng_states, saved)
+        save_checkpoint(out, state["step"], model, optimizer, scheduler, loss_fn, rng_states, saved, cfg.to_dict(),
+                        accelerator.scaler)
         best = out / "checkpoints" / f"step-{state['best']['step']}" if state.get("best") else None
-        prune_checkpoints(out, keep_last, keep=best)
+        prune_checkpoints(out, cfg.train.save_total_limit, keep=best)
     accelerator.wait_for_everyone()
+    return time.perf_counter() - started
 
 
 def build_evaluator(cfg: Config, out: Path):

@@ -8,13 +8,14 @@ from models.quantize import PRECISIONS
 
 COLUMNS = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@10", "R@10"), ("recall@100", "R@100"),
            ("map@100", "MAP@100"))
+REPORT_FILES = {"json": "report.json", "md": "report.md", "png": "ndcg_vs_dim.png"}
 STYLES = {"float32": ("-", "o"), "int8": ("--", "s"), "binary": (":", "^")}
 
 
 def write_report(rows: list[dict], out_dir: str | Path, info: dict | None = None) -> dict[str, Path]:
     """Write the three report files into `out_dir`; returns their paths by kind."""
     out_dir = Path(out_dir)
-    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "png": out_dir / "ndcg_vs_dim.png"}
+    paths = {kind: out_dir / name for kind, name in REPORT_FILES.items()}
     rows = sort_rows(rows)
     report = {"results": rows, "info": info or {}}
     atomic_write_bytes(paths["json"], (json.dumps(report, indent=2) + "\n").encode())

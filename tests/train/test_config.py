@@ -1,4 +1,6 @@
 """train.config: recipes, overrides, env expansion, and errors that name the key."""
+import re
+
 import pytest
 
 from train.config import ConfigError, load_config, save_config
@@ -89,3 +91,23 @@ def test_every_reported_metric_name_is_accepted(tmp_path, pairs):
     path = write(tmp_path, recipe(pairs))
     for name in reported:
         assert load_config(path, [f"eval.metric={name}"]).eval.metric == name
+def test_overrides_are_read_as_their_keys_type(tmp_path, pairs):
+    path = write(tmp_path, recipe(pairs, "model:\n  query_prefix: 'x'\nloss:\n  matryoshka_weights: [1.0]\n"
+                                        "  matryoshka_dims: [64]\n"))
+    cfg = load_config(path, ["train.mixed_precision=no", "model.query_prefix=query: ", "log.run_name=123",
+                             "model.document_prefix=", "train.resume=true", "model.normalize=False",
+                             "train.max_steps=7", "train.lr=3e-5", "train.max_grad_norm=null",
+                             "loss.matryoshka_weights=null", "eval.precisions=[float32, int8]", "eval.dims=64,32"])
+    assert cfg.train.mixed_precision == "no" and cfg.model.query_prefix == "query: "
+    assert cfg.log.run_name == "123" and cfg.model.document_prefix == ""
+    assert cfg.train.resume is True and cfg.model.normalize is False
+    assert cfg.train.max_steps == 7 and cfg.train.lr == 3e-5 and cfg.train.max_grad_norm is None
+    assert cfg.loss.matryoshka_weights is None
+    assert cfg.eval.precisions == ["float32", "int8"] and cfg.eval.dims == [64, 32]
+    assert load_config(path, ["train.max_steps="]).train.max_steps is None
+    for override, message in (("train.resume=yes", "train.resume: expected bool (true or false), got 'yes'"),
+                              ("train.max_steps=7.5", "train.max_steps: expected int, got '7.5'"),
+                              ("train.lr=fast", "train.lr: expected float, got 'fast'"),
+                              ("eval.dims=[64", "eval.dims: not valid YAML")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(path, [override])

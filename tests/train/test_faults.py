@@ -10,6 +10,7 @@ import pytest
 
 from train.checkpoint import complete_checkpoints
 from train.config import ConfigError
+from train.lock import RunLock
 from train.loop import check_output_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,6 +55,8 @@ def test_unwritable_or_full_output_is_reported_before_training(tmp_path):
     blocker.write_text("")
     with pytest.raises(ConfigError, match="cannot write to"):
         check_output_dir(blocker / "run", need_bytes=0)
+    with pytest.raises(ConfigError, match="cannot write to"):  # the run's lock is the first thing written there
+        RunLock(blocker / "run").acquire()
     with pytest.raises(ConfigError, match="GiB free; checkpoints and the export need about"):
         check_output_dir(tmp_path / "run", need_bytes=2**62)
 
