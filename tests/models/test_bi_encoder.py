@@ -269,14 +269,19 @@ def test_bf16_compute_is_close_to_float32_and_has_its_own_fingerprint(tiny_bert_
 def test_encode_is_float32_inside_a_mixed_precision_accelerator(tiny_bert_path):
     """accelerate wraps a prepared model's forward in bf16 autocast; encode must not inherit it."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     model = BiEncoder.from_pretrained(tiny_bert_path)
     texts = ["a protein binds the receptor", "tumour growth", "x"]
     before = model.encode(texts)
-    prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
-    with torch.no_grad():  # training's forward is autocast: its results move by bf16 rounding
-        assert np.abs(prepared(**model.tokenize(texts)).float().numpy() - before).max() > 1e-5
-    assert np.abs(model.encode(texts) - before).max() < 1e-6
+    AcceleratorState._reset_state(True)
+    try:
+        prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+        with torch.no_grad():  # training's forward is autocast: its results move by bf16 rounding
+            assert np.abs(prepared(**model.tokenize(texts)).float().numpy() - before).max() > 1e-5
+        assert np.abs(model.encode(texts) - before).max() < 1e-6
+    finally:
+        AcceleratorState._reset_state(True)
 
 
 def test_int8_compute_is_close_to_float32_and_has_its_own_fingerprint(minilm, stsb_sentences):

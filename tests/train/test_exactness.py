@@ -53,6 +53,7 @@ def test_mixed_precision_follows_the_launcher_unless_set(monkeypatch, caplog):
 
     assert smoke().train.mixed_precision is None
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` sets from its config
+    AcceleratorState._reset_state(True)  # an Accelerator made earlier in this process would be reused
     try:
         assert make_accelerator(None).mixed_precision == "bf16"
         assert not caplog.records
@@ -120,7 +121,7 @@ def test_dense_head_is_restored_from_a_checkpoint(tiny_bert_path, tmp_path):
     loss_fn = build_loss(cfg)
     optimizer = build_optimizer(model, loss_fn, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    folder = save_checkpoint(tmp_path / "run", 1, model, optimizer, scheduler, loss_fn, [], {"step": 1})
+    folder = save_checkpoint(tmp_path / "run", 1, model, optimizer, scheduler, loss_fn, [], {"step": 1}, cfg.to_dict())
     fresh = BiEncoder.from_pretrained(tmp_path / "st")
     load_checkpoint(folder, fresh, build_optimizer(fresh, loss_fn, cfg), scheduler, loss_fn)
     assert fresh.fingerprint() == model.fingerprint()

@@ -104,7 +104,7 @@ def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(tmp_pa
 
 def test_resume_after_sigkill_ends_with_identical_weights(tmp_path, tiny_bert_path):
     overrides = ("train.max_steps=12", "train.save_steps=3", "model.dropout=0.1", "train.lr=1e-3",
-                 "train.batch_size=16", "model.max_length=64")
+                 "train.batch_size=16", "model.max_length=64", "train.log_steps=1")  # a row per step to kill after
     full = run_train(tmp_path, "full", *overrides, tiny=tiny_bert_path)
     out, proc = run_train(tmp_path, "killed", *overrides, tiny=tiny_bert_path, wait=False)
     at = random.randint(3, 9)  # killed after this step's row (and the step-3 checkpoint) is written
