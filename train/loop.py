@@ -19,10 +19,12 @@ from models import BiEncoder
 from models.runtime import keep_freed_memory
 from train.checkpoint import complete_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from train.config import Config, ConfigError, save_config
-from train.data import load_pairs
+from train.prepare import prepare_data
 from train.sampler import BatchPlan
 
 log = logging.getLogger("twinfold")
+EVAL_KEYS = ("model", "dim", "precision", "ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100",
+             "storage_mb_per_million_docs", "bm25")
 KIND = {"anchor": "query", "positive": "document", "negative": "document"}
 
 
@@ -134,7 +136,7 @@ def train(cfg: Config) -> Path:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         check_output_dir(out, weight_bytes * (3 * (t.save_total_limit + 1) + 1))
         save_config(cfg, out / "config.yaml")
-    datasets = [load_pairs(d) for d in cfg.data.train]
+    datasets, data_report = prepare_data(cfg, model, out, accelerator)  # mining, eval-overlap and duplicate checks
     if main:
         report_truncation(model, datasets)
     plan = BatchPlan(datasets, t.batch_size, t.seed, cfg.data.mixing)
@@ -222,13 +224,15 @@ def train(cfg: Config) -> Path:
     if main:
         if evaluator is not None and "last_rows" not in state:  # resumed after the last checkpoint
             state["last_rows"] = evaluator(model, f"step-{state['step']}")
-        model.save_pretrained(final, info=run_info(cfg, datasets, state))
+        rows = []
+        if evaluator is not None:
+            final_rows = [dict(r, model="final") for r in state.get("last_rows", [])]
+            rows = state.get("base", []) + final_rows + (evaluator.bm25_rows() if cfg.eval.bm25 else [])
+        model.save_pretrained(final, info=run_info(cfg, datasets, state, rows, data_report))
         if evaluator is not None:
             from train.report import write_report
 
-            final_rows = [dict(r, model="final") for r in state.get("last_rows", [])]
-            rows = state.get("base", []) + final_rows + (evaluator.bm25_rows() if cfg.eval.bm25 else [])
-            write_report(rows, out / "eval", info={**evaluator.describe(), "config": cfg.to_dict()})
+            write_report(rows, out / "eval", info={**evaluator.describe(), "config": cfg.to_dict(), **data_report})
         if tracker:
             tracker.finish()
     accelerator.wait_for_everyone()
@@ -324,23 +328,30 @@ def build_evaluator(cfg: Config, out: Path):
     if cfg.eval.data is None:
         return None
     from train.beir import load_beir
+    from train.bm25 import settings_from
     from train.evaluate import RetrievalEvaluator
 
     e = cfg.eval
     data = load_beir(e.data, e.split, ignore_identical_ids=e.ignore_identical_ids)
     dims = e.dims or cfg.loss.matryoshka_dims or None
+    bm25 = settings_from(e.bm25_preset, k1=e.bm25_k1, b=e.bm25_b, stemmer=e.bm25_stemmer,
+                         split_identifiers=e.bm25_split_identifiers)
     return RetrievalEvaluator(data, dims=dims, precisions=e.precisions, batch_size=e.batch_size, sts=e.sts,
-                              out_dir=out / "eval", show_progress_bar=True)
+                              out_dir=out / "eval", show_progress_bar=True, bm25=bm25)
 
 
-def run_info(cfg: Config, datasets, state: dict) -> dict:
-    """What twinfold.json records about training: data summary and eval results."""
+def run_info(cfg: Config, datasets, state: dict, rows: list[dict], data_report: dict) -> dict:
+    """What twinfold.json (and the model card) records about training: recipe, data, checks and eval results."""
+    t = cfg.train
     info = {"training": {"base_model": cfg.model.name_or_path, "steps": state["step"],
-                         "data": [{"name": d.name, "pairs": len(d)} for d in datasets],
-                         "batch_size": cfg.train.batch_size, "loss": cfg.to_dict()["loss"]}}
-    if state.get("last_rows"):
-        info["eval"] = {"data": cfg.eval.data, "split": cfg.eval.split,
-                        "results": [{k: r[k] for k in ("dim", "precision", "ndcg@10") if k in r} for r in state["last_rows"]]}
+                         "data": [{"name": d.name, "pairs": len(d), "negatives_per_pair": len(d.negatives[0])}
+                                  for d in datasets],
+                         "batch_size": t.batch_size, "lr": t.lr, "epochs": t.epochs, "max_steps": t.max_steps,
+                         "warmup_ratio": t.warmup_ratio, "seed": t.seed, "loss": cfg.to_dict()["loss"],
+                         **data_report}}
+    if rows:
+        info["eval"] = {"data": cfg.eval.data, "split": cfg.eval.split, "results": [
+            {k: r[k] for k in EVAL_KEYS if k in r} for r in rows]}
     return info
 
 
