@@ -46,12 +46,16 @@ class MemoEncoder:
         self.model, self.batch_size, self.show_progress_bar = model, batch_size, show_progress_bar
         self._memo: dict[tuple[str, str], torch.Tensor] = {}
 
+    def remember(self, texts: list[str], kind: str, embeddings: torch.Tensor) -> None:
+        """Use `embeddings` (computed elsewhere, e.g. a stored index) for `texts` instead of encoding them."""
+        self._memo.update({(kind, t): e for t, e in zip(texts, torch.as_tensor(embeddings))})
+
     def __call__(self, texts: list[str], kind: str) -> torch.Tensor:
         missing = list(dict.fromkeys(t for t in texts if (kind, t) not in self._memo))
         if missing:
             emb = self.model.encode(missing, self.batch_size, kind=kind, convert_to_tensor=True,
                                     show_progress_bar=self.show_progress_bar)
-            self._memo.update({(kind, t): e for t, e in zip(missing, emb)})
+            self.remember(missing, kind, emb)
         return torch.stack([self._memo[(kind, t)] for t in texts]) if texts else torch.empty(0, self.model.dim)
 
 
