@@ -22,6 +22,12 @@ class BM25Settings:
     stemmer: str | None = None  # a Snowball language, e.g. "english" (needs PyStemmer)
     split_identifiers: bool = False  # camelCase, snake_case and dotted names become their words too
 
+    def __post_init__(self):
+        if self.k1 < 0 or not 0 <= self.b <= 1:
+            raise ValueError(f"BM25 k1 {self.k1} must be >= 0 and b {self.b} in [0, 1]")
+        if self.stemmer:
+            _stemmer(self.stemmer)
+
     def describe(self) -> str:
         extra = [f"stemmer {self.stemmer}" if self.stemmer else "no stemming"]
         extra += ["identifiers split"] if self.split_identifiers else []
@@ -53,16 +59,20 @@ def tokenize(texts: list[str], settings: BM25Settings) -> list[list[str]]:
     """Lowercased word tokens without English stopwords, stemmed and identifier-split as `settings` say."""
     import bm25s
 
-    stemmer = None
-    if settings.stemmer:
-        try:
-            import Stemmer
-        except ImportError:
-            raise ValueError("BM25 stemming needs PyStemmer: pip install PyStemmer") from None
-        stemmer = Stemmer.Stemmer(settings.stemmer)
+    stemmer = _stemmer(settings.stemmer) if settings.stemmer else None
     if settings.split_identifiers:
         texts = [split_identifiers(t) for t in texts]
     return bm25s.tokenize(texts, stemmer=stemmer, show_progress=False, return_ids=False)
+
+
+def _stemmer(language: str):
+    try:
+        import Stemmer
+    except ImportError:
+        raise ValueError("BM25 stemming needs PyStemmer: pip install PyStemmer") from None
+    if language not in Stemmer.algorithms():
+        raise ValueError(f"BM25 stemmer {language!r} is not one of {', '.join(sorted(Stemmer.algorithms()))}")
+    return Stemmer.Stemmer(language)
 
 
 class BM25Index:

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from losses import DEFAULT_TEMPERATURE
+from train.bm25 import settings_from
 
 
 class ConfigError(ValueError):
@@ -223,6 +224,12 @@ def validate(c: Config) -> None:
             check_hard_negatives(ds, f"{where}.hard_negatives")
         if _looks_local(ds.path) and not Path(ds.path).exists():
             raise ConfigError(f"{where}.path: {ds.path} does not exist")
+    e = c.eval
+    try:
+        settings_from(e.bm25_preset, k1=e.bm25_k1, b=e.bm25_b, stemmer=e.bm25_stemmer,
+                      split_identifiers=e.bm25_split_identifiers)
+    except ValueError as err:
+        raise ConfigError(f"eval.bm25_*: {err}") from None
     if c.eval.data is not None and not Path(c.eval.data).is_dir():
         raise ConfigError(f"eval.data: {c.eval.data} is not a folder (a BEIR folder with corpus.jsonl, queries.jsonl, qrels/)")
 
