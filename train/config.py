@@ -166,7 +166,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"override {item!r}: section {section!r} is not a mapping")
-        raw[section][name] = yaml.safe_load(value) if value else None
+        try:
+            raw[section][name] = yaml.safe_load(value) if value else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e.problem}); quote it") from None
     config = _build(Config, _expand_env(raw, ""), "")
     validate(config)
     return config

@@ -68,3 +68,18 @@ def test_missing_data_path_and_bad_roles(tmp_path):
         load_config(write(tmp_path, "data:\n  train:\n    - path: x.jsonl\n      columns: {a: query}\n"))
     with pytest.raises(ConfigError, match="no training datasets"):
         load_config(write(tmp_path, "train:\n  lr: 1.0e-5\n"))
+
+
+def test_an_override_that_is_not_yaml_names_itself(tmp_path, pairs):
+    with pytest.raises(ConfigError, match=r"override 'data.train=\[\{path: \$\{X\}\}\]': the value is not valid YAML"):
+        load_config(write(tmp_path, recipe(pairs)), ["data.train=[{path: ${X}}]"])
+
+
+def test_hard_negatives_and_checks_round_trip(tmp_path, pairs):
+    cfg = load_config(write(tmp_path, recipe(pairs, "      hard_negatives: {num_negatives: 3, sampling: random}\n")),
+                      ["data.dedup=true", "data.drop_eval_overlap=true", "eval.bm25_preset=anserini"])
+    h = cfg.data.train[0].hard_negatives
+    assert (h.num_negatives, h.sampling, h.range_max, h.max_score_ratio) == (3, "random", 50, 0.95)
+    assert cfg.data.dedup and cfg.data.drop_eval_overlap and cfg.eval.bm25_preset == "anserini"
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
