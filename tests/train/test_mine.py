@@ -191,3 +191,16 @@ def test_mining_refuses_a_dataset_that_brings_negatives(data_dir, monkeypatch):
         load_config(REPO / "configs" / "smoke.yaml", [
             f"data.train=[{{path: {path}, columns: {{anchor: anchor, positive: positive, negative: negative}}, "
             "hard_negatives: {}}]"])
+
+
+def test_cli_errors_are_one_line(tmp_path, tiny_bert_path, data_dir, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(open(data_dir / "scifact-train-pairs" / "train.jsonl").readlines()[:30]))
+    args = ["--model", str(tiny_bert_path), "--data", str(pairs), "--out", str(tmp_path / "o.jsonl"), "--no-progress"]
+    assert main([*args, "--range-min", "3", "--range-max", "2"]) == 2
+    assert "error: options: range_min 3 and range_max 2 must satisfy" in capsys.readouterr().err
+    assert main([*args, "--columns", "claim=anchor,abstract=positive"]) == 2
+    assert "column 'claim' (mapped to 'anchor') is not in the data" in capsys.readouterr().err
+    # a guard at 1% of the positive's score leaves no candidate
+    assert main([*args, "--max-score-ratio", "0.01", "--range-max", "3"]) == 2
+    assert "error: no row kept" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
