@@ -48,7 +48,6 @@ class HardNegativesConfig:
     sampling: str = "top"  # top (the highest eligible) | random (uniform among the eligible, seeded)
     corpus: str | None = None  # BEIR folder or JSONL (_id, title, text); null: the positives of the data
     seed: int = 42
-    batch_size: int = 64  # encoding batch
     cache_dir: str | None = None  # null: OUTPUT/mined
 
 
@@ -244,7 +243,6 @@ def check_hard_negatives(ds: DatasetConfig, where: str) -> None:
         if getattr(h, name) not in choices:
             raise ConfigError(f"{where}.{name}: {getattr(h, name)!r} is not one of {', '.join(choices)}")
     _positive(f"{where}.num_negatives", h.num_negatives)
-    _positive(f"{where}.batch_size", h.batch_size)
     if not 0 <= h.range_min < h.range_max:
         raise ConfigError(f"{where}: range_min {h.range_min} and range_max {h.range_max} must satisfy "
                           "0 <= range_min < range_max")

@@ -31,7 +31,7 @@ from train.config import DatasetConfig, HardNegativesConfig
 from train.data import DataError, PairDataset, load_pairs
 
 log = logging.getLogger("twinfold")
-CACHE_NEUTRAL = ("batch_size", "cache_dir")  # settings that do not change the mined file
+CACHE_NEUTRAL = ("cache_dir",)  # settings that do not change the mined file
 
 
 def normalize_text(text: str) -> str:
@@ -228,10 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--columns", type=_columns, default={}, help="source=role,..., e.g. question=anchor,answer=positive")
     p.add_argument("--split", default="train", help="split of a hub dataset")
     defaults = HardNegativesConfig()
-    for name in ("num_negatives", "range_min", "range_max", "max_score_ratio", "seed", "batch_size"):
+    for name in ("num_negatives", "range_min", "range_max", "max_score_ratio", "seed"):
         kind = float if name == "max_score_ratio" else int
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
     p.add_argument("--no-guard", action="store_true", help="keep candidates whatever their score")
+    p.add_argument("--batch-size", type=int, default=64, help="encoding batch")
     p.add_argument("--candidates", choices=("dense", "bm25"), default=defaults.candidates)
     p.add_argument("--sampling", choices=("top", "random"), default=defaults.sampling)
     p.add_argument("--no-progress", action="store_true")
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = HardNegativesConfig(args.num_negatives, args.range_min, args.range_max,
                                    None if args.no_guard else args.max_score_ratio, args.candidates, args.sampling,
-                                   args.corpus, args.seed, args.batch_size)
+                                   args.corpus, args.seed)
     ds = DatasetConfig(path=args.data, columns=args.columns, split=args.split, hard_negatives=settings)
     try:
         check_hard_negatives(ds, "options")

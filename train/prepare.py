@@ -23,7 +23,7 @@ def prepare_data(cfg: Config, model: BiEncoder, out: Path, accelerator) -> tuple
     """The training datasets, and what was done to them: {"hard_negatives": [provenance...], "leakage": [...]}."""
     configs, keep, report = list(cfg.data.train), None, {}
     if accelerator.is_main_process:
-        encoder = MemoEncoder(model, cfg.eval.batch_size)
+        encoder = MemoEncoder(model.to(accelerator.device), cfg.eval.batch_size)
         configs = [mine_dataset(d, encoder, Path(d.hard_negatives.cache_dir or out / "mined"), cfg.model.name_or_path)
                    if d.hard_negatives else d for d in configs]
         datasets = [load_pairs(d) for d in configs]
