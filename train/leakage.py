@@ -7,7 +7,6 @@ have cosine >= `NEAR` with an earlier row's ("near"). Each is counted with examp
 and `data.dedup` drop the rows (duplicates keep their first row). Comparing rows is quadratic in the rows of a
 dataset, done in chunks.
 """
-import logging
 
 import torch
 
@@ -15,7 +14,6 @@ from train.beir import BeirData
 from train.data import PairDataset
 from train.mine import MemoEncoder, normalize_text
 
-log = logging.getLogger("twinfold")
 NEAR = 0.95
 EXAMPLES = 5
 CHUNK = 1024
