@@ -7,7 +7,6 @@ have cosine >= `NEAR` with an earlier row's ("near"). Each is counted with examp
 and `data.dedup` drop the rows (duplicates keep their first row). Comparing rows is quadratic in the rows of a
 dataset, done in chunks.
 """
-
 import torch
 
 from train.beir import BeirData
