@@ -88,6 +88,26 @@ def test_random_sampling_draws_from_the_eligible_candidates_reproducibly(hand_en
     assert len(seen) > 4  # not always the top two
 
 
+def test_bm25_candidates_come_in_bm25_order_and_the_guard_uses_the_model(tiny_bert_path):
+    encoder = MemoEncoder(BiEncoder.from_pretrained(tiny_bert_path))
+    docs = {"protein folding yeast cells": 0.9,                # the positive
+            "protein folding yeast chaperones heat": 0.89,     # BM25 first; above the guard (0.95 x 0.9)
+            "yeast genetics": 0.3,                             # BM25 second
+            "stock market prices": 0.8}                        # no shared term: never a BM25 candidate
+    encoder.remember(["protein folding yeast"], "query", torch.tensor([[1.0, 0.0]]))
+    encoder.remember(list(docs), "document", torch.tensor([unit(c) for c in docs.values()]))
+    pairs = PairDataset("bm25", ["protein folding yeast"], ["protein folding yeast cells"], [[]])
+
+    def mined(candidates, ratio, k=1):
+        settings = HardNegativesConfig(num_negatives=k, range_max=3, max_score_ratio=ratio, candidates=candidates)
+        return mine(pairs, settings, encoder, list(docs)).negatives
+
+    assert mined("bm25", None, 2) == [["protein folding yeast chaperones heat", "yeast genetics"]]
+    assert mined("dense", None, 2) == [["protein folding yeast chaperones heat", "stock market prices"]]
+    assert mined("bm25", 0.95) == [["yeast genetics"]]
+    assert mined("dense", 0.95) == [["stock market prices"]]
+
+
 def _scifact_subset(data_dir: Path, folder: Path, claims: int = 25, others: int = 150) -> Path:
     """A BEIR folder of SciFact train claims that have several relevant abstracts, those abstracts and others;
     and a pair file holding only the first relevant abstract of each claim."""
