@@ -177,15 +177,28 @@ def provenance_path(path: str | Path) -> Path:
     return Path(f"{path}.provenance.json")
 
 
+def mining_inputs(ds: DatasetConfig) -> tuple[PairDataset, list[str] | None, dict[str, set[str]]]:
+    """The pairs of `ds`, the corpus of `ds.hard_negatives` (None: the positives) and its judgments."""
+    corpus = ds.hard_negatives.corpus
+    judged = judged_relevant(corpus) if corpus and Path(corpus).is_dir() else {}
+    return load_pairs(ds), list(load_corpus(corpus).values()) if corpus else None, judged
+
+
+def provenance_of(ds: DatasetConfig, model_name: str, fingerprint: str) -> dict:
+    """What the provenance file records besides the counts."""
+    h = ds.hard_negatives
+    return {"model": model_name, "fingerprint": fingerprint,
+            "settings": {k: v for k, v in dataclasses.asdict(h).items() if k not in CACHE_NEUTRAL},
+            "data": ds.path, "corpus": h.corpus or "the positives of the data"}
+
+
 def mine_dataset(ds: DatasetConfig, encoder: MemoEncoder, out_dir: Path, model_name: str) -> DatasetConfig:
     """Mine `ds` (cached in `out_dir` by a hash of the model, the data, the corpus and the settings); return the
     config of the mined pair file, which `train.data.load_pairs` reads like any other."""
     h = ds.hard_negatives
-    pairs = load_pairs(ds)
-    corpus = list(load_corpus(h.corpus).values()) if h.corpus else None
-    judged = judged_relevant(h.corpus) if h.corpus and Path(h.corpus).is_dir() else {}
-    settings = {k: v for k, v in dataclasses.asdict(h).items() if k not in CACHE_NEUTRAL}
-    key = _digest({"model": encoder.model.fingerprint(), "settings": settings,
+    pairs, corpus, judged = mining_inputs(ds)
+    provenance = provenance_of(ds, model_name, encoder.model.fingerprint())
+    key = _digest({"model": provenance["fingerprint"], "settings": provenance["settings"],
                    "rows": [pairs.anchor, pairs.positive], "corpus": corpus,
                    "judged": sorted((q, sorted(d)) for q, d in judged.items())})
     path = out_dir / f"{pairs.name}.{key[:16]}.jsonl"
@@ -198,9 +211,7 @@ def mine_dataset(ds: DatasetConfig, encoder: MemoEncoder, out_dir: Path, model_n
         if not mined.anchor:
             raise DataError(f"{ds.path}: hard-negative mining left no row ({mined.counts}); widen "
                             "hard_negatives.range_max, raise max_score_ratio or give a larger corpus")
-        provenance = {"model": model_name, "fingerprint": encoder.model.fingerprint(), "settings": settings,
-                      "data": ds.path, "corpus": h.corpus or "the positives of the data", "key": key}
-        write_mined(path, mined, provenance)
+        write_mined(path, mined, {**provenance, "key": key})
         provenance = json.loads(provenance_path(path).read_text())
         log.info("%s: mined %d hard negative(s) for %d of %d rows into %s (guard dropped %d candidates, %d rows "
                  "had too few)", pairs.name, h.num_negatives, mined.counts["rows_out"], len(pairs), path,
@@ -248,9 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         check_hard_negatives(ds, "options")
         model = BiEncoder.from_pretrained(args.model)
         encoder = MemoEncoder(model, args.batch_size, show_progress_bar=not args.no_progress)
-        pairs = load_pairs(ds)
-        corpus = list(load_corpus(args.corpus).values()) if args.corpus else None
-        judged = judged_relevant(args.corpus) if args.corpus and Path(args.corpus).is_dir() else {}
+        pairs, corpus, judged = mining_inputs(ds)
         mined = mine(pairs, settings, encoder, corpus, judged)
     except (ConfigError, DataError, BeirFormatError, ModelLoadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -259,10 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no row kept ({mined.counts}); widen --range-max, raise --max-score-ratio or give --corpus",
               file=sys.stderr)
         return 2
-    provenance = {"model": args.model, "fingerprint": model.fingerprint(),
-                  "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in CACHE_NEUTRAL},
-                  "data": args.data, "corpus": args.corpus or "the positives of the data"}
-    write_mined(args.out, mined, provenance)
+    write_mined(args.out, mined, provenance_of(ds, args.model, model.fingerprint()))
     c = mined.counts
     print(f"wrote {c['rows_out']} of {c['rows_in']} rows with {settings.num_negatives} negative(s) to {args.out} "
           f"({c['documents']} documents; guard dropped {c['guard_dropped']} candidates; "
