@@ -1,4 +1,5 @@
 """Embedding files (safetensors) that carry the fingerprint of the model that made them."""
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,18 @@ class FingerprintMismatch(ValueError):
     """Embeddings from two different models (or settings) were about to be compared."""
 
 
+def content_hash(text: str) -> str:
+    """The hash stored per embedded text, so that an update re-embeds only texts that changed."""
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
 @dataclass
 class EmbeddingSet:
-    """Embeddings with their ids, the producing model's fingerprint and their precision."""
+    """Embeddings with their ids, the producing model's fingerprint and their precision.
+
+    `hashes` (content hashes of the embedded texts, in `ids` order), `kind` and `compute` let
+    `python -m models.encode --update` keep the rows whose text is unchanged.
+    """
 
     embeddings: np.ndarray
     ids: list[str]
@@ -26,6 +36,9 @@ class EmbeddingSet:
     dim: int | None = None
     calibration: Int8Calibration | None = None
     similarity: str = "dot"  # the model's (EncoderSettings.similarity); files without it were scored by dot
+    hashes: list[str] | None = None
+    kind: str | None = None
+    compute: str = "float32"
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         """Write atomically; an existing file is replaced only if it is a twinfold embedding file (or `overwrite`)."""
@@ -36,7 +49,11 @@ class EmbeddingSet:
             tensors["int8_steps"] = self.calibration.steps
         meta = {"fingerprint": self.fingerprint, "precision": self.precision,
                 "dim": str(self.dim or self.embeddings.shape[1]), "ids": json.dumps(self.ids),
-                "similarity": self.similarity}
+                "similarity": self.similarity, "compute": self.compute}
+        if self.hashes is not None:
+            meta["hashes"] = json.dumps(self.hashes)
+        if self.kind is not None:
+            meta["kind"] = self.kind
         atomic_write_bytes(path, save(tensors, metadata=meta))
 
     @classmethod
@@ -49,8 +66,10 @@ class EmbeddingSet:
         calibration = None
         if "int8_starts" in tensors:
             calibration = Int8Calibration(tensors["int8_starts"], tensors["int8_steps"])
+        hashes = json.loads(meta["hashes"]) if "hashes" in meta else None
         return cls(tensors["embeddings"], json.loads(meta["ids"]), meta["fingerprint"], meta["precision"],
-                   int(meta["dim"]), calibration, meta.get("similarity", "dot"))
+                   int(meta["dim"]), calibration, meta.get("similarity", "dot"), hashes, meta.get("kind"),
+                   meta.get("compute", "float32"))
 
 
 def check_embedding_output(path: str | Path, overwrite: bool = False) -> None:

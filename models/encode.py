@@ -1,18 +1,27 @@
-"""Embed a JSONL file with a model and write an embedding file that carries its fingerprint.
+"""Embed a JSONL file with a model and write an embedding file that carries its fingerprint; keep it up to date.
 
     python -m models.encode --model DIR --input FILE.jsonl [--field text] [--id-field _id]
         --output FILE.safetensors [--dim N] [--precision int8|binary] [--kind query|document]
-        [--compute {float32,bf16,int8}]
+        [--compute {float32,bf16,int8}] [--overwrite]
+    python -m models.encode --model DIR --input FILE.jsonl --update EXISTING.safetensors [--output NEW]
+    python -m models.encode --model DIR --check FILE.safetensors
+
+`--update` re-embeds only the documents that are new or whose text changed (the file stores a content hash
+per id), drops ids no longer in the input and keeps the other rows; dim, precision, kind and compute are the
+file's, and int8 rows use the file's calibration. It refuses a file made by another model (fingerprint).
+`--check` exits 0 when the file's fingerprint is the model's, 1 when it is not.
 """
 import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from models.bi_encoder import BiEncoder
-from models.embeddings import EmbeddingSet, check_embedding_output
+from models.embeddings import EmbeddingSet, check_embedding_output, content_hash
 from models.jsonl import iter_json_lines
 from models.loading import ModelLoadError
-from models.quantize import COMPUTES, calibrate_int8, quantize_binary, quantize_int8
+from models.quantize import COMPUTES, PRECISIONS, calibrate_int8, quantize_binary, quantize_int8
 from models.runtime import keep_freed_memory
 
 
@@ -22,54 +31,123 @@ class InputError(ValueError):
 
 def read_texts(path: Path, field: str, id_field: str) -> tuple[list[str], list[str]]:
     """Texts and ids of a JSONL file, with errors naming the file, line and field."""
-    texts, ids = [], []
+    texts, ids, line_of = [], [], {}
     for n, row in iter_json_lines(path, InputError):
         text = row.get(field)
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"{path}:{n}: field {field!r} is missing, empty or not a string")
+        doc_id = str(row.get(id_field, n - 1))
+        if doc_id in line_of:
+            raise InputError(f"{path}:{n}: duplicate id {doc_id!r} (first at line {line_of[doc_id]}); ids must be unique")
+        line_of[doc_id] = n
         texts.append(text)
-        ids.append(str(row.get(id_field, n - 1)))
+        ids.append(doc_id)
     if not texts:
         raise InputError(f"{path}: no rows to embed")
     return texts, ids
 
 
+def encode_texts(model: BiEncoder, texts: list[str], kind: str, dim: int | None, precision: str, compute: str,
+                 batch_size: int, calibration=None, show_progress_bar: bool = False):
+    """Embeddings of `texts` in `precision` (int8: with `calibration`, or calibrated on them) and the calibration."""
+    emb = model.encode(texts, batch_size, kind=kind, dim=dim, compute=compute, show_progress_bar=show_progress_bar)
+    if precision == "int8":
+        calibration = calibration or calibrate_int8(emb)
+        return quantize_int8(emb, calibration), calibration
+    return (quantize_binary(emb) if precision == "binary" else emb), None
+
+
+def update(old: EmbeddingSet, model: BiEncoder, texts: list[str], ids: list[str], batch_size: int,
+           show_progress_bar: bool = False) -> tuple[EmbeddingSet, dict[str, int]]:
+    """`old` brought in step with (ids, texts): new or changed texts re-embedded, removed ids dropped.
+
+    Raises ValueError when `old` cannot be updated (another model, or no content hashes).
+    """
+    hashes = [content_hash(t) for t in texts]
+    kept = {i: (row, h) for row, (i, h) in enumerate(zip(old.ids, old.hashes or []))}
+    redo = [n for n, (i, h) in enumerate(zip(ids, hashes)) if i not in kept or kept[i][1] != h]
+    counts = {"new": sum(ids[n] not in kept for n in redo), "changed": sum(ids[n] in kept for n in redo),
+              "removed": len(set(old.ids) - set(ids))}
+    counts["kept"] = len(ids) - len(redo)
+    shape = (len(ids), *old.embeddings.shape[1:])
+    emb = np.empty(shape, dtype=old.embeddings.dtype)
+    redone = set(redo)
+    keep_rows = [n for n in range(len(ids)) if n not in redone]
+    emb[keep_rows] = old.embeddings[[kept[ids[n]][0] for n in keep_rows]]
+    if redo:
+        emb[redo], _ = encode_texts(model, [texts[n] for n in redo], old.kind, old.dim, old.precision, old.compute,
+                                    batch_size, old.calibration, show_progress_bar)
+    return EmbeddingSet(emb, ids, old.fingerprint, old.precision, old.dim, old.calibration, old.similarity, hashes,
+                        old.kind, old.compute), counts
+
+
+def check_updatable(old: EmbeddingSet, path: Path, model: BiEncoder, model_name: str, rebuild: str) -> None:
+    """Raise ValueError, saying how to rebuild, unless `old` was made by `model` and stores content hashes."""
+    if old.hashes is None or old.kind is None:
+        raise ValueError(f"{path} stores no content hashes (written by an older twinfold); rebuild it: {rebuild}")
+    fingerprint = model.fingerprint(old.compute)
+    if old.fingerprint != fingerprint:
+        raise ValueError(f"{path} was made by another model or settings (fingerprint {old.fingerprint}, "
+                         f"{model_name} has {fingerprint}); an index must be searched with the model that built "
+                         f"it, so rebuild it: {rebuild}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.encode", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--input", required=True, type=Path)
+    p.add_argument("--input", type=Path, help="JSONL of documents (or queries)")
     p.add_argument("--field", default="text")
     p.add_argument("--id-field", default="_id")
-    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--output", type=Path, help="embedding file to write (with --update: default EXISTING)")
+    p.add_argument("--update", type=Path, metavar="EXISTING", help="re-embed only new and changed texts of this file")
+    p.add_argument("--check", type=Path, metavar="FILE", help="say whether FILE was made by --model, and exit")
     p.add_argument("--dim", type=int)
-    p.add_argument("--precision", default="float32", choices=["float32", "int8", "binary"])
+    p.add_argument("--precision", default="float32", choices=PRECISIONS)
     p.add_argument("--kind", default="document", choices=["query", "document"])
-    p.add_argument("--compute", default="float32", choices=COMPUTES, help="bf16: autocast (GPUs, CPUs with bf16 units); int8: linear layers in int8 (CPU)")
+    p.add_argument("--compute", default="float32", choices=COMPUTES,
+                   help="bf16: autocast (GPUs, CPUs with bf16 units); int8: linear layers in int8 (CPU)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace --output even if twinfold did not write it")
     args = p.parse_args(argv)
+    if not args.check and (args.input is None or (args.output or args.update) is None):
+        p.error("give --input and --output (or --update EXISTING), or --check FILE")
     try:
-        check_embedding_output(args.output, args.overwrite)  # before the work, not after it
-        texts, ids = read_texts(args.input, args.field, args.id_field)
+        if args.output:
+            check_embedding_output(args.output, args.overwrite)  # before the work, not after it
+        old = EmbeddingSet.load(args.check or args.update) if args.check or args.update else None
+        texts, ids = read_texts(args.input, args.field, args.id_field) if args.input else ([], [])
         model = BiEncoder.from_pretrained(args.model, allow_pickle=args.allow_pickle)
-    except (InputError, ModelLoadError, OSError, UnicodeDecodeError) as e:
+        if args.update:
+            rebuild = (f"python -m models.encode --model {args.model} --input {args.input} --output {args.update} "
+                       f"--precision {old.precision} --dim {old.dim} --kind {old.kind}")
+            check_updatable(old, args.update, model, args.model, rebuild)
+    except (InputError, ModelLoadError, OSError, UnicodeDecodeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.check:
+        fingerprint = model.fingerprint(old.compute)
+        if old.fingerprint == fingerprint:
+            print(f"{args.check} belongs to {args.model} (fingerprint {fingerprint}, {len(old.ids)} embeddings)")
+            return 0
+        print(f"{args.check} does not belong to {args.model}: its fingerprint is {old.fingerprint}, the model's is "
+              f"{fingerprint}; re-encode it with this model (python -m models.encode --model {args.model} "
+              f"--input DOCS.jsonl --output {args.check})")
+        return 1
     keep_freed_memory()
-    emb = model.encode(texts, args.batch_size, kind=args.kind, dim=args.dim, compute=args.compute,
-                       show_progress_bar=not args.no_progress)
-    calibration = None
-    if args.precision == "int8":
-        calibration = calibrate_int8(emb)
-        emb = quantize_int8(emb, calibration)
-    elif args.precision == "binary":
-        emb = quantize_binary(emb)
+    if args.update:
+        new, counts = update(old, model, texts, ids, args.batch_size, show_progress_bar=not args.no_progress)
+        new.save(args.output or args.update)
+        print(f"re-encoded {counts['new'] + counts['changed']} documents ({counts['new']} new, {counts['changed']} "
+              f"changed), kept {counts['kept']}, removed {counts['removed']}: {args.output or args.update}")
+        return 0
+    emb, calibration = encode_texts(model, texts, args.kind, args.dim, args.precision, args.compute, args.batch_size,
+                                    show_progress_bar=not args.no_progress)
     dim = args.dim or model.dim
-    embeddings = EmbeddingSet(emb, ids, model.fingerprint(args.compute), args.precision, dim, calibration,
-                              model.settings.similarity)
-    embeddings.save(args.output, args.overwrite)
+    EmbeddingSet(emb, ids, model.fingerprint(args.compute), args.precision, dim, calibration,
+                 model.settings.similarity, [content_hash(t) for t in texts], args.kind,
+                 args.compute).save(args.output, args.overwrite)
     print(f"wrote {len(ids)} embeddings ({args.precision}, dim {dim}) to {args.output}")
     return 0
 

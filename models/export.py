@@ -3,14 +3,16 @@
     python -m models.export SRC DST
 
 SRC: a training checkpoint (its `model/` folder is used) or any model folder; DST gets `model.safetensors`,
-`config.json`, tokenizer files, `twinfold.json` and the sentence-transformers layout. DST must be new, empty or
-an earlier twinfold export (`--overwrite` replaces anything else).
+`config.json`, tokenizer files, `twinfold.json`, the sentence-transformers layout and `README.md` (the model
+card, see models.card). DST must be new, empty or an earlier twinfold export (`--overwrite` replaces anything
+else).
 """
 import argparse
 import json
 import sys
 from pathlib import Path
 
+from models.card import write_model_card
 from models.head import save_dense
 from models.loading import POOLING_KEYS
 
@@ -47,6 +49,7 @@ def write_model_folder(model, folder: Path) -> None:
     prompts = {name: p for name, p in (("query", s.query_prefix), ("document", s.document_prefix)) if p}
     _write_json(folder / "config_sentence_transformers.json",
                 {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": s.similarity})
+    write_model_card(model, folder)
 
 
 def _write_json(path: Path, obj) -> None:

@@ -57,6 +57,11 @@ def bytes_per_vector(dim: int, precision: str) -> int:
     return {"float32": 4 * dim, "int8": dim, "binary": (dim + 7) // 8}[precision]
 
 
+def format_megabytes(mb: float) -> str:
+    """A storage size given in MB (10^6 bytes) as the reports print it: "1.54 GB", "384 MB", "8.0 MB"."""
+    return f"{mb / 1000:.2f} GB" if mb >= 1000 else f"{mb:.0f} MB" if mb >= 10 else f"{mb:.1f} MB"
+
+
 def int8_linear_copy(encoder: nn.Module) -> nn.Module:
     """A CPU inference copy of `encoder` whose linear layers run in int8 (PyTorch dynamic quantisation).
 

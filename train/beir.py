@@ -74,6 +74,12 @@ def load_beir(folder: str | Path, split: str = "test", strict: bool = False,
                     folder, split, ignore_identical_ids, warnings)
 
 
+def load_corpus(path: str | Path) -> dict[str, str]:
+    """id -> "title text" of a BEIR folder's corpus.jsonl, or of a JSONL file in that layout."""
+    path = Path(path)
+    return _read_jsonl(path / "corpus.jsonl" if path.is_dir() else path, title=True)
+
+
 def _read_jsonl(path: Path, title: bool) -> dict[str, str]:
     """id -> text of a BEIR JSONL file (`_id`, `text`, and for the corpus an optional `title`)."""
     if not path.exists():

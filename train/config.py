@@ -17,6 +17,7 @@ import yaml
 from losses import DEFAULT_TEMPERATURE
 from models.loading import SIMILARITIES
 from models.pooling import POOLING_MODES
+from train.bm25 import settings_from
 from train.metrics import DEFAULT_K_VALUES, METRICS, metric_names
 
 
@@ -40,12 +41,28 @@ class ModelConfig:
 
 
 @dataclass
+class HardNegativesConfig:
+    """Mining of hard negatives with the base model before training (see train.mine)."""
+
+    num_negatives: int = 1  # per row; rows with fewer eligible candidates are dropped
+    range_min: int = 0  # skip the candidates ranked above this (0-based, relevant documents not counted)
+    range_max: int = 50  # draw from candidates ranked below this
+    max_score_ratio: float | None = 0.95  # false-negative guard: drop candidates scoring above this x the positive's
+    candidates: str = "dense"  # dense (the model's cosine) | bm25 (bm25s ranks; the guard still uses the model)
+    sampling: str = "top"  # top (the highest eligible) | random (uniform among the eligible, seeded)
+    corpus: str | None = None  # BEIR folder or JSONL (_id, title, text); null: the positives of the data
+    seed: int = 42
+    cache_dir: str | None = None  # null: OUTPUT/mined
+
+
+@dataclass
 class DatasetConfig:
     path: str = ""  # local .jsonl/.json/.csv/.parquet file or hub id
     columns: dict[str, str] = field(default_factory=dict)  # source column -> anchor | positive | negative
     split: str = "train"
     weight: float = 1.0  # batches of this dataset per epoch = weight x its full batches
     name: str | None = None
+    hard_negatives: HardNegativesConfig | None = None  # set: mine negatives before training
 
 
 @dataclass
@@ -53,6 +70,8 @@ class DataConfig:
     train: list[DatasetConfig] = field(default_factory=list)
     mixing: str = "proportional"  # proportional | round_robin
     cache_dir: str | None = None  # tokenized datasets; null: $TWINFOLD_CACHE or ~/.cache/twinfold
+    dedup: bool = False  # drop duplicate and near-duplicate (cosine >= 0.95) training pairs, keeping the first
+    drop_eval_overlap: bool = False  # drop pairs whose anchor or positive (nearly) equals an eval query or judged doc
 
 
 @dataclass
@@ -97,6 +116,11 @@ class EvalConfig:
     dims: list[int] | None = None  # default: loss.matryoshka_dims, else the model's dim
     precisions: list[str] = field(default_factory=lambda: ["float32"])
     bm25: bool = False
+    bm25_preset: str = "bm25s"  # bm25s (k1 1.5, b 0.75) | anserini (k1 0.9, b 0.4, Anserini's BEIR settings)
+    bm25_k1: float | None = None  # overrides the preset
+    bm25_b: float | None = None
+    bm25_stemmer: str | None = None  # e.g. english (Snowball, needs PyStemmer)
+    bm25_split_identifiers: bool = False  # code-like text: camelCase / snake_case / dotted names add their parts
     sts: str | None = None
     batch_size: int = 64
     ignore_identical_ids: bool = False
@@ -129,7 +153,7 @@ ROLES = ("anchor", "positive", "negative")
 _CHOICES = {"data.mixing": ("proportional", "round_robin"), "train.scheduler": ("linear", "cosine"),
             "train.mixed_precision": (None, "no", "bf16", "fp16"), "model.pooling": (None, *POOLING_MODES),
             "model.similarity": (None, *SIMILARITIES), "eval.compute": ("float32", "bf16", "int8"),
-            "log.wandb_mode": (None, "online", "offline", "disabled")}
+            "log.wandb_mode": (None, "online", "offline", "disabled"), "eval.bm25_preset": ("bm25s", "anserini")}
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -239,6 +263,8 @@ def validate(c: Config) -> None:
             if ds.columns and role not in ds.columns.values():
                 raise ConfigError(f"{where}.columns: no column is mapped to {role!r}")
         _positive(f"{where}.weight", ds.weight)
+        if ds.hard_negatives is not None:
+            check_hard_negatives(ds, f"{where}.hard_negatives")
         if _looks_local(ds.path) and not Path(ds.path).exists():
             raise ConfigError(f"{where}.path: {ds.path} does not exist")
     metrics = metric_names() + (["sts_spearman"] if c.eval.sts else [])
@@ -248,8 +274,36 @@ def validate(c: Config) -> None:
                           f"{f'; did you mean {close[0]!r}?' if close else ''} (METRIC@K with METRIC one of "
                           f"{', '.join(METRICS)} and K one of {', '.join(map(str, DEFAULT_K_VALUES))}"
                           f"{'; or sts_spearman' if c.eval.sts else '; sts_spearman needs eval.sts'})")
+    e = c.eval
+    try:
+        settings_from(e.bm25_preset, k1=e.bm25_k1, b=e.bm25_b, stemmer=e.bm25_stemmer,
+                      split_identifiers=e.bm25_split_identifiers)
+    except ValueError as err:
+        raise ConfigError(f"eval.bm25_*: {err}") from None
     if c.eval.data is not None and not Path(c.eval.data).is_dir():
         raise ConfigError(f"eval.data: {c.eval.data} is not a folder (a BEIR folder with corpus.jsonl, queries.jsonl, qrels/)")
+
+
+def check_hard_negatives(ds: DatasetConfig, where: str) -> None:
+    """Validate `ds.hard_negatives`; errors name `where` (a config key or "options")."""
+    h = ds.hard_negatives
+    for name, choices in (("candidates", ("dense", "bm25")), ("sampling", ("top", "random"))):
+        if getattr(h, name) not in choices:
+            raise ConfigError(f"{where}.{name}: {getattr(h, name)!r} is not one of {', '.join(choices)}")
+    _positive(f"{where}.num_negatives", h.num_negatives)
+    if not 0 <= h.range_min < h.range_max:
+        raise ConfigError(f"{where}: range_min {h.range_min} and range_max {h.range_max} must satisfy "
+                          "0 <= range_min < range_max")
+    if h.range_max - h.range_min < h.num_negatives:
+        raise ConfigError(f"{where}: the rank range [{h.range_min}, {h.range_max}) holds fewer than "
+                          f"num_negatives {h.num_negatives} candidates; widen it")
+    if h.max_score_ratio is not None and not 0 < h.max_score_ratio <= 1:
+        raise ConfigError(f"{where}.max_score_ratio: {h.max_score_ratio} must be in (0, 1] (or null: no guard)")
+    if h.corpus is not None and not Path(h.corpus).exists():
+        raise ConfigError(f"{where}.corpus: {h.corpus} does not exist (a BEIR folder or a JSONL file of documents)")
+    if "negative" in ds.columns.values():
+        raise ConfigError(f"{where}: the dataset already maps a column to 'negative'; mine or bring negatives, "
+                          "not both")
 
 
 def _positive(key: str, value) -> None:

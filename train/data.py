@@ -44,10 +44,41 @@ class PairDataset:
     def roles(self) -> list[str]:
         return list(self.table.column_names)
 
+    @classmethod
+    def from_texts(cls, name: str, anchor: list[str], positive: list[str], negatives: list[list[str]] | None = None,
+                   weight: float = 1.0) -> "PairDataset":
+        """A dataset from texts in memory (row i: anchor[i], positive[i], negatives[i]), e.g. mined pairs."""
+        import datasets
+
+        k = len(negatives[0]) if negatives else 0
+        columns = {"anchor": list(anchor), "positive": list(positive),
+                   **{f"negative_{j}": [row[j] for row in negatives] for j in range(k)}}
+        fingerprint = hashlib.sha256(json.dumps(columns).encode()).hexdigest()[:16]
+        return cls(name, datasets.Dataset.from_dict(columns), weight, fingerprint)
+
+    def select(self, rows: list[int]) -> "PairDataset":
+        """These rows only (their own cache key)."""
+        key = hashlib.sha256(f"{self.fingerprint}|{rows}".encode()).hexdigest()[:16]
+        return PairDataset(self.name, self.table.select(rows), self.weight, key)
+
     @property
-    def negatives(self) -> int:
+    def num_negatives(self) -> int:
         """Hard negatives per row."""
         return len(self.roles) - 2
+
+    @property
+    def anchor(self) -> list[str]:
+        return list(self.table["anchor"])
+
+    @property
+    def positive(self) -> list[str]:
+        return list(self.table["positive"])
+
+    @property
+    def negatives(self) -> list[list[str]]:
+        """Row i's hard negatives."""
+        columns = [list(self.table[f"negative_{j}"]) for j in range(self.num_negatives)]
+        return [list(row) for row in zip(*columns)] if columns else [[] for _ in range(len(self))]
 
 
 def load_pairs(cfg: DatasetConfig) -> PairDataset:
@@ -162,7 +193,7 @@ class TokenizedPairs:
     name: str
     table: object  # datasets.Dataset
     weight: float
-    negatives: int
+    num_negatives: int
     truncated: dict[str, int]
 
     def __len__(self) -> int:
@@ -171,8 +202,8 @@ class TokenizedPairs:
     def keys(self, role: str) -> np.ndarray:
         """Text keys of a role (`anchor`, `positive`: [N]; `negative`: [N, k])."""
         if role == "negative":
-            return np.stack([self._column(f"negative_{j}_key") for j in range(self.negatives)], axis=1) \
-                if self.negatives else np.zeros((len(self), 0), dtype=np.int64)
+            return np.stack([self._column(f"negative_{j}_key") for j in range(self.num_negatives)], axis=1) \
+                if self.num_negatives else np.zeros((len(self), 0), dtype=np.int64)
         return self._column(f"{role}_key")
 
     def _column(self, name: str) -> np.ndarray:
@@ -182,8 +213,8 @@ class TokenizedPairs:
         """Token ids and keys of these rows by role; `negative` holds row i's k negatives one after another."""
         picked = self.table[indices]
         out = {role: (picked[f"{role}_ids"], picked[f"{role}_key"]) for role in ("anchor", "positive")}
-        if self.negatives:
-            roles = [f"negative_{j}" for j in range(self.negatives)]
+        if self.num_negatives:
+            roles = [f"negative_{j}" for j in range(self.num_negatives)]
             out["negative"] = ([picked[f"{r}_ids"][i] for i in range(len(indices)) for r in roles],
                                [picked[f"{r}_key"][i] for i in range(len(indices)) for r in roles])
         return out
@@ -231,7 +262,7 @@ def tokenize_pairs(ds: PairDataset, tokenizer: TextTokenizer, cache_dir: Path) -
         log.info("%s: token cache reused from %s", ds.name, folder)
     saved = json.loads(manifest.read_text())
     table = datasets.concatenate_datasets([datasets.Dataset.from_file(str(folder / f)) for f in saved["files"]])
-    return TokenizedPairs(ds.name, table, ds.weight, ds.negatives, saved["truncated"])
+    return TokenizedPairs(ds.name, table, ds.weight, ds.num_negatives, saved["truncated"])
 
 
 def _tokenize_batch(batch: dict[str, list[str]], tokenizer: TextTokenizer) -> dict[str, list]:

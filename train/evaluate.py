@@ -28,6 +28,7 @@ from models.quantize import COMPUTES, PRECISIONS, bytes_per_vector, calibrate_in
 from models.runtime import keep_freed_memory
 from models.search import binary_search, exact_search, int8_search
 from train.beir import BeirData, BeirFormatError, load_beir
+from train.bm25 import PRESETS, BM25Settings, BM25Index, settings_from
 from train.metrics import DEFAULT_K_VALUES, evaluate_run, spearman, write_trec_run
 from train.report import REPORT_FILES, markdown_table, write_report
 
@@ -50,12 +51,13 @@ class RetrievalEvaluator:
     Spearman correlation is added to the float32 rows. `out_dir`: where TREC runs are written
     (`runs/<name>.<dim>.<precision>.trec`). `cache_size`: models whose full-dim embeddings are kept.
     `compute`: "float32", "bf16" or "int8" (see `BiEncoder.encode`).
+    `bm25`: the settings of `bm25_rows`.
     """
 
     def __init__(self, data: BeirData, dims=None, precisions=("float32",), k_values=DEFAULT_K_VALUES,
                  batch_size: int = 64, sts: str | Path | None = None, out_dir: str | Path | None = None,
                  rescore_multiplier: int = 4, cache_size: int = 2, show_progress_bar: bool = False,
-                 compute: str = "float32"):
+                 compute: str = "float32", bm25: BM25Settings = BM25Settings()):
         unknown = [p for p in precisions if p not in PRECISIONS]
         if unknown:
             raise ValueError(f"unknown precision {', '.join(unknown)}: choose from {', '.join(PRECISIONS)}")
@@ -72,13 +74,15 @@ class RetrievalEvaluator:
         self.cache_size = cache_size
         self.show_progress_bar = show_progress_bar
         self.compute = compute
+        self.bm25 = bm25
         self._cache: OrderedDict[str, dict] = OrderedDict()
         self._bm25_rows: list[dict] | None = None
 
     def describe(self) -> dict:
         """The data and settings behind the rows, for the report."""
         return {**self.data.describe(), "k_values": list(self.k_values), "precisions": list(self.precisions),
-                "rescore_multiplier": self.rescore_multiplier, "compute": self.compute, "sts": self.sts["path"] if self.sts else None}
+                "rescore_multiplier": self.rescore_multiplier, "compute": self.compute,
+                "bm25": self.bm25.to_dict(), "sts": self.sts["path"] if self.sts else None}
 
     def __call__(self, model: BiEncoder, name: str) -> list[dict]:
         """Encode with `model` (corpus once, at full dim) and score every dim x precision; rows named `name`."""
@@ -118,22 +122,13 @@ class RetrievalEvaluator:
         return rows
 
     def bm25_rows(self) -> list[dict]:
-        """One row for BM25 (bm25s defaults: lowercase, English stopwords, no stemming, k1=1.5, b=0.75, Lucene)."""
+        """One row for BM25 with `self.bm25` settings (default: bm25s's, k1 1.5, b 0.75, no stemming)."""
         if self._bm25_rows is None:
-            import bm25s
-
-            tokens = bm25s.tokenize(self.data.corpus_texts, show_progress=False, return_ids=False)
-            index = bm25s.BM25()
-            index.index(tokens, show_progress=False)
-            queries = bm25s.tokenize(self.data.query_texts, show_progress=False, return_ids=False)
-            indices, scores = index.retrieve(queries, k=min(self._k_searched, len(self.data.corpus_ids)),
-                                             show_progress=False)
-            index_bytes = sum(a.nbytes for a in index.scores.values() if isinstance(a, np.ndarray))
-            # A zero score means no query term matched: a search engine would not return that document.
-            scores = np.where(scores > 0, scores, np.nan)
+            index = BM25Index(self.data.corpus_texts, self.bm25)
+            indices, scores = index.search(self.data.query_texts, self._k_searched)
             self._bm25_rows = [{"model": "bm25", "dim": None, "precision": "sparse",
                                 **self._score(torch.from_numpy(scores), torch.from_numpy(indices), "bm25", "sparse"),
-                                **storage(index_bytes / len(self.data.corpus_ids))}]
+                                **storage(index.bytes / len(self.data.corpus_ids)), "bm25": self.bm25.describe()}]
         return self._bm25_rows
 
     # --- internals ------------------------------------------------------------------------------------
@@ -259,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", type=_precision_list, default=["float32"], help="float32,int8,binary")
     p.add_argument("--k", type=_int_list, default=list(DEFAULT_K_VALUES), help="cutoffs (10 and 100 always included)")
     p.add_argument("--bm25", action="store_true", help="add a BM25 row (bm25s)")
+    p.add_argument("--bm25-preset", choices=PRESETS, help="bm25s (k1 1.5, b 0.75; default) or anserini (0.9, 0.4)")
+    p.add_argument("--bm25-k1", type=float, help="BM25 k1 (overrides the preset)")
+    p.add_argument("--bm25-b", type=float, help="BM25 b (overrides the preset)")
+    p.add_argument("--bm25-stemmer", help="Snowball stemmer language, e.g. english (needs PyStemmer)")
+    p.add_argument("--bm25-split-identifiers", action="store_true", help="index camelCase/snake_case parts too")
     p.add_argument("--sts", type=Path, help="TSV of sentence1, sentence2, score: adds Spearman to float32 rows")
     p.add_argument("--out", type=Path, help="write report.json, report.md, ndcg_vs_dim.png and TREC runs here")
     p.add_argument("--batch-size", type=int, default=64)
@@ -286,15 +286,17 @@ def main(argv: list[str] | None = None) -> int:
         data = load_beir(args.data, args.split, strict=args.strict, ignore_identical_ids=args.ignore_identical_ids)
         evaluator = RetrievalEvaluator(data, args.dims, args.precision, args.k, args.batch_size, args.sts,
                                        args.out, args.rescore_multiplier, show_progress_bar=not args.no_progress,
-                                       compute=args.compute)
+                                       compute=args.compute, bm25=settings_from(
+                                           args.bm25_preset, k1=args.bm25_k1, b=args.bm25_b, stemmer=args.bm25_stemmer,
+                                           split_identifiers=args.bm25_split_identifiers or None))
         rows = []
         for name in args.model:
             rows += evaluator(BiEncoder.from_pretrained(name, allow_pickle=args.allow_pickle), name)
+        if args.bm25:
+            rows += evaluator.bm25_rows()
     except (ValueError, ModelLoadError, OSError) as e:  # BeirFormatError, StsFormatError: ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.bm25:
-        rows += evaluator.bm25_rows()
     if args.out:
         write_report(rows, args.out, evaluator.describe())
     print(markdown_table(rows))

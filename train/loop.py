@@ -20,12 +20,15 @@ from models.runtime import cpu_has_bf16, default_token_budget, keep_freed_memory
 from train.batches import StepBatches, step_loader
 from train.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from train.config import Config, ConfigError, save_config
-from train.data import cache_root, load_pairs, tokenize_pairs
+from train.data import cache_root, tokenize_pairs
+from train.prepare import prepare_data
 from train.resume import claim_run_folder, decided_on_main, resume_point
 from train.sampler import BatchPlan, RowKeys
 from train.signals import StopOnSignal
 
 log = logging.getLogger("twinfold")
+EVAL_KEYS = ("model", "dim", "precision", "ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100",
+             "storage_mb_per_million_docs", "bm25")
 
 
 class TrainingError(RuntimeError):
@@ -86,7 +89,7 @@ def report_truncation(datasets, max_length: int) -> None:
             negatives = sum(n for role, n in ds.truncated.items() if role.startswith("negative"))
             counts = [f"{ds.truncated['anchor']} of {len(ds)} anchors",
                       f"{ds.truncated['positive']} of {len(ds)} positives"]
-            counts += [f"{negatives} of {len(ds) * ds.negatives} negatives"] if ds.negatives else []
+            counts += [f"{negatives} of {len(ds) * ds.num_negatives} negatives"] if ds.num_negatives else []
             log.warning("%s: %s exceed max_length %d tokens and are truncated", ds.name, " and ".join(counts),
                         max_length)
 
@@ -152,7 +155,7 @@ def train(cfg: Config) -> Path:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         check_output_dir(out, weight_bytes * (3 * (t.save_total_limit + 1) + 1))
         save_config(cfg, out / "config.yaml")
-    datasets = [load_pairs(d) for d in cfg.data.train]
+    datasets, data_report = prepare_data(cfg, model, out, accelerator)  # mining, eval-overlap and duplicate checks
     with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
         tokenized = [tokenize_pairs(ds, model.text_tokenizer, cache_root(cfg.data.cache_dir)) for ds in datasets]
     if main:
@@ -252,13 +255,15 @@ def train(cfg: Config) -> Path:
     if main:
         if evaluator is not None and "last_rows" not in state:  # resumed after the last checkpoint
             state["last_rows"] = evaluator(model, f"step-{state['step']}")
-        model.save_pretrained(final, info=run_info(cfg, datasets, state))
+        rows = []
+        if evaluator is not None:
+            final_rows = [dict(r, model="final") for r in state.get("last_rows", [])]
+            rows = state.get("base", []) + final_rows + (evaluator.bm25_rows() if cfg.eval.bm25 else [])
+        model.save_pretrained(final, info=run_info(cfg, datasets, state, rows, data_report))
         if evaluator is not None:
             from train.report import write_report
 
-            final_rows = [dict(r, model="final") for r in state.get("last_rows", [])]
-            rows = state.get("base", []) + final_rows + (evaluator.bm25_rows() if cfg.eval.bm25 else [])
-            write_report(rows, out / "eval", info={**evaluator.describe(), "config": cfg.to_dict()})
+            write_report(rows, out / "eval", info={**evaluator.describe(), "config": cfg.to_dict(), **data_report})
         if tracker:
             tracker.finish()
         lock.release()
@@ -381,23 +386,30 @@ def build_evaluator(cfg: Config, out: Path):
     if cfg.eval.data is None:
         return None
     from train.beir import load_beir
+    from train.bm25 import settings_from
     from train.evaluate import RetrievalEvaluator
 
     e = cfg.eval
     data = load_beir(e.data, e.split, ignore_identical_ids=e.ignore_identical_ids)
     dims = e.dims or cfg.loss.matryoshka_dims or None
+    bm25 = settings_from(e.bm25_preset, k1=e.bm25_k1, b=e.bm25_b, stemmer=e.bm25_stemmer,
+                         split_identifiers=e.bm25_split_identifiers)
     return RetrievalEvaluator(data, dims=dims, precisions=e.precisions, batch_size=e.batch_size, sts=e.sts,
-                              out_dir=out / "eval", show_progress_bar=True, compute=e.compute)
+                              out_dir=out / "eval", show_progress_bar=True, compute=e.compute, bm25=bm25)
 
 
-def run_info(cfg: Config, datasets, state: dict) -> dict:
-    """What twinfold.json records about training: data summary and eval results."""
+def run_info(cfg: Config, datasets, state: dict, rows: list[dict], data_report: dict) -> dict:
+    """What twinfold.json (and the model card) records about training: recipe, data, checks and eval results."""
+    t = cfg.train
     info = {"training": {"base_model": cfg.model.name_or_path, "steps": state["step"],
-                         "data": [{"name": d.name, "pairs": len(d)} for d in datasets],
-                         "batch_size": cfg.train.batch_size, "loss": cfg.to_dict()["loss"]}}
-    if state.get("last_rows"):
-        info["eval"] = {"data": cfg.eval.data, "split": cfg.eval.split,
-                        "results": [{k: r[k] for k in ("dim", "precision", "ndcg@10") if k in r} for r in state["last_rows"]]}
+                         "data": [{"name": d.name, "pairs": len(d), "negatives_per_pair": d.num_negatives}
+                                  for d in datasets],
+                         "batch_size": t.batch_size, "lr": t.lr, "epochs": t.epochs, "max_steps": t.max_steps,
+                         "warmup_ratio": t.warmup_ratio, "seed": t.seed, "loss": cfg.to_dict()["loss"],
+                         **data_report}}
+    if rows:
+        info["eval"] = {"data": cfg.eval.data, "split": cfg.eval.split, "results": [
+            {k: r[k] for k in EVAL_KEYS if k in r} for r in rows]}
     return info
 
 

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from models.atomic import atomic_write_bytes
-from models.quantize import PRECISIONS
+from models.quantize import PRECISIONS, format_megabytes
 
 COLUMNS = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@10", "R@10"), ("recall@100", "R@100"),
            ("map@100", "MAP@100"))
@@ -21,9 +21,20 @@ def write_report(rows: list[dict], out_dir: str | Path, info: dict | None = None
     atomic_write_bytes(paths["json"], (json.dumps(report, indent=2) + "\n").encode())
     title = _title(info)
     heading = f"# Retrieval evaluation: {title}" if title else "# Retrieval evaluation"
-    atomic_write_bytes(paths["md"], f"{heading}\n\n{markdown_table(rows)}\n".encode())
+    notes = "".join(f"\n{line}\n" for line in notes_of(rows, info))
+    atomic_write_bytes(paths["md"], f"{heading}\n\n{markdown_table(rows)}\n{notes}".encode())
     plot_ndcg_vs_dim(rows, paths["png"], title)
     return paths
+
+
+def notes_of(rows: list[dict], info: dict | None) -> list[str]:
+    """Lines under the table: the settings of BM25 rows and the training data's overlap with the eval set."""
+    lines = [f"BM25 settings: {r['bm25']}." for r in rows if r.get("bm25")]
+    if info and info.get("leakage"):
+        from train.leakage import summary_lines
+
+        lines.append("## Training data against the eval set\n\n" + "\n".join(summary_lines(info["leakage"])))
+    return lines
 
 
 def sort_rows(rows: list[dict]) -> list[dict]:
@@ -51,7 +62,7 @@ def markdown_table(rows: list[dict]) -> str:
         if r["ndcg@10"] == best and len(same) > 1:
             cells[3] = f"**{cells[3]}**"
         cells.append(f"{r['ndcg@10'] / full['ndcg@10']:.1%}" if full and full["ndcg@10"] else "–")
-        cells.append(_megabytes(r["storage_mb_per_million_docs"]))
+        cells.append(format_megabytes(r["storage_mb_per_million_docs"]))
         if with_sts:
             cells.append(f"{r['sts_spearman']:.4f}" if r.get("sts_spearman") is not None else "–")
         lines.append("| " + " | ".join(cells) + " |")
@@ -99,7 +110,3 @@ def _title(info: dict | None) -> str:
         return ""
     return (f"{Path(info['data']).name} ({info.get('split')}, {info.get('queries')} queries, "
             f"{info.get('documents')} documents)")
-
-
-def _megabytes(mb: float) -> str:
-    return f"{mb / 1000:.2f} GB" if mb >= 1000 else f"{mb:.0f} MB" if mb >= 10 else f"{mb:.1f} MB"

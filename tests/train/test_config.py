@@ -111,3 +111,13 @@ def test_overrides_are_read_as_their_keys_type(tmp_path, pairs):
                               ("eval.dims=[64", "eval.dims: not valid YAML")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(path, [override])
+
+
+def test_hard_negatives_and_checks_round_trip(tmp_path, pairs):
+    cfg = load_config(write(tmp_path, recipe(pairs, "      hard_negatives: {num_negatives: 3, sampling: random}\n")),
+                      ["data.dedup=true", "data.drop_eval_overlap=true", "eval.bm25_preset=anserini"])
+    h = cfg.data.train[0].hard_negatives
+    assert (h.num_negatives, h.sampling, h.range_max, h.max_score_ratio) == (3, "random", 50, 0.95)
+    assert cfg.data.dedup and cfg.data.drop_eval_overlap and cfg.eval.bm25_preset == "anserini"
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg

@@ -21,14 +21,14 @@ def test_columns_map_to_roles_by_name_not_order(tmp_path):
                             {"doc": "d2", "extra": 2, "query": "q2", "hard": "n2"}])
     ds = load_pairs(DatasetConfig(path=str(path), columns={"query": "anchor", "doc": "positive", "hard": "negative"}))
     assert ds.table.to_dict() == {"anchor": ["q1", "q2"], "positive": ["d1", "d2"], "negative_0": ["n1", "n2"]}
-    assert ds.negatives == 1
+    assert ds.num_negatives == 1 and ds.negatives == [["n1"], ["n2"]]
 
 
 def test_csv_and_default_role_names(tmp_path):
     path = tmp_path / "pairs.csv"
     path.write_text("positive,anchor\np1,a1\np2,a2\n")
     ds = load_pairs(DatasetConfig(path=str(path)))
-    assert ds.table.to_dict() == {"anchor": ["a1", "a2"], "positive": ["p1", "p2"]} and ds.negatives == 0
+    assert ds.table.to_dict() == {"anchor": ["a1", "a2"], "positive": ["p1", "p2"]} and ds.num_negatives == 0
 
 
 def test_real_scifact_pairs(data_dir):

@@ -1,0 +1,89 @@
+"""Incremental re-indexing (`models.encode --update`) and the drift guard (`--check`), on SciFact-nano documents."""
+import json
+
+import numpy as np
+import pytest
+
+from models import BiEncoder, EmbeddingSet
+from models.encode import main
+
+
+@pytest.fixture
+def docs(data_dir):
+    rows = [json.loads(line) for line in open(data_dir / "scifact-nano" / "corpus.jsonl")][:200]
+    return [{"_id": r["_id"], "text": (r["title"] + " " + r["text"]).strip()} for r in rows]
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def encode_spy(monkeypatch):
+    """Record every text BiEncoder.encode embeds (the real method still runs)."""
+    seen = []
+    real = BiEncoder.encode
+
+    def recording(self, texts, *args, **kwargs):
+        seen.extend(texts)
+        return real(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(BiEncoder, "encode", recording)
+    return seen
+
+
+@pytest.mark.parametrize("precision", ["float32", "binary"])
+def test_update_re_encodes_exactly_the_changed_documents_and_equals_a_full_encode(
+        tiny_bert_path, docs, tmp_path, monkeypatch, capsys, precision):
+    model = ["--model", str(tiny_bert_path), "--no-progress", "--batch-size", "16"]
+    index = tmp_path / "index.safetensors"
+    assert main([*model, "--input", str(write(tmp_path / "v1.jsonl", docs)), "--output", str(index),
+                 "--precision", precision, "--dim", "64"]) == 0
+    # 1% of the 200 documents change; one is removed and one is new
+    changed = [dict(d) for d in docs]
+    changed[17]["text"] += " Erratum: corrected."
+    changed[150]["text"] = changed[150]["text"].upper()
+    del changed[42]
+    changed.insert(5, {"_id": "new-doc", "text": "A new abstract about protein folding in yeast."})
+    v2 = write(tmp_path / "v2.jsonl", changed)
+    seen = encode_spy(monkeypatch)
+    capsys.readouterr()
+    assert main([*model, "--input", str(v2), "--update", str(index)]) == 0
+    assert sorted(seen) == sorted([changed[18]["text"], changed[150]["text"], changed[5]["text"]])
+    assert "re-encoded 3 documents (1 new, 2 changed), kept 197, removed 1" in capsys.readouterr().out
+
+    full = tmp_path / "full.safetensors"
+    assert main([*model, "--input", str(v2), "--output", str(full), "--precision", precision, "--dim", "64"]) == 0
+    updated, rebuilt = EmbeddingSet.load(index), EmbeddingSet.load(full)
+    assert updated.ids == rebuilt.ids == [d["_id"] for d in changed]
+    assert updated.hashes == rebuilt.hashes and updated.dim == 64 and updated.precision == precision
+    if precision == "float32":
+        np.testing.assert_allclose(updated.embeddings, rebuilt.embeddings, atol=1e-5)
+    else:  # sign bits: equal except where a value sits within float noise of zero
+        assert (updated.embeddings != rebuilt.embeddings).mean() < 1e-3
+
+
+def test_update_refuses_a_file_of_another_model_and_says_how_to_rebuild(tiny_bert_path, docs, tmp_path, capsys):
+    index = tmp_path / "index.safetensors"
+    v1 = write(tmp_path / "v1.jsonl", docs[:5])
+    assert main(["--model", str(tiny_bert_path), "--input", str(v1), "--output", str(index), "--no-progress"]) == 0
+    other = tmp_path / "other"
+    BiEncoder.from_pretrained(tiny_bert_path, max_length=16).save_pretrained(other)
+    before = index.read_bytes()
+    assert main(["--model", str(other), "--input", str(v1), "--update", str(index), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "was made by another model or settings" in err
+    assert f"rebuild it: python -m models.encode --model {other} --input {v1} --output {index}" in err
+    assert index.read_bytes() == before
+
+    assert main(["--model", str(tiny_bert_path), "--check", str(index)]) == 0
+    assert "belongs to" in capsys.readouterr().out
+    assert main(["--model", str(other), "--check", str(index)]) == 1
+    assert "does not belong to" in capsys.readouterr().out
+
+
+def test_duplicate_ids_are_an_error_naming_the_line(tiny_bert_path, tmp_path, capsys):
+    path = write(tmp_path / "dup.jsonl", [{"_id": "a", "text": "one"}, {"_id": "b", "text": "two"},
+                                         {"_id": "a", "text": "three"}])
+    assert main(["--model", str(tiny_bert_path), "--input", str(path), "--output", str(tmp_path / "o")]) == 2
+    assert f"{path}:3: duplicate id 'a' (first at line 1)" in capsys.readouterr().err

@@ -1,0 +1,226 @@
+"""Hard-negative mining: a hand-computed case (chosen embeddings), then the real all-MiniLM-L6-v2 on SciFact train
+claims against a SciFact corpus with judgments, the cache, the config and the command line."""
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import BiEncoder
+from train.config import ConfigError, DatasetConfig, HardNegativesConfig, load_config
+from train.data import PairDataset, load_pairs
+from train.mine import MemoEncoder, main, mine, mine_dataset, normalize_text
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Unit vectors at chosen cosines with anchor A1 = (1, 0); anchor A2 = (0, 1) scores each with its sine.
+COS_A1 = {"P1": 0.8, "P2": 0.5, "D1": 0.9, "D2": 0.7, "D3": 0.4, "P3": 0.2, "D4": 0.1}
+
+
+def unit(c: float) -> list[float]:
+    return [c, math.sqrt(1 - c * c)]
+
+
+@pytest.fixture
+def hand_encoder(tiny_bert_path):
+    encoder = MemoEncoder(BiEncoder.from_pretrained(tiny_bert_path))
+    encoder.remember(["A1", "A2"], "query", torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    encoder.remember(list(COS_A1), "document", torch.tensor([unit(c) for c in COS_A1.values()]))
+    return encoder
+
+
+# Rows: A1 has two positives (P1, P2); A2 has P3. Sines (A2's scores): D4 .995, P3 .980, D3 .917, P2 .866,
+# D2 .714, P1 .600, D1 .436.
+PAIRS = PairDataset.from_texts("hand", ["A1", "A1", "A2"], ["P1", "P2", "P3"], [[], [], []])
+CORPUS = ["P1", "P2", "P3", "D1", "D2", "D3", "D4", " d2 "]  # " d2 " is D2 after normalisation: one document
+
+
+def negatives(mined):
+    return {(a, p): n for a, p, n in zip(mined.anchor, mined.positive, mined.negatives)}
+
+
+def test_hand_computed_ranks_guard_exclusions_and_too_few(hand_encoder):
+    # A1 ranks (its positives P1, P2 excluded): D1 .9, D2 .7, D3 .4, P3 .2, D4 .1; A2 (P3 excluded): D4, D3, P2, D2, P1, D1
+    settings = HardNegativesConfig(num_negatives=1, range_max=3, max_score_ratio=0.95)
+    mined = mine(PAIRS, settings, hand_encoder, CORPUS)
+    # row P1: limit .76 drops D1 -> D2; row P2: limit .475 drops D1, D2 -> D3; row P3: limit .931 drops D4 -> D3
+    assert negatives(mined) == {("A1", "P1"): ["D2"], ("A1", "P2"): ["D3"], ("A2", "P3"): ["D3"]}
+    assert mined.negative_scores[0] == pytest.approx([0.7]) and mined.positive_scores[0] == pytest.approx(0.8)
+    assert mined.counts == {"rows_in": 3, "rows_out": 3, "too_few_candidates": 0, "guard_dropped": 1 + 2 + 1,
+                            "relevant_excluded": 2 + 1, "documents": 7}
+
+    unguarded = mine(PAIRS, HardNegativesConfig(num_negatives=1, range_max=3, max_score_ratio=None), hand_encoder, CORPUS)
+    assert negatives(unguarded) == {("A1", "P1"): ["D1"], ("A1", "P2"): ["D1"], ("A2", "P3"): ["D4"]}
+
+    two = mine(PAIRS, HardNegativesConfig(num_negatives=2, range_max=3), hand_encoder, CORPUS)
+    # row P2 keeps only D3 in ranks 0-2 under its guard: dropped
+    assert negatives(two) == {("A1", "P1"): ["D2", "D3"], ("A2", "P3"): ["D3", "P2"]}
+    assert two.source_rows == [0, 2] and two.counts["too_few_candidates"] == 1
+
+    deeper = mine(PAIRS, HardNegativesConfig(num_negatives=1, range_min=1, range_max=4, max_score_ratio=None),
+                  hand_encoder, CORPUS)
+    assert negatives(deeper) == {("A1", "P1"): ["D2"], ("A1", "P2"): ["D2"], ("A2", "P3"): ["D3"]}
+
+
+def test_documents_judged_relevant_are_never_mined_and_do_not_take_a_rank(hand_encoder):
+    judged = {normalize_text("A1"): {normalize_text("D2")}}
+    mined = mine(PAIRS, HardNegativesConfig(num_negatives=1, range_max=3), hand_encoder, CORPUS, judged)
+    # A1 now ranks D1, D3, P3 (D2 judged relevant): row P1 limit .76 -> D3
+    assert negatives(mined)[("A1", "P1")] == ["D3"]
+    assert mined.counts["relevant_excluded"] == 3 + 1
+
+
+def test_random_sampling_draws_from_the_eligible_candidates_reproducibly(hand_encoder):
+    settings = HardNegativesConfig(num_negatives=2, range_max=5, max_score_ratio=None, sampling="random", seed=3)
+    first = mine(PAIRS, settings, hand_encoder, CORPUS)
+    assert negatives(first) == negatives(mine(PAIRS, settings, hand_encoder, CORPUS))
+    ranked = {"A1": ["D1", "D2", "D3", "P3", "D4"], "A2": ["D4", "D3", "P2", "D2", "P1"]}
+    seen = set()
+    for seed in range(12):
+        for (a, _), negs in negatives(mine(PAIRS, HardNegativesConfig(
+                num_negatives=2, range_max=5, max_score_ratio=None, sampling="random", seed=seed),
+                hand_encoder, CORPUS)).items():
+            assert len(set(negs)) == 2 and set(negs) <= set(ranked[a])
+            assert [ranked[a].index(n) for n in negs] == sorted(ranked[a].index(n) for n in negs)  # rank order
+            seen.add((a, tuple(negs)))
+    assert len(seen) > 4  # not always the top two
+
+
+def test_bm25_candidates_come_in_bm25_order_and_the_guard_uses_the_model(tiny_bert_path):
+    encoder = MemoEncoder(BiEncoder.from_pretrained(tiny_bert_path))
+    docs = {"protein folding yeast cells": 0.9,                # the positive
+            "protein folding yeast chaperones heat": 0.89,     # BM25 first; above the guard (0.95 x 0.9)
+            "yeast genetics": 0.3,                             # BM25 second
+            "stock market prices": 0.8}                        # no shared term: never a BM25 candidate
+    encoder.remember(["protein folding yeast"], "query", torch.tensor([[1.0, 0.0]]))
+    encoder.remember(list(docs), "document", torch.tensor([unit(c) for c in docs.values()]))
+    pairs = PairDataset.from_texts("bm25", ["protein folding yeast"], ["protein folding yeast cells"], [[]])
+
+    def mined(candidates, ratio, k=1):
+        settings = HardNegativesConfig(num_negatives=k, range_max=3, max_score_ratio=ratio, candidates=candidates)
+        return mine(pairs, settings, encoder, list(docs)).negatives
+
+    assert mined("bm25", None, 2) == [["protein folding yeast chaperones heat", "yeast genetics"]]
+    assert mined("dense", None, 2) == [["protein folding yeast chaperones heat", "stock market prices"]]
+    assert mined("bm25", 0.95) == [["yeast genetics"]]
+    assert mined("dense", 0.95) == [["stock market prices"]]
+
+
+def _scifact_subset(data_dir: Path, folder: Path, claims: int = 25, others: int = 150) -> Path:
+    """A BEIR folder of SciFact train claims that have several relevant abstracts, those abstracts and others;
+    and a pair file holding only the first relevant abstract of each claim."""
+    src = data_dir / "scifact"
+    qrels: dict[str, list[str]] = {}
+    with open(src / "qrels" / "train.tsv") as f:
+        for qid, doc, _ in list(csv.reader(f, delimiter="\t"))[1:]:
+            qrels.setdefault(qid, []).append(doc)
+    chosen = [q for q, docs in qrels.items() if len(docs) >= 2][:claims]
+    queries = {r["_id"]: r for r in map(json.loads, open(src / "queries.jsonl")) if r["_id"] in chosen}
+    relevant = {d for q in chosen for d in qrels[q]}
+    corpus = []
+    for row in map(json.loads, open(src / "corpus.jsonl")):
+        if row["_id"] in relevant or len(corpus) < others:
+            corpus.append(row)
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in queries.values()))
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q}\t{d}\t1\n" for q in chosen for d in qrels[q]))
+    text = {r["_id"]: (r.get("title", "") + " " + r["text"]).strip() for r in corpus}
+    pairs = folder.parent / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"anchor": queries[q]["text"], "positive": text[qrels[q][0]]}) + "\n"
+                             for q in chosen))
+    return pairs
+
+
+def test_real_mining_never_keeps_a_judged_document_nor_one_above_the_guard(tmp_path, data_dir, minilm_path):
+    beir = tmp_path / "beir"
+    pairs = _scifact_subset(data_dir, beir)
+    out = tmp_path / "mined.jsonl"
+    assert main(["--model", str(minilm_path), "--data", str(pairs), "--out", str(out), "--corpus", str(beir),
+                 "--num-negatives", "3", "--range-max", "30", "--no-progress"]) == 0
+    provenance = json.loads((tmp_path / "mined.jsonl.provenance.json").read_text())
+    model = BiEncoder.from_pretrained(minilm_path)
+    assert provenance["fingerprint"] == model.fingerprint() and provenance["settings"]["max_score_ratio"] == 0.95
+    mined = load_pairs(DatasetConfig(path=str(out), columns=provenance["columns"]))
+    assert len(mined) == provenance["rows_out"] > 0 and all(len(n) == 3 for n in mined.negatives)
+
+    corpus = {r["_id"]: (r.get("title", "") + " " + r["text"]).strip() for r in map(json.loads, open(beir / "corpus.jsonl"))}
+    query_id = {r["text"]: r["_id"] for r in map(json.loads, open(beir / "queries.jsonl"))}
+    judged: dict[str, set[str]] = {}
+    for qid, doc, _ in list(csv.reader(open(beir / "qrels" / "train.tsv"), delimiter="\t"))[1:]:
+        judged.setdefault(qid, set()).add(corpus[doc])
+    anchors = model.encode(mined.anchor, kind="query", convert_to_tensor=True)
+    positives = model.encode(mined.positive, convert_to_tensor=True)
+    for i, (anchor, negs) in enumerate(zip(mined.anchor, mined.negatives)):
+        assert not set(negs) & judged[query_id[anchor]], f"row {i}: a judged relevant abstract was mined"
+        scores = model.encode(negs, convert_to_tensor=True) @ anchors[i]
+        assert scores.max() <= 0.95 * (anchors[i] @ positives[i]) + 1e-5, f"row {i}: a negative above the guard"
+    assert provenance["guard_dropped"] > 0  # the guard had work to do
+
+    # Without the judgments (the same corpus as a plain JSONL file), relevant abstracts do get mined:
+    # exclusion by judgment is what kept them out above.
+    plain = tmp_path / "plain.jsonl"
+    assert main(["--model", str(minilm_path), "--data", str(pairs), "--out", str(plain), "--corpus",
+                 str(beir / "corpus.jsonl"), "--num-negatives", "3", "--range-max", "30", "--no-progress"]) == 0
+    unjudged = load_pairs(DatasetConfig(path=str(plain), columns=provenance["columns"]))
+    assert any(set(n) & judged[query_id[a]] for a, n in zip(unjudged.anchor, unjudged.negatives))
+
+
+def test_mining_in_a_run_is_cached_by_fingerprint_and_settings(tmp_path, tiny_bert_path, data_dir):
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [json.loads(line) for line in open(data_dir / "scifact-train-pairs" / "train.jsonl")][:40]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = DatasetConfig(path=str(pairs), hard_negatives=HardNegativesConfig(max_score_ratio=None, range_max=5))
+    encoder = MemoEncoder(BiEncoder.from_pretrained(tiny_bert_path, max_length=32))
+    first = mine_dataset(ds, encoder, tmp_path / "cache", "tiny")
+    assert first.columns == {"anchor": "anchor", "positive": "positive", "negative": "negative"}
+    assert first.name == "pairs" and first.hard_negatives is None
+    mtime = Path(first.path).stat().st_mtime_ns
+    again = mine_dataset(ds, encoder, tmp_path / "cache", "tiny")
+    assert again.path == first.path and Path(first.path).stat().st_mtime_ns == mtime  # read, not mined again
+    wider = DatasetConfig(path=str(pairs), hard_negatives=HardNegativesConfig(max_score_ratio=None, range_max=6))
+    assert mine_dataset(wider, encoder, tmp_path / "cache", "tiny").path != first.path
+    other_model = MemoEncoder(BiEncoder.from_pretrained(tiny_bert_path, max_length=16))
+    assert mine_dataset(ds, other_model, tmp_path / "cache", "tiny").path != first.path
+    loaded = load_pairs(first)
+    assert len(loaded) == 40 and all(len(n) == 1 for n in loaded.negatives)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("{range_min: 5, range_max: 5}", "range_min 5 and range_max 5"),
+    ("{num_negatives: 4, range_max: 3}", "fewer than num_negatives 4"),
+    ("{candidates: sparse}", "candidates: 'sparse' is not one of dense, bm25"),
+    ("{max_score_ratio: 1.5}", "max_score_ratio: 1.5 must be in (0, 1]"),
+    ("{corpus: /no/such/corpus}", "corpus: /no/such/corpus does not exist"),
+    ("{num_negative: 2}", "did you mean 'data.train[0].hard_negatives.num_negatives'"),
+])
+def test_bad_hard_negative_settings_name_the_key(setting, message, data_dir, monkeypatch):
+    monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))
+    path = data_dir / "scifact-train-pairs" / "train.jsonl"
+    with pytest.raises(ConfigError, match="hard_negatives" if "did you" not in message else "unknown") as e:
+        load_config(REPO / "configs" / "smoke.yaml", [f"data.train=[{{path: {path}, hard_negatives: {setting}}}]"])
+    assert message in str(e.value)
+
+
+def test_mining_refuses_a_dataset_that_brings_negatives(data_dir, monkeypatch):
+    path = data_dir / "climate-fever-pairs" / "all.jsonl"
+    with pytest.raises(ConfigError, match=r"data.train\[0\].hard_negatives: the dataset already maps"):
+        load_config(REPO / "configs" / "smoke.yaml", [
+            f"data.train=[{{path: {path}, columns: {{anchor: anchor, positive: positive, negative: negative}}, "
+            "hard_negatives: {}}]"])
+
+
+def test_cli_errors_are_one_line(tmp_path, tiny_bert_path, data_dir, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(open(data_dir / "scifact-train-pairs" / "train.jsonl").readlines()[:30]))
+    args = ["--model", str(tiny_bert_path), "--data", str(pairs), "--out", str(tmp_path / "o.jsonl"), "--no-progress"]
+    assert main([*args, "--range-min", "3", "--range-max", "2"]) == 2
+    assert "error: options: range_min 3 and range_max 2 must satisfy" in capsys.readouterr().err
+    assert main([*args, "--columns", "claim=anchor,abstract=positive"]) == 2
+    assert "column 'claim' (mapped to 'anchor') is not in the data" in capsys.readouterr().err
+    # a guard at 1% of the positive's score leaves no candidate
+    assert main([*args, "--max-score-ratio", "0.01", "--range-max", "3"]) == 2
+    assert "error: no row kept" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()

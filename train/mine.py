@@ -1,0 +1,280 @@
+"""Hard-negative mining: for each (anchor, positive) row, documents that a model ranks high for the anchor but
+that are not relevant to it, written as an ordinary pair file with `negative` columns.
+
+    python -m train.mine --model M --data PAIRS --out TRIPLETS.jsonl [--corpus BEIR_DIR|DOCS.jsonl]
+        [--columns question=anchor,answer=positive] [--num-negatives 1] [--range-min 0] [--range-max 50]
+        [--max-score-ratio 0.95] [--candidates dense|bm25] [--sampling top|random] [--seed 42]
+
+Never mined for an anchor: any positive of a row with the same anchor, the anchor itself, and, with a BEIR
+`--corpus`, every document judged relevant (grade > 0, any split) for a query whose text is the anchor (texts
+compared after whitespace/case normalisation). Ranks count the remaining documents only. The guard drops
+candidates whose cosine with the anchor exceeds `max_score_ratio` x the row's positive's. Rows with fewer
+eligible candidates than `num_negatives` are dropped. The output has `anchor`, `positive` and `negative`
+(`negative_1..k` for k > 1) and sits beside `OUT.provenance.json` (model fingerprint, settings, inputs, counts).
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import BiEncoder, ModelLoadError
+from models.atomic import atomic_write_bytes
+from train.beir import BeirFormatError, load_beir, load_corpus
+from train.bm25 import BM25Index
+from train.config import DatasetConfig, HardNegativesConfig
+from train.data import DataError, PairDataset, load_pairs
+
+log = logging.getLogger("twinfold")
+CACHE_NEUTRAL = ("cache_dir",)  # settings that do not change the mined file
+
+
+def normalize_text(text: str) -> str:
+    """Lowercase with runs of whitespace as one space: the key under which two texts are "equal"."""
+    return " ".join(text.lower().split())
+
+
+class MemoEncoder:
+    """`model.encode` remembering each (kind, text)'s embedding, so that one run encodes a text once."""
+
+    def __init__(self, model: BiEncoder, batch_size: int = 64, show_progress_bar: bool = False):
+        self.model, self.batch_size, self.show_progress_bar = model, batch_size, show_progress_bar
+        self._memo: dict[tuple[str, str], torch.Tensor] = {}
+
+    def remember(self, texts: list[str], kind: str, embeddings: torch.Tensor) -> None:
+        """Use `embeddings` (computed elsewhere, e.g. a stored index) for `texts` instead of encoding them."""
+        self._memo.update({(kind, t): e for t, e in zip(texts, torch.as_tensor(embeddings))})
+
+    def __call__(self, texts: list[str], kind: str) -> torch.Tensor:
+        missing = list(dict.fromkeys(t for t in texts if (kind, t) not in self._memo))
+        if missing:
+            emb = self.model.encode(missing, self.batch_size, kind=kind, convert_to_tensor=True,
+                                    show_progress_bar=self.show_progress_bar)
+            self.remember(missing, kind, emb)
+        return torch.stack([self._memo[(kind, t)] for t in texts]) if texts else torch.empty(0, self.model.dim)
+
+
+@dataclasses.dataclass
+class MinedPairs:
+    """The mined rows (`source_rows[j]` is the input row of row j), their scores and the counts for provenance."""
+
+    anchor: list[str]
+    positive: list[str]
+    negatives: list[list[str]]
+    source_rows: list[int]
+    positive_scores: list[float]
+    negative_scores: list[list[float]]
+    counts: dict
+
+
+def judged_relevant(folder: str | Path) -> dict[str, set[str]]:
+    """Normalised query text -> normalised texts of the documents judged relevant to it in any split of a BEIR folder."""
+    folder = Path(folder)
+    relevant: dict[str, set[str]] = {}
+    for qrels in sorted((folder / "qrels").glob("*.tsv")):
+        data = load_beir(folder, qrels.stem)
+        text_of = dict(zip(data.corpus_ids, data.corpus_texts))
+        for qid, query in zip(data.query_ids, data.query_texts):
+            relevant.setdefault(normalize_text(query), set()).update(
+                normalize_text(text_of[d]) for d, grade in data.qrels[qid].items() if grade > 0)
+    return relevant
+
+
+def mine(pairs: PairDataset, settings: HardNegativesConfig, encoder: MemoEncoder,
+         corpus: list[str] | None = None, judged: dict[str, set[str]] | None = None) -> MinedPairs:
+    """Hard negatives for every row of `pairs` from `corpus` (default: the positives), as the module says."""
+    judged = judged or {}
+    first: dict[str, str] = {}
+    for text in corpus or pairs.positive:
+        first.setdefault(normalize_text(text), text)
+    documents = list(first.values())
+    position = {normalize_text(t): i for i, t in enumerate(documents)}
+    relevant: dict[str, set[str]] = {}
+    for a, p in zip(pairs.anchor, pairs.positive):
+        relevant.setdefault(normalize_text(a), {normalize_text(a)}).add(normalize_text(p))
+    for key, texts in relevant.items():
+        texts.update(judged.get(key, ()))
+    anchors = list(dict.fromkeys(pairs.anchor))
+    anchor_row = {a: i for i, a in enumerate(anchors)}
+    excluded = [sorted(position[t] for t in relevant[normalize_text(a)] if t in position) for a in anchors]
+    doc_emb, anchor_emb = encoder(documents, "document"), encoder(anchors, "query")
+    positive_emb = encoder(pairs.positive, "document")
+    ranked = _ranked_candidates(anchors, documents, anchor_emb, doc_emb, excluded, settings)
+
+    rng = np.random.default_rng(settings.seed)
+    out = MinedPairs([], [], [], [], [], [], {"rows_in": len(pairs), "too_few_candidates": 0, "guard_dropped": 0,
+                                               "relevant_excluded": sum(map(len, excluded)), "documents": len(documents)})
+    for row, (a, p) in enumerate(zip(pairs.anchor, pairs.positive)):
+        k = anchor_row[a]
+        positive_score = float(anchor_emb[k] @ positive_emb[row])
+        candidates = ranked[k]
+        if settings.max_score_ratio is not None:
+            limit = settings.max_score_ratio * positive_score
+            kept = [(i, s) for i, s in candidates if s <= limit]
+            out.counts["guard_dropped"] += len(candidates) - len(kept)
+            candidates = kept
+        if len(candidates) < settings.num_negatives:
+            out.counts["too_few_candidates"] += 1
+            continue
+        if settings.sampling == "random":
+            chosen = sorted(rng.choice(len(candidates), settings.num_negatives, replace=False).tolist())
+            candidates = [candidates[i] for i in chosen]
+        chosen = candidates[:settings.num_negatives]
+        out.anchor.append(a)
+        out.positive.append(p)
+        out.negatives.append([documents[i] for i, _ in chosen])
+        out.source_rows.append(row)
+        out.positive_scores.append(positive_score)
+        out.negative_scores.append([s for _, s in chosen])
+    out.counts["rows_out"] = len(out.anchor)
+    return out
+
+
+def _ranked_candidates(anchors, documents, anchor_emb, doc_emb, excluded, settings) -> list[list[tuple[int, float]]]:
+    """Per anchor: (document index, model score) of the candidates ranked range_min..range_max-1, best first."""
+    deepest = settings.range_max + max(map(len, excluded), default=0)
+    if settings.candidates == "bm25":
+        indices, scores = BM25Index(documents).search(anchors, deepest)
+        # documents sharing no term with the anchor (NaN) are no BM25 candidates
+        order = [[i for i, s in zip(row, row_scores) if not np.isnan(s)]
+                 for row, row_scores in zip(indices.tolist(), scores.tolist())]
+    else:
+        order = []
+        for start in range(0, len(anchors), 256):
+            scores = anchor_emb[start:start + 256] @ doc_emb.T
+            order += scores.topk(min(deepest, len(documents)), dim=1).indices.tolist()
+    ranked = []
+    for k, row in enumerate(order):
+        skip = set(excluded[k])
+        kept = [i for i in row if i not in skip][settings.range_min:settings.range_max]
+        scores = (anchor_emb[k] @ doc_emb[kept].T).tolist() if kept else []
+        ranked.append(list(zip(kept, scores)))
+    return ranked
+
+
+def write_mined(path: str | Path, mined: MinedPairs, provenance: dict) -> dict[str, str]:
+    """Write the pair file and `PATH.provenance.json`; return the file's columns -> roles."""
+    path = Path(path)
+    k = len(mined.negatives[0]) if mined.negatives else 1
+    names = ["negative"] if k == 1 else [f"negative_{j + 1}" for j in range(k)]
+    lines = [json.dumps({"anchor": a, "positive": p, **dict(zip(names, n))}, ensure_ascii=False)
+             for a, p, n in zip(mined.anchor, mined.positive, mined.negatives)]
+    atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
+    provenance = {**provenance, **mined.counts,
+                  "mean_positive_score": float(np.mean(mined.positive_scores)) if mined.positive_scores else None,
+                  "mean_negative_score": float(np.mean(mined.negative_scores)) if mined.negative_scores else None,
+                  "columns": {"anchor": "anchor", "positive": "positive", **{n: "negative" for n in names}}}
+    atomic_write_bytes(provenance_path(path), (json.dumps(provenance, indent=2) + "\n").encode())
+    return provenance["columns"]
+
+
+def provenance_path(path: str | Path) -> Path:
+    return Path(f"{path}.provenance.json")
+
+
+def mining_inputs(ds: DatasetConfig) -> tuple[PairDataset, list[str] | None, dict[str, set[str]]]:
+    """The pairs of `ds`, the corpus of `ds.hard_negatives` (None: the positives) and its judgments."""
+    corpus = ds.hard_negatives.corpus
+    judged = judged_relevant(corpus) if corpus and Path(corpus).is_dir() else {}
+    return load_pairs(ds), list(load_corpus(corpus).values()) if corpus else None, judged
+
+
+def provenance_of(ds: DatasetConfig, model_name: str, fingerprint: str) -> dict:
+    """What the provenance file records besides the counts."""
+    h = ds.hard_negatives
+    return {"model": model_name, "fingerprint": fingerprint,
+            "settings": {k: v for k, v in dataclasses.asdict(h).items() if k not in CACHE_NEUTRAL},
+            "data": ds.path, "corpus": h.corpus or "the positives of the data"}
+
+
+def mine_dataset(ds: DatasetConfig, encoder: MemoEncoder, out_dir: Path, model_name: str) -> DatasetConfig:
+    """Mine `ds` (cached in `out_dir` by a hash of the model, the data, the corpus and the settings); return the
+    config of the mined pair file, which `train.data.load_pairs` reads like any other."""
+    h = ds.hard_negatives
+    pairs, corpus, judged = mining_inputs(ds)
+    provenance = provenance_of(ds, model_name, encoder.model.fingerprint())
+    key = _digest({"model": provenance["fingerprint"], "settings": provenance["settings"],
+                   "rows": [pairs.anchor, pairs.positive], "corpus": corpus,
+                   "judged": sorted((q, sorted(d)) for q, d in judged.items())})
+    path = out_dir / f"{pairs.name}.{key[:16]}.jsonl"
+    if path.exists() and provenance_path(path).exists():
+        provenance = json.loads(provenance_path(path).read_text())
+        log.info("%s: hard negatives from cache %s (%d of %d rows)", pairs.name, path, provenance["rows_out"],
+                 provenance["rows_in"])
+    else:
+        mined = mine(pairs, h, encoder, corpus, judged)
+        if not mined.anchor:
+            raise DataError(f"{ds.path}: hard-negative mining left no row ({mined.counts}); widen "
+                            "hard_negatives.range_max, raise max_score_ratio or give a larger corpus")
+        write_mined(path, mined, {**provenance, "key": key})
+        provenance = json.loads(provenance_path(path).read_text())
+        log.info("%s: mined %d hard negative(s) for %d of %d rows into %s (guard dropped %d candidates, %d rows "
+                 "had too few)", pairs.name, h.num_negatives, mined.counts["rows_out"], len(pairs), path,
+                 mined.counts["guard_dropped"], mined.counts["too_few_candidates"])
+    return dataclasses.replace(ds, path=str(path), columns=provenance["columns"], name=pairs.name, hard_negatives=None)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _columns(text: str) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected source=role pairs, e.g. question=anchor,answer=positive; got {text!r}")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.mine", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="model folder or name (the base model of the training run)")
+    p.add_argument("--data", required=True, help="pair file (.jsonl/.json/.csv/.tsv/.parquet) or hub id")
+    p.add_argument("--out", required=True, type=Path, help="the mined pair file (JSONL)")
+    p.add_argument("--corpus", help="BEIR folder or JSONL of documents (default: the positives of the data)")
+    p.add_argument("--columns", type=_columns, default={}, help="source=role,..., e.g. question=anchor,answer=positive")
+    p.add_argument("--split", default="train", help="split of a hub dataset")
+    defaults = HardNegativesConfig()
+    for name in ("num_negatives", "range_min", "range_max", "max_score_ratio", "seed"):
+        kind = float if name == "max_score_ratio" else int
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
+    p.add_argument("--no-guard", action="store_true", help="keep candidates whatever their score")
+    p.add_argument("--batch-size", type=int, default=64, help="encoding batch")
+    p.add_argument("--candidates", choices=("dense", "bm25"), default=defaults.candidates)
+    p.add_argument("--sampling", choices=("top", "random"), default=defaults.sampling)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from train.config import ConfigError, check_hard_negatives
+
+    settings = HardNegativesConfig(args.num_negatives, args.range_min, args.range_max,
+                                   None if args.no_guard else args.max_score_ratio, args.candidates, args.sampling,
+                                   args.corpus, args.seed)
+    ds = DatasetConfig(path=args.data, columns=args.columns, split=args.split, hard_negatives=settings)
+    try:
+        check_hard_negatives(ds, "options")
+        model = BiEncoder.from_pretrained(args.model)
+        encoder = MemoEncoder(model, args.batch_size, show_progress_bar=not args.no_progress)
+        pairs, corpus, judged = mining_inputs(ds)
+        mined = mine(pairs, settings, encoder, corpus, judged)
+    except (ConfigError, DataError, BeirFormatError, ModelLoadError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not mined.anchor:
+        print(f"error: no row kept ({mined.counts}); widen --range-max, raise --max-score-ratio or give --corpus",
+              file=sys.stderr)
+        return 2
+    write_mined(args.out, mined, provenance_of(ds, args.model, model.fingerprint()))
+    c = mined.counts
+    print(f"wrote {c['rows_out']} of {c['rows_in']} rows with {settings.num_negatives} negative(s) to {args.out} "
+          f"({c['documents']} documents; guard dropped {c['guard_dropped']} candidates; "
+          f"{c['too_few_candidates']} rows had too few)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Before training: mine hard negatives with the base model, load the pairs, check them for eval overlap and
+duplicates (train.leakage), and drop what `data.drop_eval_overlap` / `data.dedup` ask for.
+
+The main process does the work; the others receive the mined file paths and the rows to keep.
+"""
+import json
+import logging
+from pathlib import Path
+
+from accelerate.utils import broadcast_object_list
+
+from models import BiEncoder
+from train.beir import load_beir
+from train.config import Config
+from train.data import PairDataset, load_pairs
+from train.leakage import check_datasets, summary_lines
+from train.mine import MemoEncoder, mine_dataset, provenance_path
+
+log = logging.getLogger("twinfold")
+
+
+def prepare_data(cfg: Config, model: BiEncoder, out: Path, accelerator) -> tuple[list[PairDataset], dict]:
+    """The training datasets, and what was done to them: {"hard_negatives": [provenance...], "leakage": [...]}."""
+    configs, keep, report = list(cfg.data.train), None, {}
+    if accelerator.is_main_process:
+        encoder = MemoEncoder(model.to(accelerator.device), cfg.eval.batch_size)
+        configs = [mine_dataset(d, encoder, Path(d.hard_negatives.cache_dir or out / "mined"), cfg.model.name_or_path)
+                   if d.hard_negatives else d for d in configs]
+        datasets = [load_pairs(d) for d in configs]
+        e = cfg.eval
+        eval_data = load_beir(e.data, e.split, ignore_identical_ids=e.ignore_identical_ids) if e.data else None
+        keep, checks = check_datasets(datasets, encoder, eval_data, cfg.data.dedup, cfg.data.drop_eval_overlap)
+        for line in summary_lines(checks):
+            log.info("%s", line)
+        mined = [json.loads(provenance_path(c.path).read_text()) for c, d in zip(configs, cfg.data.train)
+                 if d.hard_negatives]
+        report = {"hard_negatives": mined, "leakage": checks}
+    if accelerator.num_processes > 1:
+        configs, keep, report = broadcast_object_list([configs, keep, report])
+        if not accelerator.is_main_process:
+            datasets = [load_pairs(d) for d in configs]
+    return [_rows(ds, rows) for ds, rows in zip(datasets, keep)], report
+
+
+def _rows(ds: PairDataset, rows: list[int]) -> PairDataset:
+    return ds if len(rows) == len(ds) else ds.select(rows)
