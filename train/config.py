@@ -72,6 +72,7 @@ class DataConfig:
     cache_dir: str | None = None  # tokenized datasets; null: $TWINFOLD_CACHE or ~/.cache/twinfold
     dedup: bool = False  # drop duplicate and near-duplicate (cosine >= 0.95) training pairs, keeping the first
     drop_eval_overlap: bool = False  # drop pairs whose anchor or positive (nearly) equals an eval query or judged doc
+    near_check_rows: int | None = 50_000  # near (cosine) checks encode every text: only datasets up to this size
 
 
 @dataclass

@@ -7,44 +7,58 @@ have cosine >= `NEAR` with an earlier row's ("near"). Each is counted with examp
 and `data.dedup` drop the rows (duplicates keep their first row). Comparing rows is quadratic in the rows of a
 dataset, done in chunks.
 """
+import logging
+
 import torch
 
 from train.beir import BeirData
 from train.data import PairDataset
 from train.mine import MemoEncoder, normalize_text
 
+log = logging.getLogger("twinfold")
 NEAR = 0.95
 EXAMPLES = 5
 CHUNK = 1024
 
 
 def check_datasets(datasets: list[PairDataset], encoder: MemoEncoder, eval_data: BeirData | None,
-                   dedup: bool = False, drop_eval_overlap: bool = False) -> tuple[list[list[int]], list[dict]]:
-    """Rows to keep in each dataset, and a report per dataset (counts, examples, rows dropped)."""
+                   dedup: bool = False, drop_eval_overlap: bool = False,
+                   near_rows: int | None = None) -> tuple[list[list[int]], list[dict]]:
+    """Rows to keep in each dataset, and a report per dataset (counts, examples, rows dropped).
+
+    Exact matches are always checked (hashes of normalised texts); near ones (cosine with the base model, which
+    encodes every training text) only in datasets of at most `near_rows` rows (None: all), and the report says so.
+    """
     eval_texts = _eval_texts(eval_data) if eval_data is not None else []
     keep, reports = [], []
     for ds in datasets:
-        overlap = eval_overlap(ds, encoder, eval_texts) if eval_texts else {}
-        duplicates = duplicate_rows(ds, encoder)
+        near = near_rows is None or len(ds) <= near_rows
+        if not near:
+            log.info("%s: %d rows, more than data.near_check_rows (%d): near-duplicate and near-overlap checks "
+                     "skipped, exact ones done", ds.name, len(ds), near_rows)
+        overlap = eval_overlap(ds, encoder, eval_texts, near) if eval_texts else {}
+        duplicates = duplicate_rows(ds, encoder, near)
         drop = set(overlap) if drop_eval_overlap else set()
         drop |= set(duplicates) if dedup else set()
         keep.append([i for i in range(len(ds)) if i not in drop])
         reports.append({"dataset": ds.name, "rows": len(ds), "eval_overlap": _summary(overlap),
-                        "duplicates": _summary(duplicates), "dropped": len(drop)})
+                        "duplicates": _summary(duplicates), "dropped": len(drop), "near_checked": near})
     return keep, reports
 
 
-def eval_overlap(ds: PairDataset, encoder: MemoEncoder, eval_texts: list[tuple[str, str, str]]) -> dict[int, dict]:
-    """Row -> its strongest match among `eval_texts` (kind, id, text) for rows whose anchor or positive matches."""
+def eval_overlap(ds: PairDataset, encoder: MemoEncoder, eval_texts: list[tuple[str, str, str]],
+                 near: bool = True) -> dict[int, dict]:
+    """Row -> its strongest match among `eval_texts` (kind, id, text) for rows whose anchor or positive matches
+    (exactly after normalisation, or with `near` at cosine >= NEAR)."""
     exact = {normalize_text(text): (kind, eid) for kind, eid, text in eval_texts}
     eval_emb = torch.cat([encoder([t for k, _, t in eval_texts if k == "query"], "query"),
-                          encoder([t for k, _, t in eval_texts if k == "document"], "document")])
+                          encoder([t for k, _, t in eval_texts if k == "document"], "document")]) if near else None
     ordered = [e for e in eval_texts if e[0] == "query"] + [e for e in eval_texts if e[0] == "document"]
     found: dict[int, dict] = {}
     for role, texts, kind in (("anchor", ds.anchor, "query"), ("positive", ds.positive, "document")):
         unique = list(dict.fromkeys(texts))
         best_score, best = torch.full((len(unique),), -2.0), torch.zeros(len(unique), dtype=torch.long)
-        for start in range(0, len(unique), CHUNK):
+        for start in range(0, len(unique), CHUNK) if near else ():
             scores = encoder(unique[start:start + CHUNK], kind) @ eval_emb.T
             best_score[start:start + CHUNK], best[start:start + CHUNK] = scores.max(dim=1)
         match = {t: (float(s), int(b)) for t, s, b in zip(unique, best_score.tolist(), best.tolist())}
@@ -61,8 +75,9 @@ def eval_overlap(ds: PairDataset, encoder: MemoEncoder, eval_texts: list[tuple[s
     return found
 
 
-def duplicate_rows(ds: PairDataset, encoder: MemoEncoder) -> dict[int, dict]:
-    """Row -> the earlier row it duplicates, exactly (normalised anchor and positive) or nearly (both cosines)."""
+def duplicate_rows(ds: PairDataset, encoder: MemoEncoder, near: bool = True) -> dict[int, dict]:
+    """Row -> the earlier row it duplicates, exactly (normalised anchor and positive) or, with `near`, nearly
+    (both cosines >= NEAR)."""
     found: dict[int, dict] = {}
     first: dict[tuple[str, str], int] = {}
     for row, pair in enumerate(zip(ds.anchor, ds.positive)):
@@ -71,6 +86,8 @@ def duplicate_rows(ds: PairDataset, encoder: MemoEncoder) -> dict[int, dict]:
             found[row] = {"kind": "exact", "row": row, "duplicate_of": first[key], "cosine": None,
                           "text": _short(ds.anchor[row], 200)}
         first.setdefault(key, row)
+    if not near:
+        return found
     anchors, positives = encoder(ds.anchor, "query"), encoder(ds.positive, "document")
     for start in range(0, len(ds), CHUNK):
         both = torch.minimum(anchors[start:start + CHUNK] @ anchors.T, positives[start:start + CHUNK] @ positives.T)

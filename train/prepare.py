@@ -29,7 +29,8 @@ def prepare_data(cfg: Config, model: BiEncoder, out: Path, accelerator) -> tuple
         datasets = [load_pairs(d) for d in configs]
         e = cfg.eval
         eval_data = load_beir(e.data, e.split, ignore_identical_ids=e.ignore_identical_ids) if e.data else None
-        keep, checks = check_datasets(datasets, encoder, eval_data, cfg.data.dedup, cfg.data.drop_eval_overlap)
+        keep, checks = check_datasets(datasets, encoder, eval_data, cfg.data.dedup, cfg.data.drop_eval_overlap,
+                                      cfg.data.near_check_rows)
         for line in summary_lines(checks):
             log.info("%s", line)
         mined = [json.loads(provenance_path(c.path).read_text()) for c, d in zip(configs, cfg.data.train)
