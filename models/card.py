@@ -85,7 +85,8 @@ def _usage(model) -> str:
     prefixes = (f"Queries take the prefix {q!r}" if q else "Queries take no prefix") + \
         (f" and documents {d!r}." if d else "; documents take none.")
     pooling = {"mean": "(out * mask).sum(1) / mask.sum(1)", "cls": "out[:, 0]",
-               "max": "out.masked_fill(mask == 0, -1e9).max(1).values"}[s.pooling]
+               "max": "out.masked_fill(mask == 0, -1e9).max(1).values"}.get(s.pooling)
+    plain = pooling is not None and not len(model.head)  # other poolings and Dense heads: not a one-liner
     lines = [
         "## Usage", "", prefixes + f" Texts are truncated at {s.max_length} tokens.", "",
         "sentence-transformers:", "", "```python", "from sentence_transformers import SentenceTransformer", "",
@@ -93,15 +94,17 @@ def _usage(model) -> str:
         f'query = model.encode(["a question"]{st_query})',
         f'docs = model.encode(["a document", "another"]{st_doc})',
         "scores = model.similarity(query, docs)", "```", "",
-        "transformers:", "", "```python", "import torch", "from transformers import AutoModel, AutoTokenizer", "",
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/model")',
-        'model = AutoModel.from_pretrained("path/to/this/model")',
-        f"batch = tokenizer([{q + 'a question'!r}], padding=True, truncation=True, max_length={s.max_length}, "
-        "return_tensors=\"pt\")" + (f"  # documents: {d!r} + text" if d else ""),
-        "with torch.no_grad():", "    out = model(**batch).last_hidden_state",
-        "mask = batch[\"attention_mask\"].unsqueeze(-1).float()",
-        f"emb = {pooling}",
-        *(["emb = torch.nn.functional.normalize(emb, dim=-1)"] if s.normalize else []), "```", "",
+        *(["transformers:", "", "```python", "import torch", "from transformers import AutoModel, AutoTokenizer", "",
+           'tokenizer = AutoTokenizer.from_pretrained("path/to/this/model")',
+           'model = AutoModel.from_pretrained("path/to/this/model")',
+           f"batch = tokenizer([{q + 'a question'!r}], padding=True, truncation=True, max_length={s.max_length}, "
+           "return_tensors=\"pt\")" + (f"  # documents: {d!r} + text" if d else ""),
+           "with torch.no_grad():", "    out = model(**batch).last_hidden_state",
+           "mask = batch[\"attention_mask\"].unsqueeze(-1).float()",
+           f"emb = {pooling}",
+           *(["emb = torch.nn.functional.normalize(emb, dim=-1)"] if s.normalize else []), "```", ""] if plain else
+          [f"transformers alone does not apply this model's {s.pooling} pooling"
+           + (" and Dense head" if len(model.head) else "") + "; use sentence-transformers or twinfold.", ""]),
         "twinfold:", "", "```python", "from models import BiEncoder", "",
         'model = BiEncoder.from_pretrained("path/to/this/model")',
         'query = model.encode(["a question"], kind="query")            # adds the query prefix',
