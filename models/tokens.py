@@ -38,6 +38,23 @@ class TextTokenizer:
                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
         return [len(x) for x in ids]
 
+    def ids_and_lengths(self, texts: Sequence[str], kind: str) -> tuple[list[list[int]], list[int]]:
+        """`ids` and `lengths` in one tokenization pass: the fast tokenizer's encodings are truncated and given
+        their special tokens as its own truncation would (other tokenizers: two passes)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or backend.post_processor is None:
+            return self.ids(texts, kind), self.lengths(texts, kind)
+        backend = backend.__class__.from_str(backend.to_str())  # a copy: no truncation or padding state to share
+        backend.no_truncation()
+        backend.no_padding()
+        special = backend.post_processor.num_special_tokens_to_add(False)
+        ids, lengths = [], []
+        for encoding in backend.encode_batch(self.prefixed(texts, kind), add_special_tokens=False):
+            lengths.append(len(encoding) + special)
+            encoding.truncate(max(0, self.max_length - special))
+            ids.append(backend.post_process(encoding).ids)
+        return ids, lengths
+
     def fingerprint(self) -> str:
         """Hash of everything that decides the token ids: vocabulary and rules, prefixes, `max_length`."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)

@@ -269,12 +269,8 @@ def _tokenize_batch(batch: dict[str, list[str]], tokenizer: TextTokenizer) -> di
     """Ids, text keys and whether each text was truncated, for every role of a batch of rows."""
     out = {}
     for role, texts in batch.items():
-        kind = KIND[role.split("_")[0]]
-        ids = tokenizer.ids(texts, kind)
-        at_limit = [i for i, x in enumerate(ids) if len(x) >= tokenizer.max_length]
-        longer = {i for i, n in zip(at_limit, tokenizer.lengths([texts[i] for i in at_limit], kind))
-                  if n > tokenizer.max_length}
+        ids, lengths = tokenizer.ids_and_lengths(texts, KIND[role.split("_")[0]])
         out[f"{role}_ids"] = ids
         out[f"{role}_key"] = text_keys(texts).tolist()
-        out[f"{role}_truncated"] = [i in longer for i in range(len(texts))]
+        out[f"{role}_truncated"] = [n > tokenizer.max_length for n in lengths]
     return out
