@@ -4,10 +4,10 @@
 
 Per N, a seeded JSONL of N (anchor, positive) pairs (about 15 and 120 words drawn from a fixed vocabulary) is
 written into a temporary folder. Then a fresh child process runs the smoke recipe on it (`model.max_length=32`,
-`train.batch_size=8`, `train.max_steps=2`, a fresh `data.cache_dir` and Hugging Face datasets cache) twice:
-cold (nothing cached) and warm (the token cache and the datasets Arrow copy reused). The times come from the
-run's own log lines; peak RSS is the largest resident set of the training process and the workers it started
-(`wait4`).
+InfoNCE alone, `train.batch_size=8`, `train.max_steps=2`, a fresh `data.cache_dir` and Hugging Face datasets
+cache) twice: cold (nothing cached) and warm (the token cache and the datasets Arrow copy reused). The times
+come from the run's own log lines; peak RSS is the largest resident set of the training process and of the
+workers it started (`wait4`).
 """
 import argparse
 import json
@@ -58,8 +58,9 @@ def write_pairs(path: Path, rows: int, seed: int = SEED, block: int = 10_000) ->
 def run_training(data: Path, work: Path, model: str, name: str) -> dict:
     """One `python -m train` child on `data`; its phase times (s) from launch, peak RSS (bytes) and wall time."""
     out = work / name
-    overrides = [f"model.name_or_path={model}", "model.max_length=32", "train.batch_size=8", "train.max_steps=2",
-                 "train.save_steps=null", f"train.output_dir={out}", f"data.cache_dir={work / 'token-cache'}",
+    overrides = [f"model.name_or_path={model}", "model.max_length=32", "loss.matryoshka_dims=[]", "train.batch_size=8",
+                 "train.max_steps=2", "train.save_steps=null", f"train.output_dir={out}",
+                 f"data.cache_dir={work / 'token-cache'}",
                  "data.train=[{path: %s, columns: {anchor: anchor, positive: positive}}]" % data]
     env = dict(os.environ, HF_DATASETS_CACHE=str(work / "hf-datasets"),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
