@@ -109,7 +109,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="100000,1000000", help="comma-separated dataset sizes")
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="model (and tokenizer)")
-    parser.add_argument("--workdir", help="where the data and caches go (default: a temporary folder, removed)")
+    parser.add_argument("--workdir", help="where the data, caches and run logs go and stay (default: a temporary "
+                        "folder, removed)")
     args = parser.parse_args()
     sizes = [int(n) for n in args.rows.split(",")]
     root = Path(args.workdir or tempfile.mkdtemp(prefix="twinfold-bench-data-"))
@@ -127,7 +128,8 @@ def main() -> None:
             runs = {"cold": run_training(data, work, args.model, "cold")}
             runs["warm"] = run_training(data, work, args.model, "warm")
             print("\n".join(table_rows(rows, runs)), flush=True)
-            shutil.rmtree(work)
+            if not args.workdir:
+                shutil.rmtree(work)
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
