@@ -1,5 +1,6 @@
 """The benchmark scripts at toy size: they run, and their correctness checks against sentence-transformers pass
 (same losses after the same updates; same float32 embeddings). Their timings are not checked here."""
+import json
 import os
 import subprocess
 import sys
@@ -45,3 +46,27 @@ def test_encoder_flops_by_hand(tiny_bert_path):
     # plus attention 4 * n * 128
     assert flops == 2 * (3 * (262144 + 4 * 3 * 128) + 4 * (262144 + 4 * 4 * 128))
     assert encoder_flops(["cell"], 2, training=True, model=str(tiny_bert_path)) == (3 * 2 * 2 * (262144 + 4 * 2 * 128), [2])
+
+
+def test_bench_data_runs_training_cold_then_warm_and_prints_the_table(data_dir, tiny_bert_path, tmp_path):
+    out = run_script("bench_data.py", "--rows", "300", "--model", str(tiny_bert_path), "--workdir", str(tmp_path),
+                     data_dir=data_dir)
+    table = [line.split("|") for line in out.splitlines() if line.startswith("| 300 |")]
+    rows = {cells[2].strip(): cells[3:-1] for cells in table}
+    assert set(rows) == {"cold", "warm"}
+    for cells in rows.values():  # rows/s, load + validate, tokenize, then to the loop, to first step, peak RSS (GB)
+        numbers = [float(c.replace(",", "")) for c in cells]
+        assert len(numbers) == 6 and all(n >= 0 for n in numbers) and numbers[-1] > 0.1
+
+
+def test_bench_data_pairs_are_seeded_with_the_promised_lengths(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_data import write_pairs
+
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        write_pairs(tmp_path / f"{name}.jsonl", 25, seed=seed, block=10)
+    files = [(tmp_path / f"{name}.jsonl").read_bytes() for name in "abc"]
+    assert files[0] == files[1] != files[2]
+    pairs = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert len(pairs) == 25 and len({p["anchor"] for p in pairs}) == 25
+    assert all(10 <= len(p["anchor"].split()) <= 20 and 100 <= len(p["positive"].split()) <= 140 for p in pairs)

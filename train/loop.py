@@ -155,8 +155,10 @@ def train(cfg: Config) -> Path:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         check_output_dir(out, weight_bytes * (3 * (t.save_total_limit + 1) + 1))
         save_config(cfg, out / "config.yaml")
+    log.info("preparing %d training datasets", len(cfg.data.train))
     datasets, data_report = prepare_data(cfg, model, out, accelerator)  # mining, eval-overlap and duplicate checks
-    with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
+    # the main process tokenizes first, then each machine's first process (its cache may be on a disk of its own)
+    with accelerator.main_process_first(), accelerator.local_main_process_first():
         tokenized = [tokenize_pairs(ds, model.text_tokenizer, cache_root(cfg.data.cache_dir)) for ds in datasets]
     if main:
         report_truncation(tokenized, model.max_length)
@@ -198,6 +200,7 @@ def train(cfg: Config) -> Path:
     progress = tqdm(total=total_steps, initial=state["step"], disable=not main, desc="train")
     wrapped.train()
     window = Window()
+    log.info("training from step %d to step %d", state["step"], total_steps)
     stop = StopOnSignal().install()
     while state["step"] < total_steps:
         inputs = [next(loader) for _ in range(t.grad_accum)]

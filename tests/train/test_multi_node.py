@@ -1,0 +1,49 @@
+"""Training across machines: two `accelerate launch` runs with configs/accelerate_multi_node.yaml (machine ranks 0 and
+1, one process each, gloo on CPU, 127.0.0.1), each with caches of its own as on separate machines, give the losses
+and weights of one process with the same global batch."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+from test_train import REPO, max_diff, run_train, weights
+
+OVERRIDES = ("train.lr=2e-4", "train.max_steps=3", "train.save_steps=null", "model.dropout=0.0")
+
+
+def launch_machine(rank: int, port: int, out, tiny, tmp_path) -> subprocess.Popen:
+    """Machine `rank` of 2 of the smoke recipe on the tiny BERT; its token and datasets caches are its own."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate_multi_node.yaml",
+           "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+           "--main_process_port", str(port), "--mixed_precision", "no",
+           "-m", "train", "configs/smoke.yaml", f"train.output_dir={out}", f"model.name_or_path={tiny}",
+           "model.max_length=32", "loss.matryoshka_dims=[128,64]", *OVERRIDES]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TWINFOLD_NUM_THREADS": "1",
+           "TWINFOLD_CACHE": str(tmp_path / f"machine-{rank}" / "twinfold"),
+           "HF_DATASETS_CACHE": str(tmp_path / f"machine-{rank}" / "datasets")}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_machines_give_the_losses_and_weights_of_one_process(tmp_path, tiny_bert_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = tmp_path / "two-machines"
+    machines = [launch_machine(rank, port, two, tiny_bert_path, tmp_path) for rank in (0, 1)]
+    errors = [m.communicate(timeout=600)[1] for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], "\n".join(e[-3000:] for e in errors)
+    rng_states = torch.load(two / "checkpoints" / "step-3" / "rng.pt", weights_only=False)
+    assert len(rng_states) == 2  # the final checkpoint gathered both processes: they formed one group
+    # each machine tokenized into its own cache: nothing was shared but the network
+    for rank in (0, 1):
+        assert len(list((tmp_path / f"machine-{rank}" / "twinfold" / "tokens").iterdir())) == 1
+
+    one = run_train(tmp_path, "one", *OVERRIDES, tiny=tiny_bert_path)
+    losses = [[json.loads(line)["loss"] for line in (o / "metrics.jsonl").read_text().splitlines()] for o in (one, two)]
+    assert len(losses[0]) == 3
+    assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5)
+    start, w1, w2 = weights(tiny_bert_path), weights(one / "final"), weights(two / "final")
+    assert max_diff(w1, start) > 2e-4  # training moved the weights (Adam: about lr per step)
+    assert max_diff(w1, w2) < 1e-5
