@@ -17,7 +17,7 @@ from models.pooling import POOLING_MODES, pool
 from models.quantize import (COMPUTES, PRECISIONS, Int8Calibration, calibrate_int8, int8_linear_copy,
                              quantize_binary, quantize_int8)
 from models.resolve import describe_attempts, resolve_model_path
-from models.runtime import loader_settings
+from models.runtime import loader_settings, pad_multiple
 from models.tokens import Padder, TextTokenizer
 
 TWINFOLD_FILE = "twinfold.json"
@@ -181,8 +181,8 @@ class BiEncoder(nn.Module):
 
     @property
     def padder(self) -> Padder:
-        """Pads token ids into encoder inputs (picklable, for DataLoader workers)."""
-        return Padder.for_tokenizer(self.tokenizer)
+        """Pads token ids into encoder inputs for this model's device (picklable, for DataLoader workers)."""
+        return Padder.for_tokenizer(self.tokenizer, pad_multiple(self.device), self.settings.max_length)
 
     def token_lengths(self, texts: list[str], kind: str = "document") -> list[int]:
         """Tokens in each text with the kind's prefix and special tokens, before truncation."""

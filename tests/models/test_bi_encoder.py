@@ -9,6 +9,8 @@ import torch
 
 from models import BiEncoder, EmbeddingSet, FingerprintMismatch, ModelLoadError, truncate
 from models.embeddings import similarity
+from models.pooling import POOLING_MODES
+from models.tokens import Padder
 from models.quantize import calibrate_int8, dequantize_int8, quantize_binary, quantize_int8, unpack_binary
 
 
@@ -89,6 +91,18 @@ def test_padding_and_length_sorting_do_not_change_vectors(tiny_bert_path):
     many = model.encode(texts, batch_size=3)
     assert np.abs(one - many).max() < 1e-5
     np.testing.assert_allclose(np.linalg.norm(one, axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", sorted(POOLING_MODES))
+def test_widths_rounded_up_by_the_padder_do_not_change_vectors(tiny_bert_path, pooling):
+    """GPUs pad to multiples of 16 (`models.runtime.pad_multiple`): the extra padding is masked everywhere."""
+    model = BiEncoder.from_pretrained(tiny_bert_path, pooling=pooling).eval()
+    ids = model.token_ids(["short", "a much longer text about proteins and cells", "x"], "document")
+    with torch.no_grad():
+        plain = model.embed_tokens(**Padder.for_tokenizer(model.tokenizer)(ids))
+        rounded = model.embed_tokens(**Padder.for_tokenizer(model.tokenizer, multiple=16)(ids))
+    assert Padder.for_tokenizer(model.tokenizer, multiple=16)(ids)["input_ids"].shape[1] == 16
+    torch.testing.assert_close(rounded, plain, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
