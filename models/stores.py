@@ -148,6 +148,10 @@ def load_pgvector(conn, corpus: EmbeddingSet, table: str = DEFAULT_TABLE, column
     name = sql.Identifier(table)
     with conn.transaction():
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        version = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()[0]
+        if column != "vector" and tuple(int(x) for x in version.split(".")[:2]) < (0, 7):
+            raise ValueError(f"{column} columns with an HNSW index need pgvector >= 0.7; this server has {version}: "
+                             "upgrade the extension or use --column vector")
         exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name.as_string(conn),)).fetchone()[0]
         if exists and not overwrite and _table_settings(conn, table) is None:
             raise OverwriteRefused(f"table {table} exists and was not made by twinfold; nothing was changed. "
@@ -256,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, psycopg.Error) as e:  # ValueError: FingerprintMismatch; OSError: OverwriteRefused
         print(f"error: {e}", file=sys.stderr)
         return 2
+    hnsw = args.store == "pgvector" or args.index.endswith("hnsw")
     print(f"recall@{args.k} against exact search: {recall_at_k(found, exact, args.k):.4f} ({len(found)} queries, "
-          f"ef_search {args.ef_search}, {seconds * 1000 / len(found):.2f} ms per query)")
+          + (f"ef_search {args.ef_search}, " if hnsw else "") + f"{seconds * 1000 / len(found):.2f} ms per query)")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random BERT, the real all-MiniLM-L6-v2 folder, the shared data folder, a PostgreSQL server."""
+"""Shared fixtures: a tiny random BERT, the real all-MiniLM-L6-v2, the shared data folder, a PostgreSQL server."""
 import os
 import tempfile
 from pathlib import Path
