@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save
 
 from models.atomic import OverwriteRefused, atomic_write_bytes
@@ -108,8 +108,12 @@ class EmbeddingSet:
             starts, steps = (np.asarray(json.loads(meta[key]), np.float32) if key in meta else None
                              for key in ("int8_starts", "int8_steps"))
         else:
-            with safe_open(str(path), "np") as f:
-                meta = f.metadata() or {}
+            try:
+                with safe_open(str(path), "np") as f:
+                    meta = f.metadata() or {}
+            except SafetensorError as e:
+                raise ValueError(f"{path}: not a twinfold embedding file (neither Parquet nor safetensors: "
+                                 f"{e})") from None
             _check_fingerprint(path, meta)
             tensors = load_file(str(path))
             embeddings, ids = tensors["embeddings"], json.loads(meta["ids"])

@@ -136,3 +136,10 @@ def test_parquet_output_is_plain_parquet_and_updates_in_place(tiny_bert_path, do
                  "--format", "parquet"]) == 2
     assert "notes.parquet exists and is not a twinfold embedding file" in capsys.readouterr().err
     assert (tmp_path / "notes.parquet").read_bytes() == before
+
+
+def test_a_file_that_is_no_embedding_file_is_a_one_line_error(tiny_bert_path, tmp_path, capsys):
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"text": "not embeddings"}\n')
+    assert main(["--model", str(tiny_bert_path), "--check", str(notes)]) == 2
+    assert f"error: {notes}: not a twinfold embedding file (neither Parquet nor safetensors" in capsys.readouterr().err
