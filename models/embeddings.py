@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save
 
-from models.atomic import OverwriteRefused, atomic_write_bytes
-from models.quantize import Int8Calibration
+from twinfold.models.atomic import OverwriteRefused, atomic_write_bytes
+from twinfold.models.quantize import Int8Calibration
 
 
 FORMATS = ("safetensors", "parquet")

@@ -34,10 +34,10 @@ try:
 except ImportError as e:
     raise ImportError(f"models.stores needs faiss-cpu and psycopg: pip install 'twinfold[stores]' ({e})") from None
 
-from models.atomic import OverwriteRefused, atomic_write_bytes
-from models.embeddings import EmbeddingSet, check_same_model
-from models.quantize import dequantize_int8, quantize_binary
-from models.search import RESCORE_MULTIPLIER, binary_search, exact_search, rescore_binary
+from twinfold.models.atomic import OverwriteRefused, atomic_write_bytes
+from twinfold.models.embeddings import EmbeddingSet, check_same_model
+from twinfold.models.quantize import dequantize_int8, quantize_binary
+from twinfold.models.search import RESCORE_MULTIPLIER, binary_search, exact_search, rescore_binary
 
 FAISS_INDEXES = ("flat", "hnsw", "binary-flat", "binary-hnsw")
 PG_OPCLASSES = {"vector": "vector_ip_ops", "halfvec": "halfvec_ip_ops", "bit": "bit_hamming_ops"}

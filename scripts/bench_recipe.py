@@ -51,8 +51,8 @@ def st_train(cfg, out: Path) -> None:
                                                                    MatryoshkaLoss, MultipleNegativesRankingLoss)
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
-    from models import resolve_model_path
-    from train.data import load_pairs
+    from twinfold.models import resolve_model_path
+    from twinfold.train.data import load_pairs
 
     t, loss_cfg = cfg.train, cfg.loss
     pairs = load_pairs(cfg.data.train[0])
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--st-child", action="store_true", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
-    from train.config import load_config
+    from twinfold.train.config import load_config
 
     cfg = load_config(args.config, overrides)
     if args.st_child:

@@ -21,11 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import machine  # noqa: E402
 
-from models.embeddings import EmbeddingSet  # noqa: E402
-from models.stores import (build_faiss, exact_hits, faiss_search, load_pgvector, pgvector_search,  # noqa: E402
+from twinfold.models.embeddings import EmbeddingSet  # noqa: E402
+from twinfold.models.stores import (build_faiss, exact_hits, faiss_search, load_pgvector, pgvector_search,  # noqa: E402
                            query_vectors, recall_at_k)
-from train.beir import load_beir  # noqa: E402
-from train.metrics import evaluate_run  # noqa: E402
+from twinfold.train.beir import load_beir  # noqa: E402
+from twinfold.train.metrics import evaluate_run  # noqa: E402
 
 FAISS = ("flat", "hnsw", "binary-flat", "binary-hnsw")
 PGVECTOR = ("vector", "halfvec", "bit")

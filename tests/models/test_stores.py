@@ -7,14 +7,14 @@ import numpy as np
 import psycopg
 import pytest
 
-from models import BiEncoder, EmbeddingSet, FingerprintMismatch
-from models.atomic import OverwriteRefused
-from models.quantize import calibrate_int8, quantize_int8
-from models.search import int8_search
-from models.stores import (build_faiss, exact_hits, faiss_search, load_pgvector, main, pgvector_search,
+from twinfold.models import BiEncoder, EmbeddingSet, FingerprintMismatch
+from twinfold.models.atomic import OverwriteRefused
+from twinfold.models.quantize import calibrate_int8, quantize_int8
+from twinfold.models.search import int8_search
+from twinfold.models.stores import (build_faiss, exact_hits, faiss_search, load_pgvector, main, pgvector_search,
                            query_vectors, recall_at_k, store_vectors)
-from train.beir import load_beir
-from train.evaluate import RetrievalEvaluator
+from twinfold.train.beir import load_beir
+from twinfold.train.evaluate import RetrievalEvaluator
 
 REPO = Path(__file__).resolve().parents[2]
 
