@@ -39,7 +39,7 @@ class EmbeddingSet:
 
     `dim`: the vectors' dimension (default: the width of float32 and int8 rows; binary rows pack `dim` sign
     bits, so it must be given). `hashes` (content hashes of the embedded texts, in `ids` order), `kind` and
-    `compute` let `python -m models.encode --update` keep the rows whose text is unchanged.
+    `compute` let `python -m twinfold.models.encode --update` keep the rows whose text is unchanged.
     """
 
     embeddings: np.ndarray

@@ -1,9 +1,9 @@
 """Vector stores for an embedding file: FAISS indexes and PostgreSQL tables with pgvector, and top-k search
 through them, measured against exact search.
 
-    python -m models.stores faiss --embeddings CORPUS [--index flat|hnsw|binary-flat|binary-hnsw]
+    python -m twinfold.models.stores faiss --embeddings CORPUS [--index flat|hnsw|binary-flat|binary-hnsw]
         [--out FILE.faiss] [--queries QUERIES] [--k 10] [--m 32] [--ef-construction 200] [--ef-search 128]
-    python -m models.stores pgvector --embeddings CORPUS --dsn postgresql://... [--table NAME]
+    python -m twinfold.models.stores pgvector --embeddings CORPUS --dsn postgresql://... [--table NAME]
         [--column vector|halfvec|bit] [--queries QUERIES] [--k 10] [--m 16] [--ef-construction 64]
         [--ef-search 100]
 
@@ -179,7 +179,7 @@ def pgvector_search(conn, queries: EmbeddingSet, k: int, table: str = DEFAULT_TA
     """
     settings = _table_settings(conn, table)
     if settings is None:
-        raise ValueError(f"table {table} was not made by twinfold (load it with python -m models.stores pgvector)")
+        raise ValueError(f"table {table} was not made by twinfold (load it with python -m twinfold.models.stores pgvector)")
     vectors = query_vectors(queries, settings["fingerprint"], settings["similarity"], settings["dim"])
     column, dim = settings["column"], settings["dim"]
     binary = column == "bit"
@@ -227,7 +227,7 @@ def _hits(ids: list[str], scores: np.ndarray, rows: np.ndarray) -> Hits:
 
 # --- command line ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models.stores", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m twinfold.models.stores", description=__doc__.splitlines()[0])
     commands = p.add_subparsers(dest="store", required=True)
     faiss_p = commands.add_parser("faiss", help="build a FAISS index")
     faiss_p.add_argument("--index", default="hnsw", choices=FAISS_INDEXES)

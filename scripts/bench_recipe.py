@@ -3,7 +3,7 @@ the same recipe plus one evaluation; wall time and nDCG@10 at every Matryoshka d
 
     python scripts/bench_recipe.py configs/scifact_gpu.yaml --out DIR [section.key=value ...]
 
-twinfold: `accelerate launch -m train CONFIG` (one process), timed from launch to exit; nDCG@10 (float32) of
+twinfold: `accelerate launch -m twinfold.train CONFIG` (one process), timed from launch to exit; nDCG@10 (float32) of
 its final model from its own report. sentence-transformers: `SentenceTransformerTrainer` with the recipe's model,
 max_length, data (anchor and positive roles), batch, epochs (or max_steps), lr, linear warmup, weight decay,
 clipping, seed, mixed precision and the NO_DUPLICATES batch sampler, MultipleNegativesRankingLoss (its Cached
@@ -93,14 +93,14 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     ours, theirs = args.out / "twinfold", args.out / "sentence-transformers"
     theirs.mkdir(exist_ok=True)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "-m", "train",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "-m", "twinfold.train",
               str(args.config), f"train.output_dir={ours}", *overrides]
     ours_s = timed(launch, args.out / "twinfold.log")
     eval_s = sum(json.loads(line).get("eval_s", 0) for line in (ours / "metrics.jsonl").read_text().splitlines())
     theirs_s = timed([sys.executable, __file__, str(args.config), "--out", str(theirs), "--st-child", *overrides],
                      args.out / "sentence-transformers.log")
     dims = cfg.eval.dims or cfg.loss.matryoshka_dims
-    evaluate = [sys.executable, "-m", "train.evaluate", "--model", str(theirs / "model"), "--data", cfg.eval.data,
+    evaluate = [sys.executable, "-m", "twinfold.train.evaluate", "--model", str(theirs / "model"), "--data", cfg.eval.data,
                 "--split", cfg.eval.split, "--batch-size", str(cfg.eval.batch_size), "--out", str(theirs / "eval"),
                 "--no-progress", *(["--dims", ",".join(map(str, dims))] if dims else [])]
     theirs_eval_s = timed(evaluate, args.out / "sentence-transformers-eval.log")

@@ -3,7 +3,7 @@
     python scripts/bench_stores.py --data BEIR_DIR --corpus CORPUS --queries QUERIES [--split test] [--k 10]
         [--dsn postgresql://...]
 
-CORPUS and QUERIES are embedding files of one model (`python -m models.encode`, safetensors or Parquet): the
+CORPUS and QUERIES are embedding files of one model (`python -m twinfold.models.encode`, safetensors or Parquet): the
 BEIR folder's documents and its judged queries, ids as in the folder. Every store is built from CORPUS with
 `models.stores`' defaults and searched for the top k of every query; each row gives recall@k against exact
 float32 search, recall@k against exact search over what the store holds (sign bits: `binary_search`, the same
