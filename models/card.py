@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from models.quantize import format_megabytes
+from twinfold.models.quantize import format_megabytes
 
 CARD_FILE = "README.md"
 METRICS = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@10", "Recall@10"), ("recall@100", "Recall@100"),
@@ -105,7 +105,7 @@ def _usage(model) -> str:
            *(["emb = torch.nn.functional.normalize(emb, dim=-1)"] if s.normalize else []), "```", ""] if plain else
           [f"transformers alone does not apply this model's {s.pooling} pooling"
            + (" and Dense head" if len(model.head) else "") + "; use sentence-transformers or twinfold.", ""]),
-        "twinfold:", "", "```python", "from models import BiEncoder", "",
+        "twinfold:", "", "```python", "from twinfold.models import BiEncoder", "",
         'model = BiEncoder.from_pretrained("path/to/this/model")',
         'query = model.encode(["a question"], kind="query")            # adds the query prefix',
         'docs = model.encode(texts, kind="document"'

@@ -8,8 +8,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save
 
-from models.atomic import OverwriteRefused, atomic_write_bytes
-from models.quantize import Int8Calibration
+from twinfold.models.atomic import OverwriteRefused, atomic_write_bytes
+from twinfold.models.quantize import Int8Calibration
 
 
 class FingerprintMismatch(ValueError):

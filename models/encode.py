@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from models.bi_encoder import BiEncoder
-from models.embeddings import EmbeddingSet, check_embedding_output, content_hash
-from models.jsonl import iter_json_lines
-from models.loading import ModelLoadError
-from models.quantize import COMPUTES, PRECISIONS, calibrate_int8, quantize_binary, quantize_int8
-from models.runtime import keep_freed_memory
+from twinfold.models.bi_encoder import BiEncoder
+from twinfold.models.embeddings import EmbeddingSet, check_embedding_output, content_hash
+from twinfold.models.jsonl import iter_json_lines
+from twinfold.models.loading import ModelLoadError
+from twinfold.models.quantize import COMPUTES, PRECISIONS, calibrate_int8, quantize_binary, quantize_int8
+from twinfold.models.runtime import keep_freed_memory
 
 
 class InputError(ValueError):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from models.quantize import Int8Calibration, dequantize_int8, quantize_binary, unpack_binary
+from twinfold.models.quantize import Int8Calibration, dequantize_int8, quantize_binary, unpack_binary
 
 DEFAULT_CHUNK_SIZE = 16384
 SCORE_BUDGET = 1 << 24  # floats in one block of scores (64 MiB): bounds queries per block

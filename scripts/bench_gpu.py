@@ -21,7 +21,7 @@ def bert_base(folder: Path, tiny: bool) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from models import resolve_model_path
+    from twinfold.models import resolve_model_path
 
     size = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256) if tiny else \
         dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)

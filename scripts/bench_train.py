@@ -64,7 +64,7 @@ def model_dims(model: str) -> list[int]:
     """The Matryoshka dims of the benchmark that the model's width allows."""
     from transformers import AutoConfig
 
-    from models import resolve_model_path
+    from twinfold.models import resolve_model_path
 
     hidden = AutoConfig.from_pretrained(resolve_model_path(model)).hidden_size
     return [d for d in DIMS if d <= hidden]
@@ -97,11 +97,11 @@ def twinfold_step(args):
     import torch
     from torch.utils.data import DataLoader
 
-    from models.runtime import default_token_budget, loader_settings
-    from train.batches import assemble
-    from train.config import load_config
-    from train.data import KIND
-    from train.loop import TrainStep, build_loss, build_model, build_optimizer, make_accelerator
+    from twinfold.models.runtime import default_token_budget, loader_settings
+    from twinfold.train.batches import assemble
+    from twinfold.train.config import load_config
+    from twinfold.train.data import KIND
+    from twinfold.train.loop import TrainStep, build_loss, build_model, build_optimizer, make_accelerator
 
     overrides = [f"model.name_or_path={args.model}", f"model.max_length={args.max_length}",
                  f"train.batch_size={args.batch_size}", f"loss.mini_batch_size={args.mini_batch_size or 'null'}",
@@ -139,7 +139,7 @@ def st_step(args):
     from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
                                                                    MatryoshkaLoss, MultipleNegativesRankingLoss)
 
-    from models import resolve_model_path
+    from twinfold.models import resolve_model_path
 
     model = SentenceTransformer(str(resolve_model_path(args.model)), device=args.device)
     model.max_seq_length = args.max_length

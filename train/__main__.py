@@ -4,12 +4,12 @@ import logging
 import os
 import sys
 
-from losses import ReplayMismatch
-from models.loading import ModelLoadError
-from train.config import ConfigError, load_config
-from train.beir import BeirFormatError
-from train.data import DataError
-from train.evaluate import StsFormatError
+from twinfold.losses import ReplayMismatch
+from twinfold.models.loading import ModelLoadError
+from twinfold.train.config import ConfigError, load_config
+from twinfold.train.beir import BeirFormatError
+from twinfold.train.data import DataError
+from twinfold.train.evaluate import StsFormatError
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, BeirFormatError, StsFormatError)
 
@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from train.loop import TrainingError, train
-    from train.signals import StoppedBySignal
+    from twinfold.train.loop import TrainingError, train
+    from twinfold.train.signals import StoppedBySignal
 
     try:
         final = train(load_config(args.config, args.overrides))

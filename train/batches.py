@@ -11,10 +11,10 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from losses import text_keys
-from models.tokens import Padder, length_chunks
-from train.data import KIND, TokenizedPairs
-from train.sampler import Batch, BatchPlan
+from twinfold.losses import text_keys
+from twinfold.models.tokens import Padder, length_chunks
+from twinfold.train.data import KIND, TokenizedPairs
+from twinfold.train.sampler import Batch, BatchPlan
 
 
 def assemble(tokens: dict[str, tuple[list[list[int]], list[int]]], padder: Padder, token_budget: int,

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import BiEncoder, ModelLoadError
-from models.atomic import atomic_write_bytes
-from train.beir import BeirFormatError, load_beir, load_corpus
-from train.bm25 import BM25Index
-from train.config import DatasetConfig, HardNegativesConfig
-from train.data import DataError, PairDataset, load_pairs
+from twinfold.models import BiEncoder, ModelLoadError
+from twinfold.models.atomic import atomic_write_bytes
+from twinfold.train.beir import BeirFormatError, load_beir, load_corpus
+from twinfold.train.bm25 import BM25Index
+from twinfold.train.config import DatasetConfig, HardNegativesConfig
+from twinfold.train.data import DataError, PairDataset, load_pairs
 
 log = logging.getLogger("twinfold")
 CACHE_NEUTRAL = ("cache_dir",)  # settings that do not change the mined file
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from train.config import ConfigError, check_hard_negatives
+    from twinfold.train.config import ConfigError, check_hard_negatives
 
     settings = HardNegativesConfig(args.num_negatives, args.range_min, args.range_max,
                                    None if args.no_guard else args.max_score_ratio, args.candidates, args.sampling,

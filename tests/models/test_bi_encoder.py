@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from models import BiEncoder, EmbeddingSet, FingerprintMismatch, ModelLoadError, truncate
-from models.embeddings import similarity
-from models.quantize import calibrate_int8, dequantize_int8, quantize_binary, quantize_int8, unpack_binary
+from twinfold.models import BiEncoder, EmbeddingSet, FingerprintMismatch, ModelLoadError, truncate
+from twinfold.models.embeddings import similarity
+from twinfold.models.quantize import calibrate_int8, dequantize_int8, quantize_binary, quantize_int8, unpack_binary
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def test_unresolvable_name_says_what_was_tried():
 
 
 def test_encode_cli_writes_embeddings_with_fingerprint(tiny_bert_path, tmp_path):
-    from models.encode import main
+    from twinfold.models.encode import main
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("\n".join(json.dumps({"_id": f"d{i}", "text": f"document number {i}"}) for i in range(5)))
@@ -222,7 +222,7 @@ def test_embedding_files_are_scored_by_the_models_similarity(tmp_path):
 
 
 def test_encode_cli_reports_bad_line(tiny_bert_path, tmp_path, capsys):
-    from models.encode import main
+    from twinfold.models.encode import main
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text('{"_id": "1", "text": "fine"}\n{"_id": "2", "body": "no text"}\n')
@@ -231,7 +231,7 @@ def test_encode_cli_reports_bad_line(tiny_bert_path, tmp_path, capsys):
 
 
 def test_export_cli_takes_a_training_checkpoint_or_a_model_folder(tiny_bert_path, tmp_path, capsys):
-    from models.export import main
+    from twinfold.models.export import main
 
     model = BiEncoder.from_pretrained(tiny_bert_path, query_prefix="query: ")
     model.save_pretrained(tmp_path / "checkpoints" / "step-3" / "model")
@@ -309,7 +309,7 @@ def test_int8_copy_is_rebuilt_after_the_weights_change(tiny_bert_path):
 
 
 def test_encode_cli_int8_compute_records_its_fingerprint(tiny_bert_path, tmp_path):
-    from models.encode import main
+    from twinfold.models.encode import main
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("\n".join(json.dumps({"_id": f"d{i}", "text": f"document number {i}"}) for i in range(3)))

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from models import BiEncoder, EmbeddingSet
-from models.encode import main
+from twinfold.models import BiEncoder, EmbeddingSet
+from twinfold.models.encode import main
 
 
 @pytest.fixture

@@ -3,12 +3,12 @@ import json
 
 import torch
 
-from models import BiEncoder
-from models.tokens import Padder, length_chunks
-from train.batches import StepBatches, assemble, assemble_texts, step_loader
-from train.config import DatasetConfig
-from train.data import load_pairs, tokenize_pairs
-from train.sampler import BatchPlan, RowKeys
+from twinfold.models import BiEncoder
+from twinfold.models.tokens import Padder, length_chunks
+from twinfold.train.batches import StepBatches, assemble, assemble_texts, step_loader
+from twinfold.train.config import DatasetConfig
+from twinfold.train.data import load_pairs, tokenize_pairs
+from twinfold.train.sampler import BatchPlan, RowKeys
 
 
 def test_length_chunks_by_hand():
