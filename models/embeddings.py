@@ -26,7 +26,7 @@ class EmbeddingSet:
     """Embeddings with their ids, the producing model's fingerprint and their precision.
 
     `hashes` (content hashes of the embedded texts, in `ids` order), `kind` and `compute` let
-    `python -m models.encode --update` keep the rows whose text is unchanged.
+    `python -m twinfold.models.encode --update` keep the rows whose text is unchanged.
     """
 
     embeddings: np.ndarray

@@ -1,6 +1,6 @@
 """Export a model folder that twinfold and sentence-transformers both load.
 
-    python -m models.export SRC DST
+    python -m twinfold.models.export SRC DST
 
 SRC: a training checkpoint (its `model/` folder is used) or any model folder; DST gets `model.safetensors`,
 `config.json`, tokenizer files, `twinfold.json`, the sentence-transformers layout and `README.md` (the model
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from twinfold.models.bi_encoder import BiEncoder
     from twinfold.models.loading import ModelLoadError
 
-    parser = argparse.ArgumentParser(prog="python -m models.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m twinfold.models.export", description=__doc__.splitlines()[0])
     parser.add_argument("src", type=Path, help="training checkpoint or model folder")
     parser.add_argument("dst", type=Path, help="output folder: new, empty or an earlier export (replaced atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST even if twinfold did not write it")

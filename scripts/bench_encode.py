@@ -13,7 +13,7 @@ the end). The table gives the median docs/s, peak memory (GPU: allocated; CPU: R
 sentence-transformers (float32), the share of the machine's matmul rate (fp32; bf16 for bf16 sides) that the
 unpadded tokens' FLOPs reach, and how far each side's embeddings are from sentence-transformers' float32 ones
 (max |difference|, and the lowest cosine). The nDCG@10 cost of int8 or bf16 compute is measured with
-`python -m train.evaluate --compute`.
+`python -m twinfold.train.evaluate --compute`.
 """
 import argparse
 import json

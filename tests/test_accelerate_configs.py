@@ -22,8 +22,8 @@ def recipe(data_dir, tmp_path_factory):
 
 
 def launch_args(name: str, *flags: str):
-    """The arguments `accelerate launch --config_file configs/NAME ... -m train` ends up with."""
-    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / name), *flags, "-m", "train", "x.yaml"])
+    """The arguments `accelerate launch --config_file configs/NAME ... -m twinfold.train` ends up with."""
+    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / name), *flags, "-m", "twinfold.train", "x.yaml"])
     _validate_launch_command(args)
     return args
 

@@ -1,4 +1,4 @@
-"""`accelerate launch -m train CONFIG.yaml [section.key=value ...] [--debug]`: run a training recipe."""
+"""`accelerate launch -m twinfold.train CONFIG.yaml [section.key=value ...] [--debug]`: run a training recipe."""
 import argparse
 import logging
 import os
@@ -15,7 +15,7 @@ USER_ERRORS = (ConfigError, DataError, ModelLoadError, BeirFormatError, StsForma
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split(":", 1)[1].strip())
+    parser = argparse.ArgumentParser(prog="python -m twinfold.train", description=__doc__.split(":", 1)[1].strip())
     parser.add_argument("config", help="YAML recipe, e.g. configs/scifact.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-5")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")

@@ -1,6 +1,6 @@
 """Retrieval evaluation of bi-encoders on a BEIR folder over every Matryoshka dim x precision, plus BM25 and STS.
 
-    python -m train.evaluate --model M [--model M2 ...] --data BEIR_DIR [--split test] [--dims 384,256,128,64]
+    python -m twinfold.train.evaluate --model M [--model M2 ...] --data BEIR_DIR [--split test] [--dims 384,256,128,64]
         [--precision float32,int8,binary] [--bm25] [--sts TSV] [--out DIR] [--k 1,3,5,10,100]
         [--batch-size 64] [--ignore-identical-ids] [--strict] [--compute {float32,bf16,int8}]
 
@@ -246,7 +246,7 @@ def _precision_list(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m twinfold.train.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", required=True, help="model folder or name (repeat to compare)")
     p.add_argument("--data", required=True, type=Path, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/")
     p.add_argument("--split", default="test")

@@ -1,7 +1,7 @@
 """Hard-negative mining: for each (anchor, positive) row, documents that a model ranks high for the anchor but
 that are not relevant to it, written as an ordinary pair file with `negative` columns.
 
-    python -m train.mine --model M --data PAIRS --out TRIPLETS.jsonl [--corpus BEIR_DIR|DOCS.jsonl]
+    python -m twinfold.train.mine --model M --data PAIRS --out TRIPLETS.jsonl [--corpus BEIR_DIR|DOCS.jsonl]
         [--columns question=anchor,answer=positive] [--num-negatives 1] [--range-min 0] [--range-max 50]
         [--max-score-ratio 0.95] [--candidates dense|bm25] [--sampling top|random] [--seed 42]
 
@@ -231,7 +231,7 @@ def _columns(text: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.mine", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m twinfold.train.mine", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="model folder or name (the base model of the training run)")
     p.add_argument("--data", required=True, help="pair file (.jsonl/.json/.csv/.tsv/.parquet) or hub id")
     p.add_argument("--out", required=True, type=Path, help="the mined pair file (JSONL)")

@@ -73,7 +73,7 @@ def test_update_refuses_a_file_of_another_model_and_says_how_to_rebuild(tiny_ber
     assert main(["--model", str(other), "--input", str(v1), "--update", str(index), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "was made by another model or settings" in err
-    assert f"rebuild it: python -m models.encode --model {other} --input {v1} --output {index}" in err
+    assert f"rebuild it: python -m twinfold.models.encode --model {other} --input {v1} --output {index}" in err
     assert index.read_bytes() == before
 
     assert main(["--model", str(tiny_bert_path), "--check", str(index)]) == 0

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def run_cli(*args, cwd=REPO):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "train", "configs/smoke.yaml", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "twinfold.train", "configs/smoke.yaml", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

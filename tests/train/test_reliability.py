@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def train_cli(out, *overrides, tiny, wait=True):
-    cmd = [sys.executable, "-m", "train", "configs/smoke.yaml", f"train.output_dir={out}",
+    cmd = [sys.executable, "-m", "twinfold.train", "configs/smoke.yaml", f"train.output_dir={out}",
            f"model.name_or_path={tiny}", "model.max_length=32", "loss.matryoshka_dims=[128,64]", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not wait:

@@ -35,9 +35,9 @@ def run_train(tmp_path, name, *overrides, processes=1, tiny=None, wait=True):
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), "-m", "train", *args]
+               "--main_process_port", str(port), "-m", "twinfold.train", *args]
     else:
-        cmd = [sys.executable, "-m", "train", *args]
+        cmd = [sys.executable, "-m", "twinfold.train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not wait:
         return out, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
