@@ -1,6 +1,7 @@
 """The installed distribution: everything under `twinfold`, beside a project with its own top-level `models` and
 `train`; the `twinfold` command and its subcommands."""
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -81,6 +82,18 @@ def test_wheel_trains_beside_a_project_with_its_own_models_and_train(wheel, tmp_
     owner_models, owner_train, bi_encoder, location = run(python, "-c", probe, env=env, cwd=tmp_path).stdout.split()
     assert (owner_models, owner_train, bi_encoder) == ("user", "user", "twinfold.models.bi_encoder")
     assert Path(location).is_relative_to(tmp_path / "venv")
+
+
+def test_code_names_modules_by_their_installed_names():
+    """A module named by its folder (`models.bi_encoder` for `twinfold.models.bi_encoder`) imports or runs from the
+    checkout's root too, as a second copy of the modules, but not once installed."""
+    old = re.compile(r"^\s*(from|import) (models|losses|train)\b|(-m |\"-m\", \")(models|train)\b", re.M)
+    found = []
+    for folder in ("models", "losses", "train", "scripts", "tests"):
+        for path in (REPO / folder).rglob("*.py"):
+            source = path.read_text()
+            found += [f"{path.relative_to(REPO)}:{source.count(chr(10), 0, m.start()) + 1}" for m in old.finditer(source)]
+    assert not found, f"name modules twinfold.models, twinfold.train, twinfold.losses: {found}"
 
 
 @pytest.mark.parametrize("command", COMMANDS)
