@@ -87,7 +87,7 @@ def test_wheel_trains_beside_a_project_with_its_own_models_and_train(wheel, tmp_
 def test_code_names_modules_by_their_installed_names():
     """A module named by its folder (`models.bi_encoder` for `twinfold.models.bi_encoder`) imports or runs from the
     checkout's root too, as a second copy of the modules, but not once installed."""
-    old = re.compile(r"^\s*(from|import) (models|losses|train)\b|(-m |\"-m\", \")(models|train)\b", re.M)
+    old = re.compile(r"^[ \t]*(from|import) (models|losses|train)\b|(-m |\"-m\", \")(models|train)\b", re.M)
     found = []
     for folder in ("models", "losses", "train", "scripts", "tests"):
         for path in (REPO / folder).rglob("*.py"):
