@@ -111,7 +111,7 @@ def _usage(model) -> str:
         'docs = model.encode(texts, kind="document"'
         + (f', dim={small}, precision="int8")' if small else ', precision="int8")'),
         "```", "",
-        "Index a corpus and keep it in step with the model: `python -m twinfold.models.encode --model path/to/this/model "
+        "Index a corpus and keep it in step with the model: `twinfold encode --model path/to/this/model "
         "--input corpus.jsonl --output corpus.safetensors`, then `--update corpus.safetensors` after the documents "
         "change.",
     ]
@@ -172,5 +172,5 @@ def _training(training: dict) -> str:
 
 def _fingerprint(model) -> str:
     return (f"## Fingerprint\n\n`{model.fingerprint()}`: a hash of the weights and embedding settings. Embedding "
-            "files written by `python -m twinfold.models.encode` carry it; `python -m twinfold.models.encode --check FILE --model "
+            "files written by `twinfold encode` carry it; `twinfold encode --check FILE --model "
             "path/to/this/model` says whether a file belongs to this model.")

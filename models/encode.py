@@ -95,8 +95,8 @@ def check_updatable(old: EmbeddingSet, path: Path, model: BiEncoder, model_name:
                          f"it, so rebuild it: {rebuild}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m twinfold.models.encode", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.encode") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--input", type=Path, help="JSONL of documents (or queries)")
     p.add_argument("--field", default="text")
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         texts, ids = read_texts(args.input, args.field, args.id_field) if args.input else ([], [])
         model = BiEncoder.from_pretrained(args.model, allow_pickle=args.allow_pickle)
         if args.update:
-            rebuild = (f"python -m twinfold.models.encode --model {args.model} --input {args.input} --output {args.update} "
+            rebuild = (f"{prog} --model {args.model} --input {args.input} --output {args.update} "
                        f"--precision {old.precision} --dim {old.dim} --kind {old.kind} "
                        f"--format {file_format(args.update)}")
             check_updatable(old, args.update, model, args.model, rebuild)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.check} belongs to {args.model} (fingerprint {fingerprint}, {len(old.ids)} embeddings)")
             return 0
         print(f"{args.check} does not belong to {args.model}: its fingerprint is {old.fingerprint}, the model's is "
-              f"{fingerprint}; re-encode it with this model (python -m twinfold.models.encode --model {args.model} "
+              f"{fingerprint}; re-encode it with this model ({prog} --model {args.model} "
               f"--input DOCS.jsonl --output {args.check})")
         return 1
     keep_freed_memory()

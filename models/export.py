@@ -61,12 +61,12 @@ def model_folder_of(src: Path) -> Path:
     return src / "model" if (src / "model" / "config.json").exists() else src
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.export") -> int:
     from twinfold.models.atomic import OverwriteRefused, check_replaceable
     from twinfold.models.bi_encoder import BiEncoder
     from twinfold.models.loading import ModelLoadError
 
-    parser = argparse.ArgumentParser(prog="python -m twinfold.models.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("src", type=Path, help="training checkpoint or model folder")
     parser.add_argument("dst", type=Path, help="output folder: new, empty or an earlier export (replaced atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST even if twinfold did not write it")

@@ -62,13 +62,12 @@ def run_training(data: Path, work: Path, model: str, name: str) -> dict:
                  "train.max_steps=2", "train.save_steps=null", f"train.output_dir={out}",
                  f"data.cache_dir={work / 'token-cache'}",
                  "data.train=[{path: %s, columns: {anchor: anchor, positive: positive}}]" % data]
-    env = dict(os.environ, HF_DATASETS_CACHE=str(work / "hf-datasets"),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, HF_DATASETS_CACHE=str(work / "hf-datasets"))
     log_path = work / f"{name}.log"
     with open(log_path, "w") as log:
         launched = time.time()
-        proc = subprocess.Popen([sys.executable, "-m", "twinfold.train", "configs/smoke.yaml", *overrides], cwd=REPO, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "twinfold.train", "configs/smoke.yaml", *overrides], cwd=REPO,
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.time() - launched
         proc.returncode = os.waitstatus_to_exitcode(status)

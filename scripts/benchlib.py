@@ -18,9 +18,8 @@ GB = 1024 ** 3
 
 
 def run_child(script: str, args: list[str]) -> dict:
-    """Run `script --child ...` with the repository importable; return the JSON on its last stdout line."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True)
+    """Run `script --child ...` (twinfold as installed); return the JSON on its last stdout line."""
+    result = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{Path(script).name} {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -14,8 +14,8 @@ from twinfold.train.evaluate import StsFormatError
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, BeirFormatError, StsFormatError)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m twinfold.train", description=__doc__.split(":", 1)[1].strip())
+def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split(":", 1)[1].strip())
     parser.add_argument("config", help="YAML recipe, e.g. configs/scifact.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-5")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")

@@ -245,8 +245,8 @@ def _precision_list(text: str) -> list[str]:
     return values
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m twinfold.train.evaluate", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.evaluate") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", required=True, help="model folder or name (repeat to compare)")
     p.add_argument("--data", required=True, type=Path, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/")
     p.add_argument("--split", default="test")

@@ -230,8 +230,8 @@ def _columns(text: str) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m twinfold.train.mine", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.mine") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="model folder or name (the base model of the training run)")
     p.add_argument("--data", required=True, help="pair file (.jsonl/.json/.csv/.tsv/.parquet) or hub id")
     p.add_argument("--out", required=True, type=Path, help="the mined pair file (JSONL)")

@@ -1,7 +1,7 @@
 """models.atomic: outputs never replace what twinfold did not write; folders carry checksums of their files."""
 import json
 import subprocess
-import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    """Run the installed `twinfold` command."""
+    command = [str(Path(sysconfig.get_path("scripts")) / "twinfold"), *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def test_manifest_lists_every_file_and_names_what_is_damaged(tmp_path):
@@ -65,15 +67,15 @@ def test_export_cli_refuses_a_folder_it_did_not_write(tiny_bert_path, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     (home / "photos.zip").write_bytes(b"\x00" * 1000)
-    result = cli("models.export", str(tiny_bert_path), str(home))
+    result = cli("export", str(tiny_bert_path), str(home))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: {home} holds 1 file(s) twinfold did not write (e.g. 'photos.zip'); nothing was changed. "
         "Choose another folder or pass --overwrite to replace it"]
     assert (home / "photos.zip").read_bytes() == b"\x00" * 1000
-    assert cli("models.export", str(tiny_bert_path), str(tmp_path / "new")).returncode == 0
-    assert cli("models.export", str(tiny_bert_path), str(tmp_path / "new")).returncode == 0  # its own export
-    assert cli("models.export", str(tiny_bert_path), str(home), "--overwrite").returncode == 0
+    assert cli("export", str(tiny_bert_path), str(tmp_path / "new")).returncode == 0
+    assert cli("export", str(tiny_bert_path), str(tmp_path / "new")).returncode == 0  # its own export
+    assert cli("export", str(tiny_bert_path), str(home), "--overwrite").returncode == 0
     assert not (home / "photos.zip").exists()
 
 
@@ -82,7 +84,7 @@ def test_encode_and_evaluate_clis_refuse_outputs_they_did_not_write(tiny_bert_pa
     docs.write_text('{"_id": "1", "text": "a cell"}\n{"_id": "2", "text": "a gene"}\n')
     mine = tmp_path / "mine.safetensors"
     mine.write_bytes(b"not embeddings")
-    encode = ("models.encode", "--model", str(tiny_bert_path), "--input", str(docs), "--no-progress", "--output")
+    encode = ("encode", "--model", str(tiny_bert_path), "--input", str(docs), "--no-progress", "--output")
     result = cli(*encode, str(mine))
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: {mine} exists and is not a twinfold embedding file; nothing was changed. "
@@ -96,7 +98,7 @@ def test_encode_and_evaluate_clis_refuse_outputs_they_did_not_write(tiny_bert_pa
     report_dir = tmp_path / "results"
     report_dir.mkdir()
     (report_dir / "draft.md").write_text("my draft")
-    result = cli("train.evaluate", "--model", str(tiny_bert_path), "--data", str(data_dir / "scifact-nano"),
+    result = cli("evaluate", "--model", str(tiny_bert_path), "--data", str(data_dir / "scifact-nano"),
                  "--out", str(report_dir), "--no-progress")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (f"error: {report_dir} holds 1 entries twinfold did not write (e.g. 'draft.md'); "
