@@ -2,7 +2,7 @@
 
     python -m models.encode --model DIR --input FILE.jsonl [--field text] [--id-field _id]
         --output FILE.safetensors [--dim N] [--precision int8|binary] [--kind query|document]
-        [--compute {float32,bf16,int8}] [--overwrite]
+        [--compute {float32,bf16,int8,onnx,onnx-int8}] [--overwrite]
     python -m models.encode --model DIR --input FILE.jsonl --update EXISTING.safetensors [--output NEW]
     python -m models.encode --model DIR --check FILE.safetensors
 
@@ -21,7 +21,7 @@ from models.bi_encoder import BiEncoder
 from models.embeddings import EmbeddingSet, check_embedding_output, content_hash
 from models.jsonl import iter_json_lines
 from models.loading import ModelLoadError
-from models.quantize import COMPUTES, PRECISIONS, calibrate_int8, quantize_binary, quantize_int8
+from models.quantize import COMPUTE_HELP, COMPUTES, PRECISIONS, calibrate_int8, quantize_binary, quantize_int8
 from models.runtime import keep_freed_memory
 
 
@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int)
     p.add_argument("--precision", default="float32", choices=PRECISIONS)
     p.add_argument("--kind", default="document", choices=["query", "document"])
-    p.add_argument("--compute", default="float32", choices=COMPUTES,
-                   help="bf16: autocast (GPUs, CPUs with bf16 units); int8: linear layers in int8 (CPU)")
+    p.add_argument("--compute", default="float32", choices=COMPUTES, help=COMPUTE_HELP)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--no-progress", action="store_true")
