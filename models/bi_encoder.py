@@ -315,7 +315,7 @@ class BiEncoder(nn.Module):
         if info:
             self.info.update(info)
         with atomic_directory(directory, overwrite) as tmp:
-            write_model_folder(self, tmp, onnx=onnx or onnx_int8, onnx_int8=onnx_int8)
+            write_model_folder(self, tmp, onnx=onnx, onnx_int8=onnx_int8)
         return Path(directory)
 
     def settings_dict(self) -> dict:

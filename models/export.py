@@ -22,9 +22,10 @@ EXPORT_FORMAT = 1
 
 
 def write_model_folder(model, folder: Path, onnx: bool = False, onnx_int8: bool = False) -> None:
-    """Write `model` (a BiEncoder) into an existing empty `folder`; `onnx`, `onnx_int8`: see `models.onnx`."""
+    """Write `model` (a BiEncoder) into an existing empty `folder`; `onnx` adds the encoder as ONNX, `onnx_int8`
+    that and its int8 copy (see `models.onnx`)."""
     folder = Path(folder)
-    if onnx:
+    if onnx or onnx_int8:
         export_onnx(model, folder, int8=onnx_int8)
     model.encoder.save_pretrained(folder, safe_serialization=True)
     model.tokenizer.save_pretrained(folder)
