@@ -56,7 +56,7 @@ def export_onnx(model, folder: str | Path, int8: bool = False) -> list[Path]:
     was_training = encoder.training
     encoder.eval()
     try:
-        with warnings.catch_warnings(), _quiet("torch.onnx"):
+        with warnings.catch_warnings(), _quiet("torch.onnx", "onnxscript", "onnx_ir"):
             warnings.simplefilter("ignore")
             torch.onnx.export(LastHiddenState(encoder), (), str(path),
                               kwargs={k: v.to(model.device) for k, v in sample.items()},
