@@ -35,7 +35,7 @@ class LastHiddenState(nn.Module):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
 
 
-def export_onnx(model, folder: str | Path, int8: bool = False) -> list[Path]:
+def export_onnx(model, folder: str | Path, int8: bool = False) -> None:
     """Write the encoder of `model` (a BiEncoder) to `folder/onnx/model.onnx`, and with `int8` its int8 copy.
 
     Needs the `onnx` extra (onnx, onnxscript for torch's exporter, onnxruntime for the int8 copy).
@@ -65,15 +65,12 @@ def export_onnx(model, folder: str | Path, int8: bool = False) -> list[Path]:
                               external_data=external, verbose=False)
     finally:
         encoder.train(was_training)
-    written = [path]
     if int8:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        written.append(out / ONNX_FILES["onnx-int8"])
         with _quiet("root"):  # it advises pre-processing through the root logger
-            quantize_dynamic(path, written[-1], per_channel=True, reduce_range=False, weight_type=QuantType.QInt8,
-                             use_external_data_format=external)
-    return written
+            quantize_dynamic(path, out / ONNX_FILES["onnx-int8"], per_channel=True, reduce_range=False,
+                             weight_type=QuantType.QInt8, use_external_data_format=external)
 
 
 class OnnxEncoder(nn.Module):
@@ -84,7 +81,8 @@ class OnnxEncoder(nn.Module):
         try:
             import onnxruntime
         except ImportError as e:
-            raise ImportError(f"ONNX Runtime compute needs the onnx extra (pip install 'twinfold[onnx]'): {e}") from None
+            message = f"ONNX Runtime compute needs the onnx extra (pip install 'twinfold[onnx]'): {e}"
+            raise ImportError(message) from None
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # the process's share of the cores (models.runtime)

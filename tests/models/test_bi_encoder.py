@@ -297,7 +297,7 @@ def test_int8_compute_is_close_to_float32_and_has_its_own_fingerprint(minilm, st
 
 
 def change_weights(model: BiEncoder, how: str) -> None:
-    """An in-place edit, or one step of the trainer's optimizer (fused AdamW, which leaves tensor versions as they were)."""
+    """An in-place edit, or a step of the trainer's optimizer (fused AdamW: it leaves tensor versions as they were)."""
     if how == "in_place":
         with torch.no_grad():
             model.encoder.encoder.layer[0].intermediate.dense.weight.mul_(-1.0)

@@ -44,8 +44,8 @@ def test_export_writes_the_encoder_in_the_layout_of_sentence_transformers_onnx_b
     graph = onnx.load(exported / ONNX_DIR / "model.onnx").graph
 
     def signature(values):
-        return [(v.name, v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
-                for v in values]
+        return [(v.name, v.type.tensor_type.elem_type,
+                 [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
 
     axes = ["batch_size", "sequence_length"]
     # what optimum's ORTModelForFeatureExtraction feeds and reads
