@@ -1,4 +1,4 @@
-"""The data path at scale: a real training run (`python -m train`) on N synthetic pairs, cold and warm cache.
+"""The data path at scale: a real training run (`python -m twinfold.train`) on N synthetic pairs, cold and warm cache.
 
     python scripts/bench_data.py --rows 100000,1000000 [--model PATH] [--workdir DIR]
 
@@ -56,7 +56,7 @@ def write_pairs(path: Path, rows: int, seed: int = SEED, block: int = 10_000) ->
 
 
 def run_training(data: Path, work: Path, model: str, name: str) -> dict:
-    """One `python -m train` child on `data`; its phase times (s) from launch, peak RSS (bytes) and wall time."""
+    """One `python -m twinfold.train` child on `data`; its phase times (s) from launch, peak RSS (bytes) and wall time."""
     out = work / name
     overrides = [f"model.name_or_path={model}", "model.max_length=32", "loss.matryoshka_dims=[]", "train.batch_size=8",
                  "train.max_steps=2", "train.save_steps=null", f"train.output_dir={out}",
@@ -67,7 +67,7 @@ def run_training(data: Path, work: Path, model: str, name: str) -> dict:
     log_path = work / f"{name}.log"
     with open(log_path, "w") as log:
         launched = time.time()
-        proc = subprocess.Popen([sys.executable, "-m", "train", "configs/smoke.yaml", *overrides], cwd=REPO, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "twinfold.train", "configs/smoke.yaml", *overrides], cwd=REPO, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.time() - launched
@@ -134,7 +134,7 @@ def main() -> None:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
     print("preparation: load + validate + tokenize (times from the run's log lines); to first step: from the "
-          "launch of `python -m train` to the start of its training loop")
+          "launch of `python -m twinfold.train` to the start of its training loop")
 
 
 if __name__ == "__main__":

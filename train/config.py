@@ -14,12 +14,12 @@ from pathlib import Path
 
 import yaml
 
-from losses import DEFAULT_TEMPERATURE
-from models.loading import SIMILARITIES
-from models.pooling import POOLING_MODES
-from models.quantize import COMPUTES
-from train.bm25 import settings_from
-from train.metrics import DEFAULT_K_VALUES, METRICS, metric_names
+from twinfold.losses import DEFAULT_TEMPERATURE
+from twinfold.models.loading import SIMILARITIES
+from twinfold.models.pooling import POOLING_MODES
+from twinfold.models.quantize import COMPUTES
+from twinfold.train.bm25 import settings_from
+from twinfold.train.metrics import DEFAULT_K_VALUES, METRICS, metric_names
 
 
 class ConfigError(ValueError):

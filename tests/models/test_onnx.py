@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from models import BiEncoder, EncoderSettings
-from models.head import Dense
-from models.onnx import ONNX_DIR, ONNX_FILES, OnnxEncoder
+from twinfold.models import BiEncoder, EncoderSettings
+from twinfold.models.head import Dense
+from twinfold.models.onnx import ONNX_DIR, ONNX_FILES, OnnxEncoder
 from tests.models.test_bi_encoder import change_weights
 
 TEXTS = ["a", "gene expression in mice", "the cell divides " * 60, "x y", "Tokens: 1, 2, 3!"]  # one past max_length
@@ -24,7 +24,7 @@ def exported(tiny_bert_path, tmp_path_factory):
     """The tiny BERT with CLS pooling, a 128 -> 64 Dense head and a query prefix, exported with --onnx-int8."""
     from transformers import AutoModel, AutoTokenizer
 
-    from models.export import main
+    from twinfold.models.export import main
 
     torch.manual_seed(0)
     model = BiEncoder(AutoModel.from_pretrained(tiny_bert_path), AutoTokenizer.from_pretrained(tiny_bert_path),
