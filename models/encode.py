@@ -2,7 +2,7 @@
 
     python -m twinfold.models.encode --model DIR --input FILE.jsonl [--field text] [--id-field _id]
         --output FILE.safetensors [--dim N] [--precision int8|binary] [--kind query|document]
-        [--compute {float32,bf16,int8}] [--format parquet] [--overwrite]
+        [--compute {float32,bf16,int8,onnx,onnx-int8}] [--format parquet] [--overwrite]
     python -m twinfold.models.encode --model DIR --input FILE.jsonl --update EXISTING.safetensors [--output NEW]
     python -m twinfold.models.encode --model DIR --check FILE.safetensors
 
@@ -24,7 +24,7 @@ from twinfold.models.bi_encoder import BiEncoder
 from twinfold.models.embeddings import FORMATS, EmbeddingSet, check_embedding_output, content_hash, file_format
 from twinfold.models.jsonl import iter_json_lines
 from twinfold.models.loading import ModelLoadError
-from twinfold.models.quantize import COMPUTES, PRECISIONS, calibrate_int8, quantize_binary, quantize_int8
+from twinfold.models.quantize import COMPUTE_HELP, COMPUTES, PRECISIONS, calibrate_int8, quantize_binary, quantize_int8
 from twinfold.models.runtime import keep_freed_memory
 
 
@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.e
     p.add_argument("--dim", type=int)
     p.add_argument("--precision", default="float32", choices=PRECISIONS)
     p.add_argument("--kind", default="document", choices=["query", "document"])
-    p.add_argument("--compute", default="float32", choices=COMPUTES,
-                   help="bf16: autocast (GPUs, CPUs with bf16 units); int8: linear layers in int8 (CPU)")
+    p.add_argument("--compute", default="float32", choices=COMPUTES, help=COMPUTE_HELP)
     p.add_argument("--format", choices=FORMATS, help="file format (default: safetensors; with --update: the file's)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--allow-pickle", action="store_true")

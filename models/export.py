@@ -1,11 +1,12 @@
 """Export a model folder that twinfold and sentence-transformers both load.
 
-    python -m twinfold.models.export SRC DST
+    python -m twinfold.models.export SRC DST [--onnx | --onnx-int8]
 
 SRC: a training checkpoint (its `model/` folder is used) or any model folder; DST gets `model.safetensors`,
 `config.json`, tokenizer files, `twinfold.json`, the sentence-transformers layout and `README.md` (the model
-card, see models.card). DST must be new, empty or an earlier twinfold export (`--overwrite` replaces anything
-else).
+card, see models.card). `--onnx` adds `onnx/model.onnx` (the encoder, for `SentenceTransformer(DST,
+backend="onnx")` and `compute="onnx"`), `--onnx-int8` that and its int8 copy (see models.onnx). DST must be new,
+empty or an earlier twinfold export (`--overwrite` replaces anything else).
 """
 import argparse
 import json
@@ -15,13 +16,17 @@ from pathlib import Path
 from twinfold.models.card import write_model_card
 from twinfold.models.head import save_dense
 from twinfold.models.loading import POOLING_KEYS
+from twinfold.models.onnx import export_onnx
 
 EXPORT_FORMAT = 1
 
 
-def write_model_folder(model, folder: Path) -> None:
-    """Write `model` (a BiEncoder) into an existing empty `folder`."""
+def write_model_folder(model, folder: Path, onnx: bool = False, onnx_int8: bool = False) -> None:
+    """Write `model` (a BiEncoder) into an existing empty `folder`; `onnx` adds the encoder as ONNX, `onnx_int8`
+    that and its int8 copy (see `models.onnx`)."""
     folder = Path(folder)
+    if onnx or onnx_int8:
+        export_onnx(model, folder, int8=onnx_int8)
     model.encoder.save_pretrained(folder, safe_serialization=True)
     model.tokenizer.save_pretrained(folder)
     s = model.settings
@@ -72,14 +77,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.e
     parser.add_argument("--overwrite", action="store_true", help="replace DST even if twinfold did not write it")
     parser.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin weights")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model's own code")
+    parser.add_argument("--onnx", action="store_true", help="add onnx/model.onnx (needs the onnx extra)")
+    parser.add_argument("--onnx-int8", action="store_true", help="add onnx/model.onnx and its int8 copy")
     args = parser.parse_args(argv)
     try:
         # before loading anything
         check_replaceable(args.dst, args.overwrite, "Choose another folder or pass --overwrite to replace it")
         model = BiEncoder.from_pretrained(model_folder_of(args.src), allow_pickle=args.allow_pickle,
                                           trust_remote_code=args.trust_remote_code)
-        model.save_pretrained(args.dst, overwrite=args.overwrite)
-    except (ModelLoadError, OverwriteRefused) as e:
+        model.save_pretrained(args.dst, overwrite=args.overwrite, onnx=args.onnx, onnx_int8=args.onnx_int8)
+    except (ModelLoadError, OverwriteRefused, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.src} -> {args.dst} (fingerprint {model.fingerprint()})")

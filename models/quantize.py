@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 PRECISIONS = ("float32", "int8", "binary")
-COMPUTES = ("float32", "bf16", "int8")
+COMPUTES = ("float32", "bf16", "int8", "onnx", "onnx-int8")  # how the encoder computes (BiEncoder.encode)
+COMPUTE_HELP = ("bf16: autocast (GPUs, CPUs with bf16 units); int8: int8 linear layers (CPU); onnx, onnx-int8: "
+                "ONNX Runtime, float32 or int8 (CPU; the model folder's onnx/ files, see models.export --onnx)")
 
 
 @dataclass

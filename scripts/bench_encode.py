@@ -1,4 +1,5 @@
-"""Encoding throughput of twinfold (float32, bf16 and int8 compute) and sentence-transformers on the same documents.
+"""Encoding throughput of twinfold (PyTorch float32, bf16 and int8; ONNX Runtime float32 and int8) and
+sentence-transformers on the same documents.
 
     python scripts/bench_encode.py [--docs 1024] [--batch-size 32] [--rounds 2] [--max-length 256]
         [--device cpu|cuda] [--model PATH]
@@ -6,8 +7,9 @@
 Every side embeds the same seeded sample of SciFact corpus documents (title + text, as BEIR builds them)
 with the same model (all-MiniLM-L6-v2 unless `--model`) at max_length 256 and the same batch size:
 sentence-transformers with `SentenceTransformer.encode` (on a GPU also with its weights in bf16); twinfold with
-`BiEncoder.encode` as its CLIs run it (`models.runtime` allocator setting on), in float32, with `compute="int8"`
-on the CPU, and with `compute="bf16"` on a GPU or a CPU with bf16 units. Each round runs each side in a fresh
+`BiEncoder.encode` as its CLIs run it (`models.runtime` allocator setting on), in float32, with `compute="int8"`,
+`"onnx"` and `"onnx-int8"` on the CPU (ONNX Runtime on the files of `models.export --onnx-int8`, exported once
+before the rounds), and with `compute="bf16"` on a GPU or a CPU with bf16 units. Each round runs each side in a fresh
 process (the order rotates): load, warm up on 64 other documents, time the encoding (waiting for the device at
 the end). The table gives the median docs/s, peak memory (GPU: allocated; CPU: RSS), the ratio to
 sentence-transformers (float32), the share of the machine's matmul rate (fp32; bf16 for bf16 sides) that the
@@ -29,16 +31,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import DATA, encoder_flops, machine, matmul_rate, median, peak_memory, rate_cells, run_child, \
     synchronize  # noqa: E402
 
-ALL_SIDES = ("sentence-transformers", "sentence-transformers bf16", "twinfold", "twinfold int8", "twinfold bf16")
+ALL_SIDES = ("sentence-transformers", "sentence-transformers bf16", "twinfold", "twinfold int8", "twinfold onnx",
+             "twinfold onnx-int8", "twinfold bf16")
+EXACT_SIDES = ("twinfold", "twinfold onnx")  # float32 sides: within 1e-4 of sentence-transformers
 
 
 def sides(device: str) -> tuple[str, ...]:
-    """What runs on this device: int8 compute on CPUs, bf16 on GPUs and CPUs with bf16 units."""
+    """What runs on this device: int8 and ONNX Runtime compute on CPUs, bf16 on GPUs and CPUs with bf16 units."""
     from twinfold.models.runtime import cpu_has_bf16
 
     if device == "cuda":
         return "sentence-transformers", "sentence-transformers bf16", "twinfold", "twinfold bf16"
-    return ("sentence-transformers", "twinfold", "twinfold int8") + (("twinfold bf16",) if cpu_has_bf16() else ())
+    return ("sentence-transformers", "twinfold", "twinfold int8", "twinfold onnx", "twinfold onnx-int8") + (
+        ("twinfold bf16",) if cpu_has_bf16() else ())
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -118,6 +123,11 @@ def main(argv=None) -> int:
 
     runs, embeddings = {side: [] for side in order}, {}
     with tempfile.TemporaryDirectory() as tmp:
+        exported = Path(tmp) / "exported"  # the model with its onnx/ files, for the ONNX Runtime sides
+        if any(side.startswith("twinfold onnx") for side in order):
+            from twinfold.models import BiEncoder
+
+            BiEncoder.from_pretrained(args.model, max_length=args.max_length).save_pretrained(exported, onnx_int8=True)
         for r in range(args.rounds):
             for i in range(len(order)):
                 side = order[(i + r) % len(order)]
@@ -125,7 +135,7 @@ def main(argv=None) -> int:
                 result = run_child(__file__, ["--child", side, "--out", str(out), "--corpus", str(args.corpus),
                                               "--docs", str(args.docs), "--batch-size", str(args.batch_size),
                                               "--max-length", str(args.max_length), "--device", args.device,
-                                              "--model", args.model])
+                                              "--model", str(exported) if "onnx" in side else args.model])
                 runs[side].append(result)
                 embeddings[side] = np.load(out)
                 print(f"  round {r + 1} {side}: {len(docs) / result['seconds']:.2f} docs/s", flush=True)
@@ -145,11 +155,13 @@ def main(argv=None) -> int:
         cosine = np.sum(embeddings[side] * reference, axis=1) / (
             np.linalg.norm(embeddings[side], axis=1) * np.linalg.norm(reference, axis=1))
         print(f"| {side} | {cells} | {np.abs(embeddings[side] - reference).max():.1e} | {cosine.min():.4f} |")
-    gap = np.abs(embeddings["twinfold"] - reference).max()
-    if gap > 1e-4:
-        print(f"FAILED: twinfold's float32 embeddings differ from sentence-transformers' by {gap:.1e} (> 1e-4)")
-        return 1
-    return 0
+    failed = 0
+    for side in (s for s in EXACT_SIDES if s in order):
+        gap = np.abs(embeddings[side] - reference).max()
+        if gap > 1e-4:
+            print(f"FAILED: {side}'s float32 embeddings differ from sentence-transformers' by {gap:.1e} (> 1e-4)")
+            failed = 1
+    return failed
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The benchmark scripts at toy size: they run, and their correctness checks against sentence-transformers pass
-(same losses after the same updates; same float32 embeddings). Their timings are not checked here."""
+(same losses after the same updates; same float32 embeddings, in PyTorch and in ONNX Runtime). Their timings are
+not checked here."""
 import json
 import os
 import subprocess
@@ -33,7 +34,9 @@ def test_bench_train_cached_mode_matches_sentence_transformers_losses(data_dir):
 def test_bench_encode_gives_sentence_transformers_embeddings(data_dir):
     out = run_script("bench_encode.py", "--docs", "8", "--max-length", "32", "--rounds", "1", data_dir=data_dir)
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| twinfold")}
-    assert set(rows) == {"twinfold", "twinfold int8"}
+    assert set(rows) == {"twinfold", "twinfold int8", "twinfold onnx", "twinfold onnx-int8"}
+    for side in ("twinfold", "twinfold onnx"):  # max abs diff to sentence-transformers' float32 embeddings
+        assert float(rows[side].split("|")[-3]) <= 1e-4
 
 
 def test_encoder_flops_by_hand(tiny_bert_path):

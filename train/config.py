@@ -17,6 +17,7 @@ import yaml
 from twinfold.losses import DEFAULT_TEMPERATURE
 from twinfold.models.loading import SIMILARITIES
 from twinfold.models.pooling import POOLING_MODES
+from twinfold.models.quantize import COMPUTES
 from twinfold.train.bm25 import settings_from
 from twinfold.train.metrics import DEFAULT_K_VALUES, METRICS, metric_names
 
@@ -126,7 +127,7 @@ class EvalConfig:
     batch_size: int = 64
     ignore_identical_ids: bool = False
     metric: str = "ndcg@10"  # decides the best checkpoint
-    compute: str = "float32"  # float32 | bf16 | int8: how evaluation encodes
+    compute: str = "float32"  # models.quantize.COMPUTES: how evaluation encodes
 
 
 @dataclass
@@ -153,7 +154,7 @@ class Config:
 ROLES = ("anchor", "positive", "negative")
 _CHOICES = {"data.mixing": ("proportional", "round_robin"), "train.scheduler": ("linear", "cosine"),
             "train.mixed_precision": (None, "no", "bf16", "fp16"), "model.pooling": (None, *POOLING_MODES),
-            "model.similarity": (None, *SIMILARITIES), "eval.compute": ("float32", "bf16", "int8"),
+            "model.similarity": (None, *SIMILARITIES), "eval.compute": COMPUTES,
             "log.wandb_mode": (None, "online", "offline", "disabled"), "eval.bm25_preset": ("bm25s", "anserini")}
 
 

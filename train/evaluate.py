@@ -2,7 +2,7 @@
 
     python -m twinfold.train.evaluate --model M [--model M2 ...] --data BEIR_DIR [--split test] [--dims 384,256,128,64]
         [--precision float32,int8,binary] [--bm25] [--sts TSV] [--out DIR] [--k 1,3,5,10,100]
-        [--batch-size 64] [--ignore-identical-ids] [--strict] [--compute {float32,bf16,int8}]
+        [--batch-size 64] [--ignore-identical-ids] [--strict] [--compute {float32,bf16,int8,onnx,onnx-int8}]
 
 The corpus is encoded once per model at full dimension; every dim and precision is derived from that
 encoding, and it is cached by the model's fingerprint for the evaluator's lifetime (training calls the same
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from twinfold.models import BiEncoder, ModelLoadError, truncate
 from twinfold.models.atomic import check_output_folder
-from twinfold.models.quantize import COMPUTES, PRECISIONS, bytes_per_vector, calibrate_int8, quantize_binary, quantize_int8
+from twinfold.models.quantize import COMPUTE_HELP, COMPUTES, PRECISIONS, bytes_per_vector, calibrate_int8, quantize_binary, quantize_int8
 from twinfold.models.runtime import keep_freed_memory
 from twinfold.models.search import RESCORE_MULTIPLIER, binary_search, exact_search, int8_search
 from twinfold.train.beir import BeirData, BeirFormatError, load_beir
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.ev
     p.add_argument("--ignore-identical-ids", action="store_true", help="skip hits whose id is the query's id")
     p.add_argument("--strict", action="store_true", help="judgments naming unknown ids are an error")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights")
-    p.add_argument("--compute", default="float32", choices=COMPUTES, help="bf16: autocast (GPUs, CPUs with bf16 units); int8: int8 linear layers (CPU)")
+    p.add_argument("--compute", default="float32", choices=COMPUTES, help=COMPUTE_HELP)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="write into --out even if it holds other files")
     args = p.parse_args(argv)

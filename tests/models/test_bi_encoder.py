@@ -310,16 +310,29 @@ def test_int8_compute_is_close_to_float32_and_has_its_own_fingerprint(minilm, st
         minilm.encode(texts, compute="int4")
 
 
-def test_int8_copy_is_rebuilt_after_the_weights_change(tiny_bert_path):
+def change_weights(model: BiEncoder, how: str) -> None:
+    """An in-place edit, or a step of the trainer's optimizer (fused AdamW: it leaves tensor versions as they were)."""
+    if how == "in_place":
+        with torch.no_grad():
+            model.encoder.encoder.layer[0].intermediate.dense.weight.mul_(-1.0)
+        return
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model.embed(["protein folding", "gene expression"]).sum().backward()
+    versions = [p._version for p in model.parameters()]
+    optimizer.step()
+    assert [p._version for p in model.parameters()] == versions
+
+
+@pytest.mark.parametrize("how", ["in_place", "fused_adamw"])
+def test_int8_copy_is_rebuilt_after_the_weights_change(tiny_bert_path, how):
     model = BiEncoder.from_pretrained(tiny_bert_path)
     texts = ["protein folding", "gene expression in cells"]
     before = model.encode(texts, compute="int8")
-    assert model._int8_runner() is model._int8_runner()  # cached while the weights stay the same
-    with torch.no_grad():
-        model.encoder.encoder.layer[0].intermediate.dense.weight.mul_(-1.0)
+    assert model._compute_runner("int8") is model._compute_runner("int8")  # cached while the weights stay the same
+    change_weights(model, how)
     after = model.encode(texts, compute="int8")
     assert np.abs(before - after).max() > 1e-3
-    assert "_int8" not in dict(model.named_modules())  # never saved or moved with the model
+    assert not any("runners" in name for name in dict(model.named_modules()))  # never saved or moved with the model
 
 
 def test_encode_cli_int8_compute_records_its_fingerprint(tiny_bert_path, tmp_path):
