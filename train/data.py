@@ -269,8 +269,8 @@ def _tokenize_batch(batch: dict[str, list[str]], tokenizer: TextTokenizer) -> di
     """Ids, text keys and whether each text was truncated, for every role of a batch of rows."""
     out = {}
     for role, texts in batch.items():
-        ids, lengths = tokenizer.ids_and_lengths(texts, KIND[role.split("_")[0]])
+        ids, truncated = tokenizer.ids_and_truncated(texts, KIND[role.split("_")[0]])
         out[f"{role}_ids"] = ids
         out[f"{role}_key"] = text_keys(texts).tolist()
-        out[f"{role}_truncated"] = [n > tokenizer.max_length for n in lengths]
+        out[f"{role}_truncated"] = truncated
     return out
