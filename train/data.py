@@ -86,29 +86,39 @@ def load_pairs(cfg: DatasetConfig) -> PairDataset:
     path = Path(cfg.path)
     local = path.exists()
     table = _load_table(cfg, path) if local else _load_hub(cfg)
-    columns = cfg.columns or {c: c for c in table.column_names if c in ("anchor", "positive", "negative")}
-    if not cfg.columns and not {"anchor", "positive"} <= set(columns):
-        raise DataError(
-            f"{cfg.path}: columns {table.column_names}: map them to roles in the config, e.g. "
-            "columns: {question: anchor, answer: positive}"
-        )
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise DataError(f"{cfg.path}: column {missing[0]!r} (mapped to {columns[missing[0]]!r}) is not in the "
-                        f"data; its columns are {table.column_names}")
     if len(table) == 0:
         raise DataError(f"{cfg.path}: the dataset is empty")
-    negatives = [source for source, role in columns.items() if role == "negative"]
-    sources = {role: source for source, role in columns.items() if role != "negative"}
-    renamed = {sources["anchor"]: "anchor", sources["positive"]: "positive",
-               **{source: f"negative_{j}" for j, source in enumerate(negatives)}}
+    renamed = role_columns(cfg, table.column_names)
     _validate(table.select_columns(list(renamed)), cfg.path, path if local else None)
     table = table.select_columns(list(renamed)).rename_columns(renamed)
-    table = table.select_columns(["anchor", "positive", *(f"negative_{j}" for j in range(len(negatives)))])
+    table = table.select_columns(role_names(len(renamed) - 2))
     fingerprint = _file_hash(path) if local else table._fingerprint
     name = cfg.name or (path.stem if local else cfg.path)
     log.info("%s: %d rows read and validated", name, len(table))
     return PairDataset(name, table, cfg.weight, fingerprint)
+
+
+def role_columns(cfg: DatasetConfig, column_names: list[str]) -> dict[str, str]:
+    """Source column -> role column (`anchor`, `positive`, `negative_0` ...), checked against the data's columns."""
+    columns = cfg.columns or {c: c for c in column_names if c in ("anchor", "positive", "negative")}
+    if not cfg.columns and not {"anchor", "positive"} <= set(columns):
+        raise DataError(
+            f"{cfg.path}: columns {column_names}: map them to roles in the config, e.g. "
+            "columns: {question: anchor, answer: positive}"
+        )
+    missing = [c for c in columns if c not in column_names]
+    if missing:
+        raise DataError(f"{cfg.path}: column {missing[0]!r} (mapped to {columns[missing[0]]!r}) is not in the "
+                        f"data; its columns are {column_names}")
+    negatives = [source for source, role in columns.items() if role == "negative"]
+    sources = {role: source for source, role in columns.items() if role != "negative"}
+    return {sources["anchor"]: "anchor", sources["positive"]: "positive",
+            **{source: f"negative_{j}" for j, source in enumerate(negatives)}}
+
+
+def role_names(num_negatives: int) -> list[str]:
+    """The role columns in order: `anchor`, `positive`, `negative_0` ... `negative_{k-1}`."""
+    return ["anchor", "positive", *(f"negative_{j}" for j in range(num_negatives))]
 
 
 def _validate(table, shown: str, path: Path | None) -> None:
@@ -117,11 +127,16 @@ def _validate(table, shown: str, path: Path | None) -> None:
         chunk = table[start:start + _VALIDATE_ROWS]
         for source, values in chunk.items():
             for j, text in enumerate(values):
-                if isinstance(text, str) and text.strip():
-                    continue
-                what = ("missing (null)" if text is None else f"not a string ({type(text).__name__})"
-                        if not isinstance(text, str) else "empty")
-                raise DataError(f"{_where(shown, path, start + j)} field {source!r}: text is {what}")
+                if not (isinstance(text, str) and text.strip()):
+                    raise DataError(f"{_where(shown, path, start + j)} field {source!r}: text is {text_problem(text)}")
+
+
+def text_problem(text) -> str | None:
+    """What is wrong with a field meant to hold a text (None: a non-empty string)."""
+    if isinstance(text, str) and text.strip():
+        return None
+    return "missing (null)" if text is None else f"not a string ({type(text).__name__})" \
+        if not isinstance(text, str) else "empty"
 
 
 def _where(shown: str, path: Path | None, row: int) -> str:
@@ -147,7 +162,9 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _load_table(cfg: DatasetConfig, path: Path):
+def _load_table(cfg: DatasetConfig, path: Path, streaming: bool = False):
+    """A local file as a datasets table; `streaming`: an IterableDataset read as it is iterated (its lines are
+    checked as they come, so the whole-file JSON check is left out)."""
     import datasets
 
     builder = _BUILDERS.get(path.suffix)
@@ -155,21 +172,28 @@ def _load_table(cfg: DatasetConfig, path: Path):
         raise DataError(f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(_BUILDERS)}")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
-    if builder == "json":
+    if builder == "json" and not streaming:
         _check_json_lines(path)
     kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming, **kwargs)
     except Exception as e:  # datasets wraps parser errors in many types; name the file at least
-        cause = e.__cause__ or e
-        raise DataError(f"{path}: cannot be read as {builder}: {type(cause).__name__}: {cause}") from e
+        raise read_error(path, builder, e) from e
 
 
-def _load_hub(cfg: DatasetConfig):
+def read_error(path: Path, builder: str, e: Exception) -> DataError:
+    """A parser's error as a DataError naming the file (and, for JSON lines, the first bad line)."""
+    if builder == "json":
+        _check_json_lines(path)  # raises, naming the line, when a line is not a JSON object
+    cause = e.__cause__ or e
+    return DataError(f"{path}: cannot be read as {builder}: {type(cause).__name__}: {cause}")
+
+
+def _load_hub(cfg: DatasetConfig, streaming: bool = False):
     import datasets
 
     try:
-        return datasets.load_dataset(cfg.path, split=cfg.split)
+        return datasets.load_dataset(cfg.path, split=cfg.split, streaming=streaming)
     except Exception as e:
         raise DataError(f"{cfg.path}: not a local file and not loadable from the Hugging Face hub "
                         f"(split {cfg.split!r}): {e}") from e
