@@ -4,7 +4,7 @@ workers and dataset-preparation processes do this without the model."""
 import hashlib
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -55,21 +55,29 @@ class TextTokenizer:
         get in the whole text, so when the prefix is itself truncated, its ids are the whole text's. Prefixes that
         are not, and texts of other tokenizers, are encoded whole. Truncation is the tokenizer's own.
         """
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None:
+        if self._truncating is None:
             return self.ids(texts, kind), [n > self.max_length for n in self.lengths(texts, kind)]
-        rules = backend.to_str()
-        backend = backend.__class__.from_str(rules)  # a copy: its own truncation and padding settings
-        backend.enable_truncation(self.max_length, direction=self.tokenizer.truncation_side)
-        backend.no_padding()
+        backend, bounded = self._truncating
         texts = self.prefixed(texts, kind)
-        pieces = [_before_space(t, CHARS_PER_TOKEN * self.max_length) for t in texts] \
-            if _space_bounded(rules, self.tokenizer.truncation_side) else texts
+        pieces = [_before_space(t, CHARS_PER_TOKEN * self.max_length) for t in texts] if bounded else texts
         encodings = backend.encode_batch(pieces)
         whole = [i for i, e in enumerate(encodings) if not e.overflowing and len(pieces[i]) < len(texts[i])]
         for i, e in zip(whole, backend.encode_batch([texts[i] for i in whole])):
             encodings[i] = e
         return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
+
+    @cached_property
+    def _truncating(self) -> tuple[object, bool] | None:
+        """A copy of the fast tokenizer that truncates at `max_length` and never pads (its own settings, made once),
+        and whether it is `space_bounded`; None for other tokenizers."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        rules = backend.to_str()
+        backend = backend.__class__.from_str(rules)
+        backend.enable_truncation(self.max_length, direction=self.tokenizer.truncation_side)
+        backend.no_padding()
+        return backend, _space_bounded(rules, self.tokenizer.truncation_side)
 
     def fingerprint(self) -> str:
         """Hash of everything that decides the token ids: vocabulary and rules, prefixes, `max_length`."""
@@ -137,7 +145,6 @@ def space_bounded(tokenizer) -> bool:
     return backend is not None and _space_bounded(backend.to_str(), tokenizer.truncation_side)
 
 
-@lru_cache(maxsize=8)
 def _space_bounded(rules: str, truncation_side: str) -> bool:
     spec = json.loads(rules)
     normalizers, splitters = _steps(spec.get("normalizer")), _steps(spec.get("pre_tokenizer"))

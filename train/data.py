@@ -85,7 +85,7 @@ def load_pairs(cfg: DatasetConfig) -> PairDataset:
     """Load one dataset of the config, keep its mapped columns under role names and check every text."""
     path = Path(cfg.path)
     local = path.exists()
-    table = _load_table(cfg, path) if local else _load_hub(cfg)
+    table = load_source(cfg)
     if len(table) == 0:
         raise DataError(f"{cfg.path}: the dataset is empty")
     renamed = role_columns(cfg, table.column_names)
@@ -93,9 +93,13 @@ def load_pairs(cfg: DatasetConfig) -> PairDataset:
     table = table.select_columns(list(renamed)).rename_columns(renamed)
     table = table.select_columns(role_names(len(renamed) - 2))
     fingerprint = _file_hash(path) if local else table._fingerprint
-    name = cfg.name or (path.stem if local else cfg.path)
-    log.info("%s: %d rows read and validated", name, len(table))
-    return PairDataset(name, table, cfg.weight, fingerprint)
+    log.info("%s: %d rows read and validated", dataset_name(cfg), len(table))
+    return PairDataset(dataset_name(cfg), table, cfg.weight, fingerprint)
+
+
+def dataset_name(cfg: DatasetConfig) -> str:
+    """`name`, else the file's stem, else the hub id."""
+    return cfg.name or (Path(cfg.path).stem if Path(cfg.path).exists() else cfg.path)
 
 
 def role_columns(cfg: DatasetConfig, column_names: list[str]) -> dict[str, str]:
@@ -139,6 +143,15 @@ def text_problem(text) -> str | None:
         if not isinstance(text, str) else "empty"
 
 
+def row_place(cfg: DatasetConfig, row: int, rank: int = 0, world: int = 1, shards: int = 1) -> str:
+    """Where row `row` of a process's part of a streamed dataset is (see `_where`): with one shard (a local
+    file), process `rank` of `world` reads every world-th row from its rank on."""
+    if world > 1 and shards % world == 0:  # whole shards per process: the row's place in its file is not known
+        return f"{cfg.path} row {row} of process {rank}'s shards"
+    path = Path(cfg.path)
+    return _where(cfg.path, path if path.exists() else None, row * world + rank)
+
+
 def _where(shown: str, path: Path | None, row: int) -> str:
     """`file:line` of a row of a JSONL/CSV/TSV file (counted only when an error needs it), else `source row i`."""
     if path is None or path.suffix not in (".jsonl", ".csv", ".tsv"):
@@ -162,6 +175,12 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def load_source(cfg: DatasetConfig, streaming: bool = False):
+    """A dataset's rows as datasets reads them (`streaming`: an IterableDataset read as it is iterated)."""
+    path = Path(cfg.path)
+    return _load_table(cfg, path, streaming) if path.exists() else _load_hub(cfg, streaming)
+
+
 def _load_table(cfg: DatasetConfig, path: Path, streaming: bool = False):
     """A local file as a datasets table; `streaming`: an IterableDataset read as it is iterated (its lines are
     checked as they come, so the whole-file JSON check is left out)."""
@@ -178,11 +197,12 @@ def _load_table(cfg: DatasetConfig, path: Path, streaming: bool = False):
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming, **kwargs)
     except Exception as e:  # datasets wraps parser errors in many types; name the file at least
-        raise read_error(path, builder, e) from e
+        raise read_error(path, e) from e
 
 
-def read_error(path: Path, builder: str, e: Exception) -> DataError:
+def read_error(path: Path, e: Exception) -> DataError:
     """A parser's error as a DataError naming the file (and, for JSON lines, the first bad line)."""
+    builder = _BUILDERS[path.suffix]
     if builder == "json":
         _check_json_lines(path)  # raises, naming the line, when a line is not a JSON object
     cause = e.__cause__ or e
@@ -234,14 +254,22 @@ class TokenizedPairs:
         return self.table.data.column(name).to_numpy()
 
     def rows(self, indices: list[int]) -> dict[str, tuple[list[list[int]], list[int]]]:
-        """Token ids and keys of these rows by role; `negative` holds row i's k negatives one after another."""
+        """Token ids and keys of these rows by role (`step_roles`)."""
         picked = self.table[indices]
-        out = {role: (picked[f"{role}_ids"], picked[f"{role}_key"]) for role in ("anchor", "positive")}
-        if self.num_negatives:
-            roles = [f"negative_{j}" for j in range(self.num_negatives)]
-            out["negative"] = ([picked[f"{r}_ids"][i] for i in range(len(indices)) for r in roles],
-                               [picked[f"{r}_key"][i] for i in range(len(indices)) for r in roles])
-        return out
+        return step_roles({role: (picked[f"{role}_ids"], picked[f"{role}_key"])
+                           for role in role_names(self.num_negatives)})
+
+
+def step_roles(columns: dict[str, tuple[list[list[int]], list[int]]]) -> dict[str, tuple[list[list[int]], list[int]]]:
+    """Token ids and keys of some rows per role column -> per role of a step: `anchor`, `positive`, and `negative`
+    holding row i's k negatives one after another."""
+    negatives = [c for c in columns if c.startswith("negative_")]
+    out = {role: columns[role] for role in ("anchor", "positive")}
+    if negatives:
+        rows = range(len(columns["anchor"][1]))
+        out["negative"] = ([columns[c][0][i] for i in rows for c in negatives],
+                           [columns[c][1][i] for i in rows for c in negatives])
+    return out
 
 
 def cache_root(configured: str | None) -> Path:
