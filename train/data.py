@@ -61,6 +61,10 @@ class PairDataset:
         key = hashlib.sha256(f"{self.fingerprint}|{rows}".encode()).hexdigest()[:16]
         return PairDataset(self.name, self.table.select(rows), self.weight, key)
 
+    def texts(self, column: str) -> list[str]:
+        """A role column's texts (read from Arrow in one go, not row by row)."""
+        return self.table.with_format("arrow")[column].to_pylist()
+
     @property
     def num_negatives(self) -> int:
         """Hard negatives per row."""
@@ -68,16 +72,16 @@ class PairDataset:
 
     @property
     def anchor(self) -> list[str]:
-        return list(self.table["anchor"])
+        return self.texts("anchor")
 
     @property
     def positive(self) -> list[str]:
-        return list(self.table["positive"])
+        return self.texts("positive")
 
     @property
     def negatives(self) -> list[list[str]]:
         """Row i's hard negatives."""
-        columns = [list(self.table[f"negative_{j}"]) for j in range(self.num_negatives)]
+        columns = [self.texts(f"negative_{j}") for j in range(self.num_negatives)]
         return [list(row) for row in zip(*columns)] if columns else [[] for _ in range(len(self))]
 
 

@@ -79,16 +79,17 @@ def duplicate_rows(ds: PairDataset, encoder: MemoEncoder, near: bool = True) -> 
     """Row -> the earlier row it duplicates, exactly (normalised anchor and positive) or, with `near`, nearly
     (both cosines >= NEAR)."""
     found: dict[int, dict] = {}
-    first: dict[tuple[str, str], int] = {}
-    for row, pair in enumerate(zip(ds.anchor, ds.positive)):
+    first: dict[int, int] = {}  # hash of the normalised pair -> its first row; a hit compares the texts
+    anchor, positive = ds.anchor, ds.positive
+    for row, pair in enumerate(zip(anchor, positive)):
         key = tuple(map(normalize_text, pair))
-        if key in first:
-            found[row] = {"kind": "exact", "row": row, "duplicate_of": first[key], "cosine": None,
-                          "text": _short(ds.anchor[row], 200)}
-        first.setdefault(key, row)
+        earlier = first.setdefault(hash(key), row)
+        if earlier != row and tuple(map(normalize_text, (anchor[earlier], positive[earlier]))) == key:
+            found[row] = {"kind": "exact", "row": row, "duplicate_of": earlier, "cosine": None,
+                          "text": _short(anchor[row], 200)}
     if not near:
         return found
-    anchors, positives = encoder(ds.anchor, "query"), encoder(ds.positive, "document")
+    anchors, positives = encoder(anchor, "query"), encoder(positive, "document")
     for start in range(0, len(ds), CHUNK):
         both = torch.minimum(anchors[start:start + CHUNK] @ anchors.T, positives[start:start + CHUNK] @ positives.T)
         rows = torch.arange(start, start + len(both))
@@ -97,7 +98,7 @@ def duplicate_rows(ds: PairDataset, encoder: MemoEncoder, near: bool = True) -> 
         for row, s, j in zip(rows.tolist(), score.tolist(), earlier.tolist()):
             if s >= NEAR and row not in found:
                 found[row] = {"kind": "near", "row": row, "duplicate_of": j, "cosine": round(s, 4),
-                              "text": _short(ds.anchor[row], 200)}
+                              "text": _short(anchor[row], 200)}
     return found
 
 
