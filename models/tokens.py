@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-CHARS_PER_TOKEN = 8  # a prefix of this many characters per kept token nearly always holds more tokens than are kept
+CHARS_PER_TOKEN = 6  # a prefix of this many characters per token nearly always holds more tokens than are kept
 # tokenizer parts that never join characters across a space (normalizers act per character; pre-tokenizers split
 # there; models act on each piece alone): a text's tokens before a space do not depend on what follows it
 _PER_CHARACTER = {"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents", "Strip", "Prepend"}
