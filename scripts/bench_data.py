@@ -13,6 +13,7 @@ cached). The times come from the run's own log lines; peak RSS is the largest re
 process and of the workers it started (`wait4`).
 """
 import argparse
+import itertools
 import json
 import os
 import re
@@ -58,16 +59,22 @@ def write_pairs(path: Path, rows: int, seed: int = SEED, block: int = 10_000, di
                 anchor, positive = words[rng.integers(0, len(words), a)], words[rng.integers(0, len(words), p)]
                 lines.append(json.dumps({"anchor": " ".join(anchor), "positive": " ".join(positive)}))
             f.write("\n".join(lines) + "\n")
-    if rows > distinct:
-        with open(path, "rb+") as f:
-            first = f.read()
+    if rows > distinct:  # copied in blocks: a large resident set here would count as the child's (see run_training)
+        size = path.stat().st_size
+        with open(path, "rb") as first, open(path, "ab") as f:
             for _ in range(rows // distinct - 1):
-                f.write(first)
-            f.write(b"".join(first.splitlines(keepends=True)[:rows % distinct]))
+                first.seek(0)
+                for start in range(0, size, 1 << 24):
+                    f.write(first.read(min(1 << 24, size - start)))
+            first.seek(0)
+            f.writelines(itertools.islice(first, rows % distinct))
 
 
 def run_training(data: Path, work: Path, model: str, name: str, streaming: bool = False) -> dict:
-    """One `python -m train` child on `data`; its phase times (s) from launch, peak RSS (bytes) and wall time."""
+    """One `python -m train` child on `data`; its phase times (s) from launch, peak RSS (bytes) and wall time.
+
+    The peak is the child's `ru_maxrss`, which on Linux starts at this process's own peak (the child begins as its
+    copy): this process must stay smaller than what it measures."""
     out = work / name
     overrides = [f"model.name_or_path={model}", "model.max_length=32", "loss.matryoshka_dims=[]", "train.batch_size=8",
                  "train.max_steps=2", "train.save_steps=null", f"train.output_dir={out}",

@@ -179,9 +179,9 @@ def train(cfg: Config) -> Path:
     if found:
         state, rng_states = load_checkpoint(found, model, optimizer, scheduler, loss_fn, accelerator.scaler)
         torch.set_rng_state(rng_states[accelerator.process_index]["cpu"])
-        position = checkpoint_streams(found)[accelerator.process_index] if streamed else None
         if torch.cuda.is_available() and rng_states[accelerator.process_index].get("cuda") is not None:
             torch.cuda.set_rng_state(rng_states[accelerator.process_index]["cuda"])
+        position = checkpoint_streams(found)[accelerator.process_index] if streamed else None
         if main:
             log.info("resumed from %s (step %d)", found, state["step"])
             drop_metrics_after(out / "metrics.jsonl", state["step"])

@@ -31,6 +31,7 @@ from train.data import KIND, DataError, PairDataset, dataset_name, load_source, 
 from train.sampler import Packer
 
 log = logging.getLogger("twinfold")
+START = {"pass": 0, "source": None, "read": 0, "carry": [], "used": 0}  # a dataset's position before its first row
 
 
 @dataclass
@@ -65,6 +66,8 @@ class StreamSource:
 
 @dataclass
 class Block:
+    """A block's batches and where the next block starts."""
+
     batches: list[dict]  # token ids and keys by role of each batch (`data.step_roles`)
     after: dict  # the position of the next block
 
@@ -76,7 +79,7 @@ class BlockReader:
                  buffer: int, seed: int, position: dict | None):
         self.d, self.source, self.tokenizer, self.rank, self.world = d, source, tokenizer, rank, world
         self.rows, self.buffer, self.seed = rows, buffer, seed
-        self.position = position or {"pass": 0, "source": None, "read": 0, "carry": [], "used": 0}
+        self.position = position or dict(START)
         self._stream = self._iterator = self._block = None
 
     def next_batch(self) -> dict:
@@ -104,7 +107,7 @@ class BlockReader:
         texts = {role: [r[role] for r in rows] for role in roles}
         ids = {role: self.tokenizer.ids_and_truncated(texts[role], KIND[role.split("_")[0]]) for role in roles}
         keys = {role: text_keys(texts[role]).tolist() for role in roles}
-        if at == {"pass": 0, "source": None, "read": 0, "carry": [], "used": 0} and self.rank == 0:
+        if at == START and self.rank == 0:
             truncated = ", ".join(f"{sum(ids[role][1])} {role}" for role in roles)
             log.info("%s: in its first %d rows, texts longer than max_length %d tokens (truncated): %s",
                      self.source.name, len(rows), self.tokenizer.max_length, truncated)
@@ -117,8 +120,9 @@ class BlockReader:
             while packer.full():
                 batches.append(packer.take())
         if ended and at["read"] == 0 and not batches:
+            part = " (this process's part)" if self.world > 1 else ""
             raise DataError(f"dataset {self.source.name}: fewer than one batch of {self.rows} rows without a "
-                            f"repeated text in the whole stream{' (this process’s part)' if self.world > 1 else ''}")
+                            f"repeated text in the whole stream{part}")
         carry = [rows[i] for i in packer.current + packer.waiting]
         after = {"pass": at["pass"] + 1, "source": None, "read": 0, "carry": carry, "used": 0} if ended else \
             {"pass": at["pass"], "source": self._stream.state_dict(), "read": at["read"] + len(new), "carry": carry,

@@ -189,3 +189,16 @@ def test_resume_after_sigkill_continues_at_the_exact_stream_position(tmp_path, t
     records = [[json.loads(line) for line in (o / "metrics.jsonl").read_text().splitlines()] for o in (full, out)]
     assert [r["loss"] for r in records[0]] == [r["loss"] for r in records[1]] and len(records[0]) == 8
     assert [r["epoch"] for r in records[0]] == [0, 0, 0, 0, 1, 0, 1, 0]  # the stream's second pass from step 5
+
+
+def test_two_processes_each_read_their_part_and_checkpoint_their_positions(tmp_path, tiny_bert_path, data_dir):
+    pairs = (data_dir / "scifact-train-pairs" / "train.jsonl").read_text().splitlines()[:40]
+    streamed = write(tmp_path / "streamed.jsonl", pairs)
+    out = run_train(tmp_path, "two", "data.train=[{path: %s, streaming: true}]" % streamed, "data.shuffle_buffer=12",
+                    "train.max_steps=4", "train.save_steps=2", "train.batch_size=8", tiny=tiny_bert_path, processes=2)
+    positions = json.loads((out / "checkpoints" / "step-4" / "streams.json").read_text())
+    assert [p["batches"] for p in positions] == [4, 4]  # 4 global batches of 8: 4 pairs from each process
+    # each process read 4 x 4 = 16 of its 20 rows (rows 0, 2, ... and 1, 3, ...) in blocks of 12: one block and part
+    # of the next, which starts after its 12 rows
+    assert [(p["datasets"][0]["pass"], p["datasets"][0]["read"]) for p in positions] == [(0, 12), (0, 12)]
+    assert (out / "final" / "model.safetensors").exists()
