@@ -13,7 +13,7 @@ from accelerate.utils import broadcast_object_list
 from models import BiEncoder
 from train.beir import load_beir
 from train.config import Config
-from train.data import PairDataset, load_pairs
+from train.data import PairDataset, cache_root, dataset_name, load_pairs
 from train.leakage import check_datasets, summary_lines
 from train.mine import MemoEncoder, mine_dataset, provenance_path
 from train.streams import StreamSource
@@ -32,11 +32,11 @@ def prepare_data(cfg: Config, model: BiEncoder, out: Path, accelerator) -> tuple
         datasets = [load_pairs(d) for d in configs if not d.streaming]
         for d in configs:
             if d.streaming:
-                log.info("%s: streamed: the eval-overlap and duplicate checks are not run on it", d.name or d.path)
+                log.info("%s: streamed: the eval-overlap and duplicate checks are not run on it", dataset_name(d))
         e = cfg.eval
         eval_data = load_beir(e.data, e.split, ignore_identical_ids=e.ignore_identical_ids) if e.data else None
         keep, checks = check_datasets(datasets, encoder, eval_data, cfg.data.dedup, cfg.data.drop_eval_overlap,
-                                      cfg.data.near_check_rows)
+                                      cfg.data.near_check_rows, cache_root(cfg.data.cache_dir) / "checks")
         for line in summary_lines(checks):
             log.info("%s", line)
         mined = [json.loads(provenance_path(c.path).read_text()) for c, d in zip(configs, cfg.data.train)

@@ -95,6 +95,19 @@ def test_a_loader_worker_gives_what_the_inline_loader_gives(tmp_path, model):
         [content(i) for i in inline[7:10]]
 
 
+def test_csv_tsv_and_parquet_stream_as_jsonl_does(tmp_path, model):
+    import pandas as pd
+
+    path, rows = toy(tmp_path, n=24)
+    frame = pd.DataFrame(rows)
+    frame.to_csv(tmp_path / "pairs.csv", index=False)
+    frame.to_csv(tmp_path / "pairs.tsv", index=False, sep="\t")
+    frame.to_parquet(tmp_path / "pairs.parquet")
+    expected = [content(i) for i, _ in zip(steps(model, [source(path)]), range(8))]
+    for name in ("pairs.csv", "pairs.tsv", "pairs.parquet"):
+        assert [content(i) for i, _ in zip(steps(model, [source(tmp_path / name)]), range(8))] == expected, name
+
+
 def test_each_process_reads_its_part_and_all_agree_on_the_dataset_of_each_batch(tmp_path, model):
     path, rows = toy(tmp_path, n=64)
     other, _ = toy(tmp_path, n=48, name="other.jsonl")
