@@ -135,16 +135,17 @@ def _validate(table, shown: str, path: Path | None) -> None:
         chunk = table[start:start + _VALIDATE_ROWS]
         for source, values in chunk.items():
             for j, text in enumerate(values):
-                if not (isinstance(text, str) and text.strip()):
-                    raise DataError(f"{_where(shown, path, start + j)} field {source!r}: text is {text_problem(text)}")
+                if problem := text_problem(text):
+                    raise DataError(f"{_where(shown, path, start + j)} field {source!r}: text is {problem}")
 
 
 def text_problem(text) -> str | None:
     """What is wrong with a field meant to hold a text (None: a non-empty string)."""
-    if isinstance(text, str) and text.strip():
-        return None
-    return "missing (null)" if text is None else f"not a string ({type(text).__name__})" \
-        if not isinstance(text, str) else "empty"
+    if text is None:
+        return "missing (null)"
+    if not isinstance(text, str):
+        return f"not a string ({type(text).__name__})"
+    return None if text.strip() else "empty"
 
 
 def row_place(cfg: DatasetConfig, row: int, rank: int = 0, world: int = 1, shards: int = 1) -> str:
@@ -208,7 +209,7 @@ def read_error(path: Path, e: Exception) -> DataError:
     """A parser's error as a DataError naming the file (and, for JSON lines, the first bad line)."""
     builder = _BUILDERS[path.suffix]
     if builder == "json":
-        _check_json_lines(path)  # raises, naming the line, when a line is not a JSON object
+        _check_json_lines(path)  # raises at the first line that is not UTF-8, not JSON or not an object
     cause = e.__cause__ or e
     return DataError(f"{path}: cannot be read as {builder}: {type(cause).__name__}: {cause}")
 
