@@ -146,6 +146,7 @@ def space_bounded(tokenizer) -> bool:
 
 
 def _space_bounded(rules: str, truncation_side: str) -> bool:
+    """`space_bounded` from the tokenizer's JSON rules."""
     spec = json.loads(rules)
     normalizers, splitters = _steps(spec.get("normalizer")), _steps(spec.get("pre_tokenizer"))
     return (truncation_side == "right"
@@ -164,6 +165,7 @@ def _steps(node: dict | None) -> list[dict]:
     if node["type"] != "Sequence":
         return [node]
     return [step for child in node.get("normalizers", node.get("pretokenizers", [])) for step in _steps(child)]
+
 
 def _before_space(text: str, start: int) -> str:
     """`text` up to the first space at or after `start` that follows a non-space character (all of it if none)."""

@@ -21,7 +21,8 @@ from train.streams import StreamSource
 log = logging.getLogger("twinfold")
 
 
-def prepare_data(cfg: Config, model: BiEncoder, out: Path, accelerator) -> tuple[list[PairDataset | StreamSource], dict]:
+def prepare_data(cfg: Config, model: BiEncoder, out: Path,
+                 accelerator) -> tuple[list[PairDataset | StreamSource], dict]:
     """The training datasets (streamed ones unread), and what was done to them: {"hard_negatives": [provenance...],
     "leakage": [...]}."""
     configs, keep, report = list(cfg.data.train), None, {}

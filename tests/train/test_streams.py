@@ -6,7 +6,6 @@ import signal
 import time
 
 import pytest
-import torch
 
 from losses import text_keys
 from models import BiEncoder
@@ -31,8 +30,8 @@ def toy(tmp_path, n=60, name="pairs.jsonl"):
 
 
 def source(path, **kw):
-    return StreamSource.streamed(DatasetConfig(path=str(path), columns={"a": "anchor", "p": "positive", "n": "negative"},
-                                               streaming=True, **kw))
+    columns = {"a": "anchor", "p": "positive", "n": "negative"}
+    return StreamSource.streamed(DatasetConfig(path=str(path), columns=columns, streaming=True, **kw))
 
 
 def steps(model, sources, position=None, rank=0, world=1, batch=4, buffer=16, mixing="proportional"):
@@ -44,7 +43,8 @@ def content(item):
     """What a step trains on: its place and every chunk's ids, the order and the keys."""
     return (item["epoch"], item["index"], {role: [c["input_ids"].tolist() for c in chunks]
                                            for role, chunks in item["chunks"].items()},
-            {role: o.tolist() for role, o in item["order"].items()}, {role: k.tolist() for role, k in item["keys"].items()})
+            {role: o.tolist() for role, o in item["order"].items()},
+            {role: k.tolist() for role, k in item["keys"].items()})
 
 
 def texts_of(rows) -> dict[int, str]:
@@ -117,7 +117,8 @@ def test_each_process_reads_its_part_and_all_agree_on_the_dataset_of_each_batch(
     assert {i["dataset"] for i in parts[0]} == {0, 1} and all(len(i["keys"]["anchor"]) == 4 for p in parts for i in p)
     key_of = texts_of(rows)
     for rank, part in enumerate(parts):  # process r reads rows r, r + 2, ... of the file
-        anchors = [key_of[k] for i in part if i["dataset"] == 0 and i["epoch"] == 0 for k in i["keys"]["anchor"].tolist()]
+        anchors = [key_of[k] for i in part if i["dataset"] == 0 and i["epoch"] == 0
+                   for k in i["keys"]["anchor"].tolist()]
         assert anchors and set(anchors) <= {r["a"] for r in rows[rank::2]} and len(set(anchors)) == len(anchors)
 
 
@@ -140,7 +141,8 @@ def test_mixing_by_weight():
 
 @pytest.mark.parametrize("rows, message", [
     ([{"a": "x", "p": "y", "n": "z"}] * 6 + ['{"a": "x", "p": '], ":7: not valid JSON"),
-    ([{"a": f"x{i}", "p": "y", "n": "z"} for i in range(4)] + [{"a": "x", "p": "", "n": "z"}], ":5 field 'p': text is empty"),
+    ([{"a": f"x{i}", "p": "y", "n": "z"} for i in range(4)] + [{"a": "x", "p": "", "n": "z"}],
+     ":5 field 'p': text is empty"),
     ([{"a": f"x{i}", "p": "y", "n": "z"} for i in range(8)] + [{"a": "x", "p": None, "n": "z"}],
      ":9 field 'p': text is missing (null)"),
 ])
@@ -167,8 +169,9 @@ def test_too_few_distinct_rows_for_a_batch(tmp_path, model):
 def test_streaming_config_rules(tmp_path):
     path, _ = toy(tmp_path)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"data:\n  train:\n    - path: {path}\n      columns: {{a: anchor, p: positive}}\n      streaming: true\n")
-    with pytest.raises(ConfigError, match=r"data.train\[0\].streaming: a stream has no known length; set train.max_steps"):
+    recipe.write_text(f"data:\n  train:\n    - path: {path}\n      columns: {{a: anchor, p: positive}}\n"
+                      "      streaming: true\n")
+    with pytest.raises(ConfigError, match=r"data.train\[0\].streaming: a stream has no known length; set train.max"):
         load_config(recipe)
     assert load_config(recipe, ["train.max_steps=5"]).data.train[0].streaming
     with pytest.raises(ConfigError, match="data.dedup: compares every training pair"):
