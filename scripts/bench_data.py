@@ -146,8 +146,8 @@ def main() -> None:
               "| peak RSS (GB) |")
         print("|---:|---:|---:|---:|---:|---:|")
     else:
-        print("| rows | cache | preparation rows/s | load + validate (s) | tokenize (s) | then to the loop (s) "
-              "| to first step (s) | peak RSS (GB) |")
+        print("| rows | cache | preparation rows/s | load + validate (s) | checks + tokenize (s) "
+              "| then to the loop (s) | to first step (s) | peak RSS (GB) |")
         print("|---:|---|---:|---:|---:|---:|---:|---:|")
     try:
         for rows in sizes:
