@@ -170,8 +170,8 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     print("streamed: to the loop from the launch of `python -m train`; the first block (data.shuffle_buffer rows) is "
           "read, checked and tokenized in the first step; whole run: launch to exit (2 steps and the export)"
-          if args.streaming else "preparation: load + validate + tokenize (times from the run's log lines); to first "
-          "step: from the launch of `python -m train` to the start of its training loop")
+          if args.streaming else "preparation: load + validate + checks + tokenize (times from the run's log lines); "
+          "to first step: from the launch of `python -m train` to the start of its training loop")
 
 
 if __name__ == "__main__":
