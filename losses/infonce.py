@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses.distributed import average_gradient, gather_no_grad, gather_with_grad, rank_offset
-from models.loading import SIMILARITIES
+from twinfold.losses.distributed import average_gradient, gather_no_grad, gather_with_grad, rank_offset
+from twinfold.models.loading import SIMILARITIES
 
 DEFAULT_TEMPERATURE = 0.05
 MIN_TEMPERATURE = 0.01

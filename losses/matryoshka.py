@@ -10,7 +10,7 @@ convention), so with the default weights of 1.0 the loss grows with the number o
 import torch
 from torch import nn
 
-from models.bi_encoder import truncate
+from twinfold.models.bi_encoder import truncate
 
 
 class Matryoshka(nn.Module):

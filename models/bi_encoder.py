@@ -10,15 +10,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from models.atomic import atomic_directory
-from models.head import load_dense
-from models.loading import SIMILARITIES, ModelLoadError, check_model_folder, read_sentence_transformers_layout
-from models.pooling import POOLING_MODES, pool
-from models.quantize import (COMPUTES, PRECISIONS, Int8Calibration, calibrate_int8, int8_linear_copy,
+from twinfold.models.atomic import atomic_directory
+from twinfold.models.head import load_dense
+from twinfold.models.loading import SIMILARITIES, ModelLoadError, check_model_folder, read_sentence_transformers_layout
+from twinfold.models.pooling import POOLING_MODES, pool
+from twinfold.models.quantize import (COMPUTES, PRECISIONS, Int8Calibration, calibrate_int8, int8_linear_copy,
                              quantize_binary, quantize_int8)
-from models.resolve import describe_attempts, resolve_model_path
-from models.runtime import loader_settings
-from models.tokens import Padder, TextTokenizer
+from twinfold.models.resolve import describe_attempts, resolve_model_path
+from twinfold.models.runtime import loader_settings, pad_multiple
+from twinfold.models.tokens import Padder, TextTokenizer
 
 TWINFOLD_FILE = "twinfold.json"
 KINDS = ("query", "document")
@@ -181,8 +181,8 @@ class BiEncoder(nn.Module):
 
     @property
     def padder(self) -> Padder:
-        """Pads token ids into encoder inputs (picklable, for DataLoader workers)."""
-        return Padder.for_tokenizer(self.tokenizer)
+        """Pads token ids into encoder inputs for this model's device (picklable, for DataLoader workers)."""
+        return Padder.for_tokenizer(self.tokenizer, pad_multiple(self.device), self.settings.max_length)
 
     def token_lengths(self, texts: list[str], kind: str = "document") -> list[int]:
         """Tokens in each text with the kind's prefix and special tokens, before truncation."""
@@ -288,7 +288,7 @@ class BiEncoder(nn.Module):
         `directory` may be missing, empty or a folder twinfold wrote; anything else is refused
         (`models.atomic.OverwriteRefused`) unless `overwrite`.
         """
-        from models.export import write_model_folder
+        from twinfold.models.export import write_model_folder
 
         if info:
             self.info.update(info)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from models.quantize import format_megabytes
+from twinfold.models.quantize import format_megabytes
 
 CARD_FILE = "README.md"
 METRICS = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@10", "Recall@10"), ("recall@100", "Recall@100"),
@@ -106,13 +106,13 @@ def _usage(model) -> str:
            *(["emb = torch.nn.functional.normalize(emb, dim=-1)"] if s.normalize else []), "```", ""] if plain else
           [f"transformers alone does not apply this model's {s.pooling} pooling"
            + (" and Dense head" if len(model.head) else "") + "; use sentence-transformers or twinfold.", ""]),
-        "twinfold:", "", "```python", "from models import BiEncoder", "",
+        "twinfold:", "", "```python", "from twinfold.models import BiEncoder", "",
         'model = BiEncoder.from_pretrained("path/to/this/model")',
         'query = model.encode(["a question"], kind="query")            # adds the query prefix',
         'docs = model.encode(texts, kind="document"'
         + (f', dim={small}, precision="int8")' if small else ', precision="int8")'),
         "```", "",
-        "Index a corpus and keep it in step with the model: `python -m models.encode --model path/to/this/model "
+        "Index a corpus and keep it in step with the model: `python -m twinfold.models.encode --model path/to/this/model "
         "--input corpus.jsonl --output corpus.safetensors`, then `--update corpus.safetensors` after the documents "
         "change.",
     ]
@@ -173,5 +173,5 @@ def _training(training: dict) -> str:
 
 def _fingerprint(model) -> str:
     return (f"## Fingerprint\n\n`{model.fingerprint()}`: a hash of the weights and embedding settings. Embedding "
-            "files written by `python -m models.encode` carry it; `python -m models.encode --check FILE --model "
+            "files written by `python -m twinfold.models.encode` carry it; `python -m twinfold.models.encode --check FILE --model "
             "path/to/this/model` says whether a file belongs to this model.")

@@ -1,15 +1,18 @@
 """Embed a JSONL file with a model and write an embedding file that carries its fingerprint; keep it up to date.
 
-    python -m models.encode --model DIR --input FILE.jsonl [--field text] [--id-field _id]
+    python -m twinfold.models.encode --model DIR --input FILE.jsonl [--field text] [--id-field _id]
         --output FILE.safetensors [--dim N] [--precision int8|binary] [--kind query|document]
-        [--compute {float32,bf16,int8}] [--overwrite]
-    python -m models.encode --model DIR --input FILE.jsonl --update EXISTING.safetensors [--output NEW]
-    python -m models.encode --model DIR --check FILE.safetensors
+        [--compute {float32,bf16,int8}] [--format parquet] [--overwrite]
+    python -m twinfold.models.encode --model DIR --input FILE.jsonl --update EXISTING.safetensors [--output NEW]
+    python -m twinfold.models.encode --model DIR --check FILE.safetensors
 
 `--update` re-embeds only the documents that are new or whose text changed (the file stores a content hash
 per id), drops ids no longer in the input and keeps the other rows; dim, precision, kind and compute are the
 file's, and int8 rows use the file's calibration. It refuses a file made by another model (fingerprint).
 `--check` exits 0 when the file's fingerprint is the model's, 1 when it is not.
+`--format parquet` writes ids, vectors and content hashes as Parquet columns, the fingerprint and settings as
+its schema metadata (see `models.embeddings`); `--update` and `--check` read either format, and an update
+writes the format of the file it updates unless `--format` says otherwise.
 """
 import argparse
 import sys
@@ -17,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from models.bi_encoder import BiEncoder
-from models.embeddings import EmbeddingSet, check_embedding_output, content_hash
-from models.jsonl import iter_json_lines
-from models.loading import ModelLoadError
-from models.quantize import COMPUTES, PRECISIONS, calibrate_int8, quantize_binary, quantize_int8
-from models.runtime import keep_freed_memory
+from twinfold.models.bi_encoder import BiEncoder
+from twinfold.models.embeddings import FORMATS, EmbeddingSet, check_embedding_output, content_hash, file_format
+from twinfold.models.jsonl import iter_json_lines
+from twinfold.models.loading import ModelLoadError
+from twinfold.models.quantize import COMPUTES, PRECISIONS, calibrate_int8, quantize_binary, quantize_int8
+from twinfold.models.runtime import keep_freed_memory
 
 
 class InputError(ValueError):
@@ -93,7 +96,7 @@ def check_updatable(old: EmbeddingSet, path: Path, model: BiEncoder, model_name:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models.encode", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m twinfold.models.encode", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--input", type=Path, help="JSONL of documents (or queries)")
     p.add_argument("--field", default="text")
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", default="document", choices=["query", "document"])
     p.add_argument("--compute", default="float32", choices=COMPUTES,
                    help="bf16: autocast (GPUs, CPUs with bf16 units); int8: linear layers in int8 (CPU)")
+    p.add_argument("--format", choices=FORMATS, help="file format (default: safetensors; with --update: the file's)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -120,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         texts, ids = read_texts(args.input, args.field, args.id_field) if args.input else ([], [])
         model = BiEncoder.from_pretrained(args.model, allow_pickle=args.allow_pickle)
         if args.update:
-            rebuild = (f"python -m models.encode --model {args.model} --input {args.input} --output {args.update} "
-                       f"--precision {old.precision} --dim {old.dim} --kind {old.kind}")
+            rebuild = (f"python -m twinfold.models.encode --model {args.model} --input {args.input} --output {args.update} "
+                       f"--precision {old.precision} --dim {old.dim} --kind {old.kind} "
+                       f"--format {file_format(args.update)}")
             check_updatable(old, args.update, model, args.model, rebuild)
     except (InputError, ModelLoadError, OSError, UnicodeDecodeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -132,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.check} belongs to {args.model} (fingerprint {fingerprint}, {len(old.ids)} embeddings)")
             return 0
         print(f"{args.check} does not belong to {args.model}: its fingerprint is {old.fingerprint}, the model's is "
-              f"{fingerprint}; re-encode it with this model (python -m models.encode --model {args.model} "
+              f"{fingerprint}; re-encode it with this model (python -m twinfold.models.encode --model {args.model} "
               f"--input DOCS.jsonl --output {args.check})")
         return 1
     keep_freed_memory()
     if args.update:
         new, counts = update(old, model, texts, ids, args.batch_size, show_progress_bar=not args.no_progress)
-        new.save(args.output or args.update)
+        new.save(args.output or args.update, format=args.format or file_format(args.update))
         print(f"re-encoded {counts['new'] + counts['changed']} documents ({counts['new']} new, {counts['changed']} "
               f"changed), kept {counts['kept']}, removed {counts['removed']}: {args.output or args.update}")
         return 0
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     dim = args.dim or model.dim
     EmbeddingSet(emb, ids, model.fingerprint(args.compute), args.precision, dim, calibration,
                  model.settings.similarity, [content_hash(t) for t in texts], args.kind,
-                 args.compute).save(args.output, args.overwrite)
+                 args.compute).save(args.output, args.overwrite, args.format or "safetensors")
     print(f"wrote {len(ids)} embeddings ({args.precision}, dim {dim}) to {args.output}")
     return 0
 

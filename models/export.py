@@ -1,6 +1,6 @@
 """Export a model folder that twinfold and sentence-transformers both load.
 
-    python -m models.export SRC DST
+    python -m twinfold.models.export SRC DST
 
 SRC: a training checkpoint (its `model/` folder is used) or any model folder; DST gets `model.safetensors`,
 `config.json`, tokenizer files, `twinfold.json`, the sentence-transformers layout and `README.md` (the model
@@ -12,9 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from models.card import write_model_card
-from models.head import save_dense
-from models.loading import POOLING_KEYS
+from twinfold.models.card import write_model_card
+from twinfold.models.head import save_dense
+from twinfold.models.loading import POOLING_KEYS
 
 EXPORT_FORMAT = 1
 
@@ -62,11 +62,11 @@ def model_folder_of(src: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.atomic import OverwriteRefused, check_replaceable
-    from models.bi_encoder import BiEncoder
-    from models.loading import ModelLoadError
+    from twinfold.models.atomic import OverwriteRefused, check_replaceable
+    from twinfold.models.bi_encoder import BiEncoder
+    from twinfold.models.loading import ModelLoadError
 
-    parser = argparse.ArgumentParser(prog="python -m models.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m twinfold.models.export", description=__doc__.splitlines()[0])
     parser.add_argument("src", type=Path, help="training checkpoint or model folder")
     parser.add_argument("dst", type=Path, help="output folder: new, empty or an earlier export (replaced atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST even if twinfold did not write it")

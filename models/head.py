@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.loading import ModelLoadError, read_sentence_transformers_layout
+from twinfold.models.loading import ModelLoadError, read_sentence_transformers_layout
 
 IDENTITY = "torch.nn.modules.linear.Identity"
 

@@ -9,10 +9,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from models.quantize import Int8Calibration, dequantize_int8, quantize_binary, unpack_binary
+from twinfold.models.quantize import Int8Calibration, dequantize_int8, quantize_binary, unpack_binary
 
 DEFAULT_CHUNK_SIZE = 16384
 SCORE_BUDGET = 1 << 24  # floats in one block of scores (64 MiB): bounds queries per block
+RESCORE_MULTIPLIER = 4  # binary search: Hamming candidates per result, rescored with the float32 query
 
 
 def exact_search(queries, corpus, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,7 +30,7 @@ def int8_search(queries, corpus: np.ndarray, calibration: Int8Calibration, k: in
                          lambda a, b: torch.from_numpy(dequantize_int8(corpus[a:b], calibration)), chunk_size)
 
 
-def binary_search(queries, corpus: np.ndarray, k: int, rescore_multiplier: int = 4,
+def binary_search(queries, corpus: np.ndarray, k: int, rescore_multiplier: int = RESCORE_MULTIPLIER,
                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of float32 queries against packed sign bits (uint8 [n, ceil(d/8)]) of d-dimensional documents.
 
@@ -52,12 +53,18 @@ def binary_search(queries, corpus: np.ndarray, k: int, rescore_multiplier: int =
     step = max(1, SCORE_BUDGET // (width * dim))
     for qs in range(0, len(queries), step):
         block = candidates[qs:qs + step]
-        docs = torch.from_numpy(unpack_binary(corpus[block.reshape(-1).numpy()], dim)).view(len(block), width, dim)
-        rescored = torch.einsum("qd,qcd->qc", queries[qs:qs + step], docs)
-        top, where = rescored.topk(min(k, width), dim=1)
+        top, where = rescore_binary(queries[qs:qs + step], corpus[block.numpy()], k)
         scores.append(top)
         indices.append(block.gather(1, where))
     return torch.cat(scores), torch.cat(indices)
+
+
+def rescore_binary(queries, codes: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each float32 query [q, d] among its candidates' packed sign bits [q, c, ceil(d/8)], scored by
+    the query times the candidate's ±1 vector: (scores, positions among the candidates), best first."""
+    queries = _float_tensor(queries, "queries")
+    docs = torch.from_numpy(unpack_binary(codes, queries.shape[1]))
+    return torch.einsum("qd,qcd->qc", queries, docs).topk(min(k, codes.shape[1]), dim=1)
 
 
 def _running_topk(queries: torch.Tensor, n_docs: int, k: int, chunk: Callable[[int, int], torch.Tensor],

@@ -103,15 +103,22 @@ class Padder:
     pad_id: int
     left: bool = False  # the tokenizer's padding_side is "left"
     token_type_ids: bool = True  # the encoder takes token_type_ids (all zero for one sequence)
+    multiple: int = 1  # widths round up to a multiple of this (`models.runtime.pad_multiple`)...
+    max_width: int | None = None  # ...but not past this (the model's max_length) unless the longest is longer
 
     @classmethod
-    def for_tokenizer(cls, tokenizer) -> "Padder":
+    def for_tokenizer(cls, tokenizer, multiple: int = 1, max_width: int | None = None) -> "Padder":
         return cls(int(tokenizer.pad_token_id or 0), tokenizer.padding_side == "left",
-                   "token_type_ids" in tokenizer.model_input_names)
+                   "token_type_ids" in tokenizer.model_input_names, multiple, max_width)
+
+    def width(self, longest: int) -> int:
+        """The padded width of a group whose longest text has `longest` tokens."""
+        rounded = -(-longest // self.multiple) * self.multiple
+        return max(longest, min(rounded, self.max_width)) if self.max_width else rounded
 
     def __call__(self, ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        width = int(lengths.max()) if len(ids) else 0
+        width = self.width(int(lengths.max())) if len(ids) else 0
         positions = np.arange(width)
         mask = positions >= width - lengths[:, None] if self.left else positions < lengths[:, None]
         input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)

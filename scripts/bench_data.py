@@ -1,4 +1,4 @@
-"""The data path at scale: a real training run (`python -m train`) on N synthetic pairs, cold and warm cache, or
+"""The data path at scale: a real training run (`python -m twinfold.train`) on N synthetic pairs, cold and warm cache, or
 streamed.
 
     python scripts/bench_data.py --rows 100000,1000000 [--model PATH] [--workdir DIR]
@@ -71,7 +71,7 @@ def write_pairs(path: Path, rows: int, seed: int = SEED, block: int = 10_000, di
 
 
 def run_training(data: Path, work: Path, model: str, name: str, streaming: bool = False) -> dict:
-    """One `python -m train` child on `data`; its phase times (s) from launch, peak RSS (bytes) and wall time.
+    """One `python -m twinfold.train` child on `data`; its phase times (s) from launch, peak RSS (bytes) and wall time.
 
     The peak is the child's `ru_maxrss`, which on Linux starts at this process's own peak (the child begins as its
     copy): this process must stay smaller than what it measures."""
@@ -86,7 +86,7 @@ def run_training(data: Path, work: Path, model: str, name: str, streaming: bool 
     log_path = work / f"{name}.log"
     with open(log_path, "w") as log:
         launched = time.time()
-        proc = subprocess.Popen([sys.executable, "-m", "train", "configs/smoke.yaml", *overrides], cwd=REPO, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "twinfold.train", "configs/smoke.yaml", *overrides], cwd=REPO, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.time() - launched
@@ -168,10 +168,10 @@ def main() -> None:
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
-    print("streamed: to the loop from the launch of `python -m train`; the first block (data.shuffle_buffer rows) is "
+    print("streamed: to the loop from the launch of `python -m twinfold.train`; the first block (data.shuffle_buffer rows) is "
           "read, checked and tokenized in the first step; whole run: launch to exit (2 steps and the export)"
           if args.streaming else "preparation: load + validate + checks + tokenize (times from the run's log lines); "
-          "to first step: from the launch of `python -m train` to the start of its training loop")
+          "to first step: from the launch of `python -m twinfold.train` to the start of its training loop")
 
 
 if __name__ == "__main__":

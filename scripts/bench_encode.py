@@ -13,7 +13,7 @@ the end). The table gives the median docs/s, peak memory (GPU: allocated; CPU: R
 sentence-transformers (float32), the share of the machine's matmul rate (fp32; bf16 for bf16 sides) that the
 unpadded tokens' FLOPs reach, and how far each side's embeddings are from sentence-transformers' float32 ones
 (max |difference|, and the lowest cosine). The nDCG@10 cost of int8 or bf16 compute is measured with
-`python -m train.evaluate --compute`.
+`python -m twinfold.train.evaluate --compute`.
 """
 import argparse
 import json
@@ -34,7 +34,7 @@ ALL_SIDES = ("sentence-transformers", "sentence-transformers bf16", "twinfold", 
 
 def sides(device: str) -> tuple[str, ...]:
     """What runs on this device: int8 compute on CPUs, bf16 on GPUs and CPUs with bf16 units."""
-    from models.runtime import cpu_has_bf16
+    from twinfold.models.runtime import cpu_has_bf16
 
     if device == "cuda":
         return "sentence-transformers", "sentence-transformers bf16", "twinfold", "twinfold bf16"
@@ -66,7 +66,7 @@ def sample(args) -> tuple[list[str], list[str]]:
 def child(args) -> dict:
     import torch
 
-    from models import resolve_model_path
+    from twinfold.models import resolve_model_path
 
     warmup, docs = sample(args)
     if args.child.startswith("sentence-transformers"):
@@ -80,8 +80,8 @@ def child(args) -> dict:
         def encode(texts):
             return model.encode(texts, batch_size=args.batch_size, convert_to_numpy=True)
     else:
-        from models import BiEncoder
-        from models.runtime import keep_freed_memory
+        from twinfold.models import BiEncoder
+        from twinfold.models.runtime import keep_freed_memory
 
         keep_freed_memory()
         model = BiEncoder.from_pretrained(args.model, max_length=args.max_length).to(args.device)

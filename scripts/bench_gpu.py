@@ -1,11 +1,12 @@
 """Every configuration of the GPU speed issue in one call: training (bench_train.py) and encoding (bench_encode.py)
 against sentence-transformers on the same device, each table written to `--out`.
 
-    python scripts/bench_gpu.py --out $OUT [--device cuda] [--tiny]
+    python scripts/bench_gpu.py --out $OUT [--device cuda] [--rounds 2] [--tiny]
 
 Training: all-MiniLM-L6-v2 at batch 32, 256 (cached, mini-batch 64) and 256; a BERT-base-size encoder (12 layers,
 hidden 768, random weights with MiniLM's tokenizer, built here) at batch 128 and 1024 (cached, mini-batch 128).
-Encoding: the SciFact corpus with all-MiniLM-L6-v2. `--tiny` runs every configuration at toy sizes (a CPU check that
+Encoding: the SciFact corpus with all-MiniLM-L6-v2. Each training side's operators in one profiled step go to
+`profile.md`. `--tiny` runs every configuration at toy sizes (a CPU check that
 the script works before the one GPU call).
 """
 import argparse
@@ -21,7 +22,7 @@ def bert_base(folder: Path, tiny: bool) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from models import resolve_model_path
+    from twinfold.models import resolve_model_path
 
     size = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256) if tiny else \
         dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
@@ -37,14 +38,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per configuration (each side a fresh process)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     base = bert_base(args.out / "bert-base", args.tiny)
     minilm = "sentence-transformers/all-MiniLM-L6-v2"
     train = [(minilm, 32, 0), (minilm, 256, 64), (minilm, 256, 0), (str(base), 128, 0), (str(base), 1024, 128)]
-    steps, rounds, length = ("1", "1", "32") if args.tiny else ("5", "2", "256")
+    steps, rounds, length = ("1", "1", "32") if args.tiny else ("5", str(args.rounds), "256")
     runs = [("train", ["--model", model, "--batch-size", str(b // 16 if args.tiny else b),
-                       "--mini-batch-size", str(m // 16 if args.tiny else m), "--steps", steps, "--rounds", rounds])
+                       "--mini-batch-size", str(m // 16 if args.tiny else m), "--steps", steps, "--rounds", rounds,
+                       "--profile", str(args.out / "profile.md")])
             for model, b, m in train]
     runs.append(("encode", ["--docs", "16" if args.tiny else "5183", "--batch-size", "32" if args.tiny else "256",
                             "--rounds", rounds]))

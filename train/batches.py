@@ -11,10 +11,10 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from losses import text_keys
-from models.tokens import Padder, length_chunks
-from train.data import KIND, TokenizedPairs
-from train.sampler import Batch, BatchPlan
+from twinfold.losses import text_keys
+from twinfold.models.tokens import Padder, length_chunks
+from twinfold.train.data import KIND, TokenizedPairs
+from twinfold.train.sampler import Batch, BatchPlan
 
 
 def assemble(tokens: dict[str, tuple[list[list[int]], list[int]]], padder: Padder, token_budget: int,
@@ -22,7 +22,8 @@ def assemble(tokens: dict[str, tuple[list[list[int]], list[int]]], padder: Padde
     """Token ids and text keys by role (batch order) -> `{"order", "chunks", "keys"}` of one step.
 
     Per role: `order[role][k]` is the batch position of the k-th text longest first; `chunks[role]` are
-    consecutive pieces of that sorted list (see `models.tokens.length_chunks`), each padded to its longest.
+    consecutive pieces of that sorted list (see `models.tokens.length_chunks`), each padded to its longest
+    (rounded up as the padder rounds).
     """
     out = {"order": {}, "chunks": {}, "keys": {}}
     for role, (ids, keys) in tokens.items():
@@ -30,7 +31,8 @@ def assemble(tokens: dict[str, tuple[list[list[int]], list[int]]], padder: Padde
         order = torch.sort(lengths, descending=True, stable=True).indices
         sorted_ids = [ids[i] for i in order.tolist()]
         chunks, start = [], 0
-        for size in length_chunks(lengths[order].tolist(), token_budget, max_texts):
+        widths = [padder.width(n) for n in lengths[order].tolist()]  # what each text costs, padding included
+        for size in length_chunks(widths, token_budget, max_texts):
             chunks.append(padder(sorted_ids[start:start + size]))
             start += size
         out["order"][role], out["chunks"][role] = order, chunks

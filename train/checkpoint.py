@@ -8,9 +8,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from models.atomic import atomic_directory
-from models.export import write_model_folder
-from models.head import read_head
+from twinfold.models.atomic import atomic_directory
+from twinfold.models.export import write_model_folder
+from twinfold.models.head import read_head
 
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import yaml
 
-from losses import DEFAULT_TEMPERATURE
-from models.loading import SIMILARITIES
-from models.pooling import POOLING_MODES
-from train.bm25 import settings_from
-from train.metrics import DEFAULT_K_VALUES, METRICS, metric_names
+from twinfold.losses import DEFAULT_TEMPERATURE
+from twinfold.models.loading import SIMILARITIES
+from twinfold.models.pooling import POOLING_MODES
+from twinfold.train.bm25 import settings_from
+from twinfold.train.metrics import DEFAULT_K_VALUES, METRICS, metric_names
 
 
 class ConfigError(ValueError):
@@ -300,7 +300,7 @@ def check_streaming(c: Config) -> None:
     for i in streamed:
         if c.data.train[i].hard_negatives is not None:
             raise ConfigError(f"data.train[{i}]: hard_negatives are mined over the whole dataset before training; "
-                              "not with streaming: true (mine with python -m train.mine first)")
+                              "not with streaming: true (mine with python -m twinfold.train.mine first)")
     for key in ("dedup", "drop_eval_overlap"):
         if getattr(c.data, key):
             raise ConfigError(f"data.{key}: compares every training pair before training; not with a streamed "

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from losses import text_keys
-from models.jsonl import iter_json_lines
-from models.tokens import TextTokenizer
-from train.config import DatasetConfig
+from twinfold.losses import text_keys
+from twinfold.models.jsonl import iter_json_lines
+from twinfold.models.tokens import TextTokenizer
+from twinfold.train.config import DatasetConfig
 
 log = logging.getLogger("twinfold")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}

@@ -1,6 +1,6 @@
 """Retrieval evaluation of bi-encoders on a BEIR folder over every Matryoshka dim x precision, plus BM25 and STS.
 
-    python -m train.evaluate --model M [--model M2 ...] --data BEIR_DIR [--split test] [--dims 384,256,128,64]
+    python -m twinfold.train.evaluate --model M [--model M2 ...] --data BEIR_DIR [--split test] [--dims 384,256,128,64]
         [--precision float32,int8,binary] [--bm25] [--sts TSV] [--out DIR] [--k 1,3,5,10,100]
         [--batch-size 64] [--ignore-identical-ids] [--strict] [--compute {float32,bf16,int8}]
 
@@ -22,15 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import BiEncoder, ModelLoadError, truncate
-from models.atomic import check_output_folder
-from models.quantize import COMPUTES, PRECISIONS, bytes_per_vector, calibrate_int8, quantize_binary, quantize_int8
-from models.runtime import keep_freed_memory
-from models.search import binary_search, exact_search, int8_search
-from train.beir import BeirData, BeirFormatError, load_beir
-from train.bm25 import PRESETS, BM25Settings, BM25Index, settings_from
-from train.metrics import DEFAULT_K_VALUES, evaluate_run, spearman, write_trec_run
-from train.report import REPORT_FILES, markdown_table, write_report
+from twinfold.models import BiEncoder, ModelLoadError, truncate
+from twinfold.models.atomic import check_output_folder
+from twinfold.models.quantize import COMPUTES, PRECISIONS, bytes_per_vector, calibrate_int8, quantize_binary, quantize_int8
+from twinfold.models.runtime import keep_freed_memory
+from twinfold.models.search import RESCORE_MULTIPLIER, binary_search, exact_search, int8_search
+from twinfold.train.beir import BeirData, BeirFormatError, load_beir
+from twinfold.train.bm25 import PRESETS, BM25Settings, BM25Index, settings_from
+from twinfold.train.metrics import DEFAULT_K_VALUES, evaluate_run, spearman, write_trec_run
+from twinfold.train.report import REPORT_FILES, markdown_table, write_report
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class RetrievalEvaluator:
 
     def __init__(self, data: BeirData, dims=None, precisions=("float32",), k_values=DEFAULT_K_VALUES,
                  batch_size: int = 64, sts: str | Path | None = None, out_dir: str | Path | None = None,
-                 rescore_multiplier: int = 4, cache_size: int = 2, show_progress_bar: bool = False,
+                 rescore_multiplier: int = RESCORE_MULTIPLIER, cache_size: int = 2, show_progress_bar: bool = False,
                  compute: str = "float32", bm25: BM25Settings = BM25Settings()):
         unknown = [p for p in precisions if p not in PRECISIONS]
         if unknown:
@@ -246,7 +246,7 @@ def _precision_list(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m twinfold.train.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", required=True, help="model folder or name (repeat to compare)")
     p.add_argument("--data", required=True, type=Path, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/")
     p.add_argument("--split", default="test")
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sts", type=Path, help="TSV of sentence1, sentence2, score: adds Spearman to float32 rows")
     p.add_argument("--out", type=Path, help="write report.json, report.md, ndcg_vs_dim.png and TREC runs here")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--rescore-multiplier", type=int, default=4, help="binary: candidates per result to rescore")
+    p.add_argument("--rescore-multiplier", type=int, default=RESCORE_MULTIPLIER, help="binary: candidates per result to rescore")
     p.add_argument("--ignore-identical-ids", action="store_true", help="skip hits whose id is the query's id")
     p.add_argument("--strict", action="store_true", help="judgments naming unknown ids are an error")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from train.beir import BeirData
-from train.data import PairDataset
-from train.mine import MemoEncoder, normalize_text
+from twinfold.train.beir import BeirData
+from twinfold.train.data import PairDataset
+from twinfold.train.mine import MemoEncoder, normalize_text
 
 log = logging.getLogger("twinfold")
 NEAR = 0.95

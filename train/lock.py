@@ -12,7 +12,7 @@ import socket
 import time
 from pathlib import Path
 
-from train.config import ConfigError
+from twinfold.train.config import ConfigError
 
 LOCK_FILE = "run.lock"
 log = logging.getLogger("twinfold")

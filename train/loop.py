@@ -14,18 +14,18 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from losses import InfoNCE, Matryoshka, cached_backward, uncached_backward
-from models import BiEncoder
-from models.runtime import cpu_has_bf16, default_token_budget, keep_freed_memory, loader_settings
-from train.batches import StepBatches, step_loader, stream_loader
-from train.checkpoint import checkpoint_streams, load_checkpoint, prune_checkpoints, save_checkpoint
-from train.config import Config, ConfigError, save_config
-from train.data import PairDataset, cache_root, tokenize_pairs
-from train.prepare import prepare_data
-from train.resume import claim_run_folder, decided_on_main, resume_point
-from train.sampler import BatchPlan, RowKeys
-from train.signals import StopOnSignal
-from train.streams import StreamSource, StreamSteps
+from twinfold.losses import InfoNCE, Matryoshka, cached_backward, uncached_backward
+from twinfold.models import BiEncoder
+from twinfold.models.runtime import cpu_has_bf16, default_token_budget, keep_freed_memory, loader_settings
+from twinfold.train.batches import StepBatches, step_loader, stream_loader
+from twinfold.train.checkpoint import checkpoint_streams, load_checkpoint, prune_checkpoints, save_checkpoint
+from twinfold.train.config import Config, ConfigError, save_config
+from twinfold.train.data import PairDataset, cache_root, tokenize_pairs
+from twinfold.train.prepare import prepare_data
+from twinfold.train.resume import claim_run_folder, decided_on_main, resume_point
+from twinfold.train.sampler import BatchPlan, RowKeys
+from twinfold.train.signals import StopOnSignal
+from twinfold.train.streams import StreamSource, StreamSteps
 
 log = logging.getLogger("twinfold")
 EVAL_KEYS = ("model", "dim", "precision", "ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100",
@@ -279,7 +279,7 @@ def train(cfg: Config) -> Path:
             rows = state.get("base", []) + final_rows + (evaluator.bm25_rows() if cfg.eval.bm25 else [])
         model.save_pretrained(final, info=run_info(cfg, datasets, state, rows, data_report))
         if evaluator is not None:
-            from train.report import write_report
+            from twinfold.train.report import write_report
 
             write_report(rows, out / "eval", info={**evaluator.describe(), "config": cfg.to_dict(), **data_report})
         if tracker:
@@ -406,9 +406,9 @@ def checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, cf
 def build_evaluator(cfg: Config, out: Path):
     if cfg.eval.data is None:
         return None
-    from train.beir import load_beir
-    from train.bm25 import settings_from
-    from train.evaluate import RetrievalEvaluator
+    from twinfold.train.beir import load_beir
+    from twinfold.train.bm25 import settings_from
+    from twinfold.train.evaluate import RetrievalEvaluator
 
     e = cfg.eval
     data = load_beir(e.data, e.split, ignore_identical_ids=e.ignore_identical_ids)

@@ -1,7 +1,7 @@
 """Hard-negative mining: for each (anchor, positive) row, documents that a model ranks high for the anchor but
 that are not relevant to it, written as an ordinary pair file with `negative` columns.
 
-    python -m train.mine --model M --data PAIRS --out TRIPLETS.jsonl [--corpus BEIR_DIR|DOCS.jsonl]
+    python -m twinfold.train.mine --model M --data PAIRS --out TRIPLETS.jsonl [--corpus BEIR_DIR|DOCS.jsonl]
         [--columns question=anchor,answer=positive] [--num-negatives 1] [--range-min 0] [--range-max 50]
         [--max-score-ratio 0.95] [--candidates dense|bm25] [--sampling top|random] [--seed 42]
 
@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import BiEncoder, ModelLoadError
-from models.atomic import atomic_write_bytes
-from train.beir import BeirFormatError, load_beir, load_corpus
-from train.bm25 import BM25Index
-from train.config import DatasetConfig, HardNegativesConfig
-from train.data import DataError, PairDataset, load_pairs
+from twinfold.models import BiEncoder, ModelLoadError
+from twinfold.models.atomic import atomic_write_bytes
+from twinfold.train.beir import BeirFormatError, load_beir, load_corpus
+from twinfold.train.bm25 import BM25Index
+from twinfold.train.config import DatasetConfig, HardNegativesConfig
+from twinfold.train.data import DataError, PairDataset, load_pairs
 
 log = logging.getLogger("twinfold")
 CACHE_NEUTRAL = ("cache_dir",)  # settings that do not change the mined file
@@ -231,7 +231,7 @@ def _columns(text: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.mine", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m twinfold.train.mine", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="model folder or name (the base model of the training run)")
     p.add_argument("--data", required=True, help="pair file (.jsonl/.json/.csv/.tsv/.parquet) or hub id")
     p.add_argument("--out", required=True, type=Path, help="the mined pair file (JSONL)")
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from train.config import ConfigError, check_hard_negatives
+    from twinfold.train.config import ConfigError, check_hard_negatives
 
     settings = HardNegativesConfig(args.num_negatives, args.range_min, args.range_max,
                                    None if args.no_guard else args.max_score_ratio, args.candidates, args.sampling,

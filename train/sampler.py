@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from losses import text_keys
-from train.data import DataError
+from twinfold.losses import text_keys
+from twinfold.train.data import DataError
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from losses import text_keys
-from models.tokens import Padder, TextTokenizer
-from train.batches import assemble
-from train.config import DatasetConfig
-from train.data import KIND, DataError, PairDataset, dataset_name, load_source, read_error, role_columns, row_place, \
+from twinfold.losses import text_keys
+from twinfold.models.tokens import Padder, TextTokenizer
+from twinfold.train.batches import assemble
+from twinfold.train.config import DatasetConfig
+from twinfold.train.data import KIND, DataError, PairDataset, dataset_name, load_source, read_error, role_columns, row_place, \
     step_roles, text_problem
-from train.sampler import Packer
+from twinfold.train.sampler import Packer
 
 log = logging.getLogger("twinfold")
 START = {"pass": 0, "source": None, "read": 0, "carry": [], "used": 0}  # a dataset's position before its first row

@@ -19,9 +19,9 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from losses import InfoNCE, Matryoshka, cached_backward, chunked, text_keys, uncached_backward
-from losses.distributed import average_gradient, gather_no_grad, gather_with_grad, rank, rank_offset, world_size
-from models import BiEncoder
+from twinfold.losses import InfoNCE, Matryoshka, cached_backward, chunked, text_keys, uncached_backward
+from twinfold.losses.distributed import average_gradient, gather_no_grad, gather_with_grad, rank, rank_offset, world_size
+from twinfold.models import BiEncoder
 
 GLOBAL_BATCH, STEPS, LR = 8, 3, 0.1
 KIND = {"anchor": "query", "positive": "document", "negative": "document"}

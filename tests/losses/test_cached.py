@@ -5,8 +5,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from losses import InfoNCE, Matryoshka, ReplayMismatch, cached_backward, chunked, text_keys, uncached_backward
-from models import BiEncoder
+from twinfold.losses import InfoNCE, Matryoshka, ReplayMismatch, cached_backward, chunked, text_keys, uncached_backward
+from twinfold.models import BiEncoder
 
 KIND = {"anchor": "query", "positive": "document", "negative": "document"}
 MINI = 3  # 8 rows -> chunks of 3, 3, 2

@@ -1,7 +1,7 @@
 """Cross-process helpers are the identity on one process (their 2-process behaviour: test_two_processes.py)."""
 import torch
 
-from losses import average_gradient, gather_no_grad, gather_with_grad, rank_offset
+from twinfold.losses import average_gradient, gather_no_grad, gather_with_grad, rank_offset
 
 
 def test_identity_without_distributed():

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from losses import DEFAULT_TEMPERATURE, InfoNCE, info_nce, text_keys
+from twinfold.losses import DEFAULT_TEMPERATURE, InfoNCE, info_nce, text_keys
 
 
 def t(rows, dtype=torch.float32, grad=False):

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import InfoNCE, Matryoshka, info_nce
+from twinfold.losses import InfoNCE, Matryoshka, info_nce
 
 
 class Spy(torch.nn.Module):

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from models import BiEncoder, EmbeddingSet, FingerprintMismatch, ModelLoadError, truncate
-from models.embeddings import similarity
-from models.quantize import calibrate_int8, dequantize_int8, quantize_binary, quantize_int8, unpack_binary
+from twinfold.models import BiEncoder, EmbeddingSet, FingerprintMismatch, ModelLoadError, truncate
+from twinfold.models.embeddings import similarity
+from twinfold.models.pooling import POOLING_MODES
+from twinfold.models.tokens import Padder
+from twinfold.models.quantize import calibrate_int8, dequantize_int8, quantize_binary, quantize_int8, unpack_binary
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +91,18 @@ def test_padding_and_length_sorting_do_not_change_vectors(tiny_bert_path):
     many = model.encode(texts, batch_size=3)
     assert np.abs(one - many).max() < 1e-5
     np.testing.assert_allclose(np.linalg.norm(one, axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", sorted(POOLING_MODES))
+def test_widths_rounded_up_by_the_padder_do_not_change_vectors(tiny_bert_path, pooling):
+    """GPUs pad to multiples of 16 (`models.runtime.pad_multiple`): the extra padding is masked everywhere."""
+    model = BiEncoder.from_pretrained(tiny_bert_path, pooling=pooling).eval()
+    ids = model.token_ids(["short", "a much longer text about proteins and cells", "x"], "document")
+    with torch.no_grad():
+        plain = model.embed_tokens(**Padder.for_tokenizer(model.tokenizer)(ids))
+        rounded = model.embed_tokens(**Padder.for_tokenizer(model.tokenizer, multiple=16)(ids))
+    assert Padder.for_tokenizer(model.tokenizer, multiple=16)(ids)["input_ids"].shape[1] == 16
+    torch.testing.assert_close(rounded, plain, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
@@ -190,7 +204,7 @@ def test_unresolvable_name_says_what_was_tried():
 
 
 def test_encode_cli_writes_embeddings_with_fingerprint(tiny_bert_path, tmp_path):
-    from models.encode import main
+    from twinfold.models.encode import main
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("\n".join(json.dumps({"_id": f"d{i}", "text": f"document number {i}"}) for i in range(5)))
@@ -222,7 +236,7 @@ def test_embedding_files_are_scored_by_the_models_similarity(tmp_path):
 
 
 def test_encode_cli_reports_bad_line(tiny_bert_path, tmp_path, capsys):
-    from models.encode import main
+    from twinfold.models.encode import main
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text('{"_id": "1", "text": "fine"}\n{"_id": "2", "body": "no text"}\n')
@@ -231,7 +245,7 @@ def test_encode_cli_reports_bad_line(tiny_bert_path, tmp_path, capsys):
 
 
 def test_export_cli_takes_a_training_checkpoint_or_a_model_folder(tiny_bert_path, tmp_path, capsys):
-    from models.export import main
+    from twinfold.models.export import main
 
     model = BiEncoder.from_pretrained(tiny_bert_path, query_prefix="query: ")
     model.save_pretrained(tmp_path / "checkpoints" / "step-3" / "model")
@@ -309,7 +323,7 @@ def test_int8_copy_is_rebuilt_after_the_weights_change(tiny_bert_path):
 
 
 def test_encode_cli_int8_compute_records_its_fingerprint(tiny_bert_path, tmp_path):
-    from models.encode import main
+    from twinfold.models.encode import main
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("\n".join(json.dumps({"_id": f"d{i}", "text": f"document number {i}"}) for i in range(3)))

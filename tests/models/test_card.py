@@ -1,7 +1,7 @@
 """The model card every export writes: Hugging Face front matter (parsed by huggingface_hub) and the body."""
 import yaml
 
-from models import BiEncoder
+from twinfold.models import BiEncoder
 
 ROWS = [
     {"model": "base", "dim": 128, "precision": "float32", "ndcg@10": 0.61, "mrr@10": 0.58, "recall@10": 0.7,
@@ -57,7 +57,7 @@ def test_card_of_a_trained_model_parses_and_carries_the_final_metrics(tiny_bert_
 
 
 def test_card_of_a_plain_export_has_no_model_index(tiny_bert_path, tmp_path):
-    from models.export import main
+    from twinfold.models.export import main
 
     assert main([str(tiny_bert_path), str(tmp_path / "out")]) == 0
     meta, body = front_matter(tmp_path / "out")

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from models import BiEncoder, EmbeddingSet
-from models.encode import main
+from twinfold.models import BiEncoder, EmbeddingSet
+from twinfold.models.encode import main
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_update_refuses_a_file_of_another_model_and_says_how_to_rebuild(tiny_ber
     assert main(["--model", str(other), "--input", str(v1), "--update", str(index), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "was made by another model or settings" in err
-    assert f"rebuild it: python -m models.encode --model {other} --input {v1} --output {index}" in err
+    assert f"rebuild it: python -m twinfold.models.encode --model {other} --input {v1} --output {index}" in err
     assert index.read_bytes() == before
 
     assert main(["--model", str(tiny_bert_path), "--check", str(index)]) == 0
@@ -87,3 +87,59 @@ def test_duplicate_ids_are_an_error_naming_the_line(tiny_bert_path, tmp_path, ca
                                          {"_id": "a", "text": "three"}])
     assert main(["--model", str(tiny_bert_path), "--input", str(path), "--output", str(tmp_path / "o")]) == 2
     assert f"{path}:3: duplicate id 'a' (first at line 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8", "binary"])
+def test_parquet_file_holds_what_the_safetensors_file_holds(tiny_bert_path, docs, tmp_path, precision):
+    model = ["--model", str(tiny_bert_path), "--no-progress", "--input", str(write(tmp_path / "d.jsonl", docs[:40])),
+             "--precision", precision, "--dim", "64"]
+    assert main([*model, "--output", str(tmp_path / "e.safetensors")]) == 0
+    reference = EmbeddingSet.load(tmp_path / "e.safetensors")
+    reference.save(tmp_path / "e.parquet", format="parquet")
+    loaded = EmbeddingSet.load(tmp_path / "e.parquet")
+    assert loaded.embeddings.dtype == reference.embeddings.dtype
+    np.testing.assert_array_equal(loaded.embeddings, reference.embeddings)
+    if precision == "int8":
+        np.testing.assert_array_equal(loaded.calibration.starts, reference.calibration.starts)
+        np.testing.assert_array_equal(loaded.calibration.steps, reference.calibration.steps)
+    assert {**vars(loaded), "embeddings": None, "calibration": None} == \
+        {**vars(reference), "embeddings": None, "calibration": None}
+
+
+def test_parquet_output_is_plain_parquet_and_updates_in_place(tiny_bert_path, docs, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    model = ["--model", str(tiny_bert_path), "--no-progress"]
+    index = tmp_path / "index.parquet"
+    assert main([*model, "--input", str(write(tmp_path / "v1.jsonl", docs[:20])), "--output", str(index),
+                 "--format", "parquet", "--precision", "binary", "--dim", "60"]) == 0
+    table = pq.read_table(index)
+    assert table.column_names == ["id", "embedding", "content_hash"]
+    assert table.schema.field("embedding").type == pa.list_(pa.uint8(), 8)  # 60 sign bits packed in 8 bytes
+    assert table.column("id").to_pylist() == [d["_id"] for d in docs[:20]]
+    meta = table.schema.metadata
+    assert (meta[b"precision"], meta[b"dim"], meta[b"kind"]) == (b"binary", b"60", b"document")
+    assert meta[b"fingerprint"] == BiEncoder.from_pretrained(tiny_bert_path).fingerprint().encode()
+
+    changed = [dict(d) for d in docs[:20]]
+    changed[3]["text"] += " Erratum."
+    capsys.readouterr()
+    assert main([*model, "--input", str(write(tmp_path / "v2.jsonl", changed)), "--update", str(index)]) == 0
+    assert "re-encoded 1 documents (0 new, 1 changed), kept 19, removed 0" in capsys.readouterr().out
+    assert index.read_bytes()[:4] == b"PAR1"
+    assert main([*model, "--check", str(index)]) == 0
+
+    pq.write_table(pa.table({"note": ["keep me"]}), tmp_path / "notes.parquet")
+    before = (tmp_path / "notes.parquet").read_bytes()
+    assert main([*model, "--input", str(tmp_path / "v2.jsonl"), "--output", str(tmp_path / "notes.parquet"),
+                 "--format", "parquet"]) == 2
+    assert "notes.parquet exists and is not a twinfold embedding file" in capsys.readouterr().err
+    assert (tmp_path / "notes.parquet").read_bytes() == before
+
+
+def test_a_file_that_is_no_embedding_file_is_a_one_line_error(tiny_bert_path, tmp_path, capsys):
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"text": "not embeddings"}\n')
+    assert main(["--model", str(tiny_bert_path), "--check", str(notes)]) == 2
+    assert f"error: {notes}: not a twinfold embedding file (neither Parquet nor safetensors" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import sys
 # block shrinks the heap.
 PROBE = """
 import json, torch
-from models.runtime import keep_freed_memory
+from twinfold.models.runtime import keep_freed_memory
 
 def heap():
     for line in open("/proc/self/maps"):

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from models import search
-from models.quantize import calibrate_int8, dequantize_int8, quantize_binary, quantize_int8, unpack_binary
-from models.search import binary_search, exact_search, int8_search
+from twinfold.models import search
+from twinfold.models.quantize import calibrate_int8, dequantize_int8, quantize_binary, quantize_int8, unpack_binary
+from twinfold.models.search import binary_search, exact_search, int8_search
 
 
 def _unit(rng, n, d):

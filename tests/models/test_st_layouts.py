@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import BiEncoder, ModelLoadError
+from twinfold.models import BiEncoder, ModelLoadError
 
 TEXTS = ["a", "short text", "a much longer text about proteins, cells and the immune response of mice",
          "mid length sentence here", "Tokens: 1, 2, 3!"]
@@ -187,7 +187,7 @@ def test_layout_twinfold_cannot_compute_is_refused_by_name(name, tiny_bert_path,
 
 
 def test_pooling_modes_by_hand():
-    from models.pooling import pool
+    from twinfold.models.pooling import pool
 
     hidden = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [5.0, -4.0]]])
     mask = torch.tensor([[1, 1, 0]])

@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from models.tokens import CHARS_PER_TOKEN, TextTokenizer, space_bounded
+from twinfold.models.tokens import CHARS_PER_TOKEN, TextTokenizer, space_bounded
 
 ADVERSARIAL = [
     "", "cell", "x" * 5000, "a" * 150 + " b" * 100, ("word " * 40).strip(), "w3  w4 " * 40, "w\t w\u00a0 w\n w " * 30,

@@ -3,12 +3,12 @@ import json
 
 import torch
 
-from models import BiEncoder
-from models.tokens import Padder, length_chunks
-from train.batches import StepBatches, assemble, assemble_texts, step_loader
-from train.config import DatasetConfig
-from train.data import load_pairs, tokenize_pairs
-from train.sampler import BatchPlan, RowKeys
+from twinfold.models import BiEncoder
+from twinfold.models.tokens import Padder, length_chunks
+from twinfold.train.batches import StepBatches, assemble, assemble_texts, step_loader
+from twinfold.train.config import DatasetConfig
+from twinfold.train.data import load_pairs, tokenize_pairs
+from twinfold.train.sampler import BatchPlan, RowKeys
 
 
 def test_length_chunks_by_hand():
@@ -28,6 +28,21 @@ def test_padder_pads_right_or_left_with_zero_token_types():
     assert out["token_type_ids"].tolist() == [[0, 0, 0], [0, 0, 0]]
     left = Padder(pad_id=1, left=True, token_type_ids=False)([[5, 6, 7], [8]])
     assert left["input_ids"].tolist() == [[5, 6, 7], [1, 1, 8]] and "token_type_ids" not in left
+
+
+def test_padder_rounds_widths_up_to_its_multiple_within_max_width():
+    pad = Padder(pad_id=0, multiple=4, max_width=6)
+    assert [pad.width(n) for n in (1, 4, 5, 6, 7)] == [4, 4, 6, 6, 7]  # 5 -> 8 is capped at 6; 7 stays 7
+    out = pad([[5, 6, 7, 8, 9], [8]])
+    assert out["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0], [8, 0, 0, 0, 0, 0]]
+    assert out["attention_mask"].sum(1).tolist() == [5, 1]
+    assert Padder(pad_id=0, multiple=16)([[1, 2, 3]])["input_ids"].shape == (1, 16)
+
+
+def test_assemble_budgets_rounded_widths():
+    ids = [[1] * 5, [1] * 5, [1] * 3, [1] * 3]
+    step = assemble({"anchor": (ids, [1, 2, 3, 4])}, Padder(0, multiple=4), token_budget=16)
+    assert [c["input_ids"].shape for c in step["chunks"]["anchor"]] == [(2, 8), (2, 4)]  # 2 x 8 = 16, then 2 x 4
 
 
 def test_assemble_sorts_chunks_and_remembers_batch_order():

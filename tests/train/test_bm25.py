@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from train.bm25 import BM25Index, BM25Settings, settings_from, split_identifiers
-from train.evaluate import main
+from twinfold.train.bm25 import BM25Index, BM25Settings, settings_from, split_identifiers
+from twinfold.train.evaluate import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,7 +71,7 @@ def test_report_names_the_settings_of_the_bm25_row(tiny_bert_path, data_dir, tmp
 
 
 def test_config_checks_the_bm25_settings(data_dir, monkeypatch):
-    from train.config import ConfigError, load_config
+    from twinfold.train.config import ConfigError, load_config
 
     monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))
     with pytest.raises(ConfigError, match="eval.bm25_\\*: BM25 k1 0.9 must be >= 0 and b 1.5 in"):

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from models import BiEncoder
-from train.config import DatasetConfig
-from train.data import DataError, load_pairs, tokenize_pairs
-from train.sampler import BatchPlan, RowKeys
+from twinfold.models import BiEncoder
+from twinfold.train.config import DatasetConfig
+from twinfold.train.data import DataError, load_pairs, tokenize_pairs
+from twinfold.train.sampler import BatchPlan, RowKeys
 
 
 def jsonl(tmp_path, rows, name="pairs.jsonl"):

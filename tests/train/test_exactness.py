@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import info_nce
-from models import BiEncoder
-from train.config import load_config
+from twinfold.losses import info_nce
+from twinfold.models import BiEncoder
+from twinfold.train.config import load_config
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
@@ -19,7 +19,7 @@ def smoke(*overrides):
 
 
 def test_learnable_temperature_has_its_own_rate_and_moves_where_the_gradient_says(tiny_bert_path):
-    from train.loop import build_loss, build_optimizer
+    from twinfold.train.loop import build_loss, build_optimizer
 
     cfg = smoke("loss.learnable_temperature=true", "loss.matryoshka_dims=[]", "train.lr=3e-5")
     assert cfg.loss.temperature_lr == 1e-2
@@ -49,7 +49,7 @@ def test_learnable_temperature_has_its_own_rate_and_moves_where_the_gradient_say
 def test_mixed_precision_follows_the_launcher_unless_set(monkeypatch, caplog):
     from accelerate.state import AcceleratorState
 
-    from train.loop import make_accelerator
+    from twinfold.train.loop import make_accelerator
 
     assert smoke().train.mixed_precision is None
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` sets from its config
@@ -76,9 +76,9 @@ def tiny_beir(folder):
 def test_normalize_false_is_one_similarity_in_loss_search_and_export(tiny_bert_path, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from train.beir import load_beir
-    from train.evaluate import RetrievalEvaluator
-    from train.loop import build_loss, build_model
+    from twinfold.train.beir import load_beir
+    from twinfold.train.evaluate import RetrievalEvaluator
+    from twinfold.train.loop import build_loss, build_model
 
     # search: d1 has the larger inner product with the query, d2 the larger cosine (and is the relevant one)
     evaluator = RetrievalEvaluator(load_beir(tiny_beir(tmp_path / "beir")), k_values=(1,))
@@ -109,8 +109,8 @@ def test_dense_head_is_restored_from_a_checkpoint(tiny_bert_path, tmp_path):
     from sentence_transformers.base.modules import Dense, Normalize, Transformer
     from sentence_transformers.sentence_transformer.modules import Pooling
 
-    from train.checkpoint import load_checkpoint, save_checkpoint
-    from train.loop import build_loss, build_optimizer
+    from twinfold.train.checkpoint import load_checkpoint, save_checkpoint
+    from twinfold.train.loop import build_loss, build_optimizer
 
     SentenceTransformer(modules=[Transformer(str(tiny_bert_path)), Pooling(128, "cls"), Dense(128, 64), Normalize()],
                         device="cpu").save(str(tmp_path / "st"))

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from train.checkpoint import complete_checkpoints
-from train.config import ConfigError
-from train.lock import RunLock
-from train.loop import check_output_dir
+from twinfold.train.checkpoint import complete_checkpoints
+from twinfold.train.config import ConfigError
+from twinfold.train.lock import RunLock
+from twinfold.train.loop import check_output_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args, cwd=REPO):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "train", "configs/smoke.yaml", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "twinfold.train", "configs/smoke.yaml", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -28,7 +28,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_newest(tmp_pa
     (previous / "trainer_state.json").write_text("{}")
     script = textwrap.dedent(f"""
         import os, signal
-        from models.atomic import atomic_directory
+        from twinfold.models.atomic import atomic_directory
         with atomic_directory({str(tmp_path / "checkpoints" / "step-4")!r}) as tmp:
             (tmp / "model.safetensors").write_bytes(b"half a model")
             (tmp / "trainer_state.json").write_text("{{}}")

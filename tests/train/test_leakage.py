@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from models import BiEncoder
-from train.beir import BeirData
-from train.data import PairDataset
-from train.leakage import check_datasets, summary_lines
-from train.mine import MemoEncoder
+from twinfold.models import BiEncoder
+from twinfold.train.beir import BeirData
+from twinfold.train.data import PairDataset
+from twinfold.train.leakage import check_datasets, summary_lines
+from twinfold.train.mine import MemoEncoder
 
 EVAL = BeirData(corpus_ids=["d1", "d2"],
                 corpus_texts=["Statins reduce cholesterol levels in adults.", "Unjudged document about bees."],

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import BiEncoder
-from train.config import ConfigError, DatasetConfig, HardNegativesConfig, load_config
-from train.data import PairDataset, load_pairs
-from train.mine import MemoEncoder, main, mine, mine_dataset, normalize_text
+from twinfold.models import BiEncoder
+from twinfold.train.config import ConfigError, DatasetConfig, HardNegativesConfig, load_config
+from twinfold.train.data import PairDataset, load_pairs
+from twinfold.train.mine import MemoEncoder, main, mine, mine_dataset, normalize_text
 
 REPO = Path(__file__).resolve().parents[2]
 

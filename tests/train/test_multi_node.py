@@ -18,7 +18,7 @@ def launch_machine(rank: int, port: int, out, tiny, tmp_path) -> subprocess.Pope
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate_multi_node.yaml",
            "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
            "--main_process_port", str(port), "--mixed_precision", "no",
-           "-m", "train", "configs/smoke.yaml", f"train.output_dir={out}", f"model.name_or_path={tiny}",
+           "-m", "twinfold.train", "configs/smoke.yaml", f"train.output_dir={out}", f"model.name_or_path={tiny}",
            "model.max_length=32", "loss.matryoshka_dims=[128,64]", *OVERRIDES]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TWINFOLD_NUM_THREADS": "1",
            "TWINFOLD_CACHE": str(tmp_path / f"machine-{rank}" / "twinfold"),

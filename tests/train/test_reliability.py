@@ -13,15 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train.config import ConfigError
-from train.lock import RunLock
-from train.resume import recipe_changes
+from twinfold.train.config import ConfigError
+from twinfold.train.lock import RunLock
+from twinfold.train.resume import recipe_changes
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def train_cli(out, *overrides, tiny, wait=True):
-    cmd = [sys.executable, "-m", "train", "configs/smoke.yaml", f"train.output_dir={out}",
+    cmd = [sys.executable, "-m", "twinfold.train", "configs/smoke.yaml", f"train.output_dir={out}",
            f"model.name_or_path={tiny}", "model.max_length=32", "loss.matryoshka_dims=[128,64]", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not wait:
@@ -85,7 +85,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_stale_lock_is_taken_
                                                                                      caplog):
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import time; from train.lock import RunLock; RunLock({str(out)!r}).acquire(); "
+        [sys.executable, "-c", f"import time; from twinfold.train.lock import RunLock; RunLock({str(out)!r}).acquire(); "
                                "print('locked', flush=True); time.sleep(600)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -206,9 +206,9 @@ def test_throughput_counts_training_time_only(tmp_path, tiny_bert_path, data_dir
 
 def test_a_gpu_checkpoint_resumes_on_the_cpu_and_keeps_the_fp16_scaler_state(tmp_path, tiny_bert_path, monkeypatch):
     """A checkpoint whose tensors are tagged `cuda:0` (as torch.save writes them on a GPU) loads on a CPU machine."""
-    from losses import InfoNCE
-    from models import BiEncoder
-    from train.checkpoint import load_checkpoint, save_checkpoint
+    from twinfold.losses import InfoNCE
+    from twinfold.models import BiEncoder
+    from twinfold.train.checkpoint import load_checkpoint, save_checkpoint
 
     def trained():
         torch.manual_seed(0)
@@ -243,7 +243,7 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu_and_keeps_the_fp16_scaler_state(tmp
 
 
 def test_the_first_signal_is_recorded_and_a_second_one_acts_as_usual():
-    from train.signals import StopOnSignal
+    from twinfold.train.signals import StopOnSignal
 
     before = signal.getsignal(signal.SIGINT)
     stop = StopOnSignal().install()

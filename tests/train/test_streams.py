@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from losses import text_keys
-from models import BiEncoder
-from train.batches import assemble_texts, stream_loader
-from train.config import ConfigError, DatasetConfig, load_config
-from train.data import DataError
-from train.streams import StreamSource, StreamSteps, choose_dataset
+from twinfold.losses import text_keys
+from twinfold.models import BiEncoder
+from twinfold.train.batches import assemble_texts, stream_loader
+from twinfold.train.config import ConfigError, DatasetConfig, load_config
+from twinfold.train.data import DataError
+from twinfold.train.streams import StreamSource, StreamSteps, choose_dataset
 
 from tests.train.test_train import logged_steps, max_diff, run_train, weights
 

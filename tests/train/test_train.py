@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train.loop import lr_lambda
+from twinfold.train.loop import lr_lambda
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
@@ -35,9 +35,9 @@ def run_train(tmp_path, name, *overrides, processes=1, tiny=None, wait=True):
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), "-m", "train", *args]
+               "--main_process_port", str(port), "-m", "twinfold.train", *args]
     else:
-        cmd = [sys.executable, "-m", "train", *args]
+        cmd = [sys.executable, "-m", "twinfold.train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not wait:
         return out, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -71,7 +71,7 @@ def test_smoke_recipe_trains_evaluates_and_exports(tmp_path, tiny_bert_path, dat
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
     from sentence_transformers import SentenceTransformer
 
-    from models import BiEncoder
+    from twinfold.models import BiEncoder
 
     ours = BiEncoder.from_pretrained(out / "final").encode(["a claim about cells"])
     theirs = SentenceTransformer(str(out / "final"), device="cpu").encode(["a claim about cells"])
@@ -129,7 +129,7 @@ def logged_steps(out) -> int:
 
 
 def test_pruning_keeps_the_last_k_and_the_best(tmp_path):
-    from train.checkpoint import complete_checkpoints, prune_checkpoints
+    from twinfold.train.checkpoint import complete_checkpoints, prune_checkpoints
 
     root = tmp_path / "checkpoints"
     for step in (1, 2, 3, 4, 5):
@@ -155,10 +155,10 @@ def test_length_sorted_grouped_step_equals_the_plain_step(tmp_path, tiny_bert_pa
     per role (the embeddings reach the loss in batch order)."""
     from accelerate import Accelerator
 
-    from train.batches import assemble_texts
-    from train.config import load_config
-    from train.data import KIND
-    from train.loop import TrainStep, build_loss, build_model
+    from twinfold.train.batches import assemble_texts
+    from twinfold.train.config import load_config
+    from twinfold.train.data import KIND
+    from twinfold.train.loop import TrainStep, build_loss, build_model
 
     monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))
     cfg = load_config(REPO / "configs" / "smoke.yaml", [
