@@ -69,7 +69,8 @@ def _purpose(model, training: dict) -> str:
             + (f"; the first {', '.join(map(str, dims[1:]))} dimensions are usable on their own (Matryoshka)"
                if len(dims) > 1 else "") + ".")
     data = training.get("data")
-    names = ", ".join(f"{d['name']} ({d['pairs']} pairs)" for d in data or [])
+    names = ", ".join(f"{d['name']} ({d['pairs']} pairs)" if "pairs" in d else f"{d['name']} (streamed)"
+                      for d in data or [])
     domain = (f" It was fine-tuned for retrieval on {names}: "
               "use it to search documents of that domain with short queries like its anchors, and check it on "
               "your own judged queries before relying on it elsewhere.") if data else ""
@@ -154,7 +155,7 @@ def _training(training: dict) -> str:
              + (f" inside Matryoshka {dims}" if dims else "") + (", symmetric" if loss.get("symmetric") else "")]
     for data in training.get("data", []):
         negatives = data.get("negatives_per_pair", 0)
-        lines.append(f"- data: {data['name']}, {data['pairs']} pairs"
+        lines.append(f"- data: {data['name']}, " + (f"{data['pairs']} pairs" if "pairs" in data else "streamed")
                      + (f", {negatives} hard negative(s) per pair" if negatives else ""))
     for mined in training.get("hard_negatives", []):
         s = mined["settings"]

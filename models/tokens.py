@@ -4,10 +4,19 @@ workers and dataset-preparation processes do this without the model."""
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
 import torch
+
+CHARS_PER_TOKEN = 6  # a prefix of this many characters per token nearly always holds more tokens than are kept
+# tokenizer parts that never join characters across a space (normalizers act per character; pre-tokenizers split
+# there; models act on each piece alone): a text's tokens before a space do not depend on what follows it
+_PER_CHARACTER = {"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents", "Strip", "Prepend"}
+_SPLIT_AT_SPACES = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit", "ByteLevel", "Metaspace"}
+_SPLIT_FURTHER = {"Punctuation", "Digits"}
+_PER_PIECE = {"WordPiece", "WordLevel", "BPE", "Unigram"}
 
 
 @dataclass(frozen=True)
@@ -38,22 +47,37 @@ class TextTokenizer:
                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
         return [len(x) for x in ids]
 
-    def ids_and_lengths(self, texts: Sequence[str], kind: str) -> tuple[list[list[int]], list[int]]:
-        """`ids` and `lengths` in one tokenization pass: the fast tokenizer's encodings are truncated and given
-        their special tokens as its own truncation would (other tokenizers: two passes)."""
+    def ids_and_truncated(self, texts: Sequence[str], kind: str) -> tuple[list[list[int]], list[bool]]:
+        """`ids`, and whether each text is longer than `max_length` tokens, encoding little more than is kept.
+
+        Where the fast tokenizer never looks across a space (`space_bounded`), a long text is encoded only up to the
+        first space past `CHARS_PER_TOKEN` characters per token: the words before that space get the tokens they
+        get in the whole text, so when the prefix is itself truncated, its ids are the whole text's. Prefixes that
+        are not, and texts of other tokenizers, are encoded whole. Truncation is the tokenizer's own.
+        """
+        if self._truncating is None:
+            return self.ids(texts, kind), [n > self.max_length for n in self.lengths(texts, kind)]
+        backend, bounded = self._truncating
+        texts = self.prefixed(texts, kind)
+        pieces = [_before_space(t, CHARS_PER_TOKEN * self.max_length) for t in texts] if bounded else texts
+        encodings = backend.encode_batch(pieces)
+        whole = [i for i, e in enumerate(encodings) if not e.overflowing and len(pieces[i]) < len(texts[i])]
+        for i, e in zip(whole, backend.encode_batch([texts[i] for i in whole])):
+            encodings[i] = e
+        return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
+
+    @cached_property
+    def _truncating(self) -> tuple[object, bool] | None:
+        """A copy of the fast tokenizer that truncates at `max_length` and never pads (its own settings, made once),
+        and whether it is `space_bounded`; None for other tokenizers."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None or backend.post_processor is None:
-            return self.ids(texts, kind), self.lengths(texts, kind)
-        backend = backend.__class__.from_str(backend.to_str())  # a copy: no truncation or padding state to share
-        backend.no_truncation()
+        if backend is None:
+            return None
+        rules = backend.to_str()
+        backend = backend.__class__.from_str(rules)
+        backend.enable_truncation(self.max_length, direction=self.tokenizer.truncation_side)
         backend.no_padding()
-        special = backend.post_processor.num_special_tokens_to_add(False)
-        ids, lengths = [], []
-        for encoding in backend.encode_batch(self.prefixed(texts, kind), add_special_tokens=False):
-            lengths.append(len(encoding) + special)
-            encoding.truncate(max(0, self.max_length - special))
-            ids.append(backend.post_process(encoding).ids)
-        return ids, lengths
+        return backend, _space_bounded(rules, self.tokenizer.truncation_side)
 
     def fingerprint(self) -> str:
         """Hash of everything that decides the token ids: vocabulary and rules, prefixes, `max_length`."""
@@ -118,3 +142,41 @@ def length_chunks(sorted_lengths: Sequence[int], token_budget: int, max_texts: i
         sizes.append(size)
         start += size
     return sizes
+
+
+def space_bounded(tokenizer) -> bool:
+    """Whether a fast tokenizer's tokens of the words before a space (that follows a non-space) never depend on the
+    text after it: per-character normalization, pre-tokenization that splits at spaces, a model that encodes each
+    piece alone, no added token holding a space, truncation on the right."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and _space_bounded(backend.to_str(), tokenizer.truncation_side)
+
+
+def _space_bounded(rules: str, truncation_side: str) -> bool:
+    """`space_bounded` from the tokenizer's JSON rules."""
+    spec = json.loads(rules)
+    normalizers, splitters = _steps(spec.get("normalizer")), _steps(spec.get("pre_tokenizer"))
+    return (truncation_side == "right"
+            and all(n["type"] in _PER_CHARACTER for n in normalizers)
+            and any(p["type"] in _SPLIT_AT_SPACES for p in splitters)
+            and all(p["type"] in _SPLIT_AT_SPACES | _SPLIT_FURTHER for p in splitters)
+            and all(p.get("use_regex", True) and p.get("split", True) for p in splitters)
+            and spec["model"]["type"] in _PER_PIECE and not spec["model"].get("dropout")
+            and not any(any(c.isspace() for c in t["content"]) for t in spec.get("added_tokens", [])))
+
+
+def _steps(node: dict | None) -> list[dict]:
+    """A normalizer or pre-tokenizer spec as its list of steps (Sequences flattened)."""
+    if node is None:
+        return []
+    if node["type"] != "Sequence":
+        return [node]
+    return [step for child in node.get("normalizers", node.get("pretokenizers", [])) for step in _steps(child)]
+
+
+def _before_space(text: str, start: int) -> str:
+    """`text` up to the first space at or after `start` that follows a non-space character (all of it if none)."""
+    cut = text.find(" ", start)
+    while cut > 0 and text[cut - 1].isspace():
+        cut = text.find(" ", cut + 1)
+    return text if cut <= 0 else text[:cut]

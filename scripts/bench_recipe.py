@@ -14,7 +14,6 @@ until its model is saved; then its model is evaluated once by `train.evaluate` o
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -25,11 +24,10 @@ from benchlib import REPO, machine  # noqa: E402
 
 
 def timed(command: list[str], log: Path) -> float:
-    """Run `command` in the repository (importable), its output into `log`; seconds from start to exit."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    """Run `command` in the repository, its output into `log`; seconds from start to exit."""
     start = time.perf_counter()
     with open(log, "w") as f:
-        result = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        result = subprocess.run(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
     if result.returncode:
         raise RuntimeError(f"{' '.join(command)} failed (exit {result.returncode}); see {log}:\n"

@@ -62,6 +62,14 @@ def test_bench_data_runs_training_cold_then_warm_and_prints_the_table(data_dir, 
         assert len(numbers) == 6 and all(n >= 0 for n in numbers) and numbers[-1] > 0.1
 
 
+def test_bench_data_streaming_runs_and_prints_its_row(data_dir, tiny_bert_path, tmp_path):
+    out = run_script("bench_data.py", "--streaming", "--rows", "300", "--model", str(tiny_bert_path), "--workdir",
+                     str(tmp_path), data_dir=data_dir)
+    cells = next(line.split("|") for line in out.splitlines() if line.startswith("| 300 |"))[2:-1]
+    numbers = [float(c) for c in cells]  # file GB, to the loop, first block, whole run, peak RSS (GB)
+    assert len(numbers) == 5 and all(n >= 0 for n in numbers) and numbers[-1] > 0.1
+
+
 def test_bench_data_pairs_are_seeded_with_the_promised_lengths(tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     from bench_data import write_pairs
@@ -73,3 +81,6 @@ def test_bench_data_pairs_are_seeded_with_the_promised_lengths(tmp_path):
     pairs = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert len(pairs) == 25 and len({p["anchor"] for p in pairs}) == 25
     assert all(10 <= len(p["anchor"].split()) <= 20 and 100 <= len(p["positive"].split()) <= 140 for p in pairs)
+    write_pairs(tmp_path / "repeated.jsonl", 25, block=10, distinct=10)  # the first 10 rows, twice, then 5 of them
+    lines = (tmp_path / "repeated.jsonl").read_text().splitlines()
+    assert len(lines) == 25 and lines[10:20] == lines[:10] and lines[20:] == lines[:5] and len(set(lines)) == 10

@@ -81,3 +81,10 @@ def step_loader(batches: StepBatches, plan: BatchPlan, epoch: int, index: int, s
     # its own generator: creating the loader must not draw from the global RNG (dropout masks, exact resume)
     return DataLoader(batches, batch_size=None, sampler=PlanSampler(plan, epoch, index), generator=torch.Generator(),
                       **settings)
+
+
+def stream_loader(steps, settings: dict) -> DataLoader:
+    """A `train.streams.StreamSteps` fed inline, or by one worker process where the device has workers: a stream
+    is read in order, so one worker reads, checks and tokenizes ahead of the step."""
+    return DataLoader(steps, batch_size=None, generator=torch.Generator(),
+                      **{**settings, "num_workers": min(1, settings["num_workers"])})

@@ -15,6 +15,7 @@ from twinfold.models.head import read_head
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 SCALER_FILE = "scaler.pt"
+STREAMS_FILE = "streams.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -23,11 +24,12 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, scheduler, loss_module,
-                    rng_states: list, state: dict, config: dict, scaler=None) -> Path:
+                    rng_states: list, state: dict, config: dict, scaler=None, streams: list | None = None) -> Path:
     """Write `checkpoints/step-N/` atomically: a crash mid-write leaves no folder that looks complete.
 
-    It holds the resolved `config` it was trained with, the mixed-precision `scaler`'s state (fp16) and a
-    manifest of checksums of all its files (`models.atomic`).
+    It holds the resolved `config` it was trained with, the mixed-precision `scaler`'s state (fp16), in streamed
+    runs each process's stream position (`train.streams`), and a manifest of checksums of all its files
+    (`models.atomic`).
     """
     folder = checkpoints_dir(output_dir) / f"step-{step}"
     with atomic_directory(folder, overwrite=True) as tmp:  # checkpoints/ belongs to the run
@@ -39,6 +41,8 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
         torch.save(rng_states, tmp / "rng.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / SCALER_FILE)
+        if streams is not None:
+            (tmp / STREAMS_FILE).write_text(json.dumps(streams))
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
     return folder
@@ -74,6 +78,11 @@ def checkpoint_config(folder: Path) -> dict | None:
     """The resolved config a checkpoint was trained with (None for checkpoints written before it was kept)."""
     path = folder / CONFIG_FILE
     return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def checkpoint_streams(folder: Path) -> list[dict]:
+    """Each process's stream position at the checkpoint (streamed runs)."""
+    return json.loads((folder / STREAMS_FILE).read_text())
 
 
 def checkpoint_processes(folder: Path) -> int:

@@ -64,6 +64,7 @@ class DatasetConfig:
     weight: float = 1.0  # batches of this dataset per epoch = weight x its full batches
     name: str | None = None
     hard_negatives: HardNegativesConfig | None = None  # set: mine negatives before training
+    streaming: bool = False  # read the rows as they come (train.streams): data bigger than the disk cache
 
 
 @dataclass
@@ -74,6 +75,7 @@ class DataConfig:
     dedup: bool = False  # drop duplicate and near-duplicate (cosine >= 0.95) training pairs, keeping the first
     drop_eval_overlap: bool = False  # drop pairs whose anchor or positive (nearly) equals an eval query or judged doc
     near_check_rows: int | None = 50_000  # near (cosine) checks encode every text: only datasets up to this size
+    shuffle_buffer: int = 10_000  # streaming runs: rows of each dataset and process shuffled and packed together
 
 
 @dataclass
@@ -282,8 +284,31 @@ def validate(c: Config) -> None:
                       split_identifiers=e.bm25_split_identifiers)
     except ValueError as err:
         raise ConfigError(f"eval.bm25_*: {err}") from None
+    check_streaming(c)
     if c.eval.data is not None and not Path(c.eval.data).is_dir():
         raise ConfigError(f"eval.data: {c.eval.data} is not a folder (a BEIR folder with corpus.jsonl, queries.jsonl, qrels/)")
+
+
+def check_streaming(c: Config) -> None:
+    """A run with a streamed dataset: a known number of steps, no whole-data steps before training, a buffer that
+    holds a batch."""
+    streamed = [i for i, ds in enumerate(c.data.train) if ds.streaming]
+    if not streamed:
+        return
+    where = f"data.train[{streamed[0]}].streaming"
+    if c.train.max_steps is None:
+        raise ConfigError(f"{where}: a stream has no known length; set train.max_steps")
+    for i in streamed:
+        if c.data.train[i].hard_negatives is not None:
+            raise ConfigError(f"data.train[{i}]: hard_negatives are mined over the whole dataset before training; "
+                              "not with streaming: true (mine with python -m twinfold.train.mine first)")
+    for key in ("dedup", "drop_eval_overlap"):
+        if getattr(c.data, key):
+            raise ConfigError(f"data.{key}: compares every training pair before training; not with a streamed "
+                              f"dataset ({where})")
+    if c.data.shuffle_buffer < c.train.batch_size:
+        raise ConfigError(f"data.shuffle_buffer: {c.data.shuffle_buffer} rows cannot hold a batch of "
+                          f"train.batch_size {c.train.batch_size}")
 
 
 def check_hard_negatives(ds: DatasetConfig, where: str) -> None:

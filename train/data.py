@@ -61,6 +61,10 @@ class PairDataset:
         key = hashlib.sha256(f"{self.fingerprint}|{rows}".encode()).hexdigest()[:16]
         return PairDataset(self.name, self.table.select(rows), self.weight, key)
 
+    def texts(self, column: str) -> list[str]:
+        """A role column's texts (read from Arrow in one go, not row by row)."""
+        return self.table.with_format("arrow")[column].to_pylist()
+
     @property
     def num_negatives(self) -> int:
         """Hard negatives per row."""
@@ -68,16 +72,16 @@ class PairDataset:
 
     @property
     def anchor(self) -> list[str]:
-        return list(self.table["anchor"])
+        return self.texts("anchor")
 
     @property
     def positive(self) -> list[str]:
-        return list(self.table["positive"])
+        return self.texts("positive")
 
     @property
     def negatives(self) -> list[list[str]]:
         """Row i's hard negatives."""
-        columns = [list(self.table[f"negative_{j}"]) for j in range(self.num_negatives)]
+        columns = [self.texts(f"negative_{j}") for j in range(self.num_negatives)]
         return [list(row) for row in zip(*columns)] if columns else [[] for _ in range(len(self))]
 
 
@@ -85,30 +89,44 @@ def load_pairs(cfg: DatasetConfig) -> PairDataset:
     """Load one dataset of the config, keep its mapped columns under role names and check every text."""
     path = Path(cfg.path)
     local = path.exists()
-    table = _load_table(cfg, path) if local else _load_hub(cfg)
-    columns = cfg.columns or {c: c for c in table.column_names if c in ("anchor", "positive", "negative")}
-    if not cfg.columns and not {"anchor", "positive"} <= set(columns):
-        raise DataError(
-            f"{cfg.path}: columns {table.column_names}: map them to roles in the config, e.g. "
-            "columns: {question: anchor, answer: positive}"
-        )
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise DataError(f"{cfg.path}: column {missing[0]!r} (mapped to {columns[missing[0]]!r}) is not in the "
-                        f"data; its columns are {table.column_names}")
+    table = load_source(cfg)
     if len(table) == 0:
         raise DataError(f"{cfg.path}: the dataset is empty")
-    negatives = [source for source, role in columns.items() if role == "negative"]
-    sources = {role: source for source, role in columns.items() if role != "negative"}
-    renamed = {sources["anchor"]: "anchor", sources["positive"]: "positive",
-               **{source: f"negative_{j}" for j, source in enumerate(negatives)}}
+    renamed = role_columns(cfg, table.column_names)
     _validate(table.select_columns(list(renamed)), cfg.path, path if local else None)
     table = table.select_columns(list(renamed)).rename_columns(renamed)
-    table = table.select_columns(["anchor", "positive", *(f"negative_{j}" for j in range(len(negatives)))])
+    table = table.select_columns(role_names(len(renamed) - 2))
     fingerprint = _file_hash(path) if local else table._fingerprint
-    name = cfg.name or (path.stem if local else cfg.path)
-    log.info("%s: %d rows read and validated", name, len(table))
-    return PairDataset(name, table, cfg.weight, fingerprint)
+    log.info("%s: %d rows read and validated", dataset_name(cfg), len(table))
+    return PairDataset(dataset_name(cfg), table, cfg.weight, fingerprint)
+
+
+def dataset_name(cfg: DatasetConfig) -> str:
+    """`name`, else the file's stem, else the hub id."""
+    return cfg.name or (Path(cfg.path).stem if Path(cfg.path).exists() else cfg.path)
+
+
+def role_columns(cfg: DatasetConfig, column_names: list[str]) -> dict[str, str]:
+    """Source column -> role column (`anchor`, `positive`, `negative_0` ...), checked against the data's columns."""
+    columns = cfg.columns or {c: c for c in column_names if c in ("anchor", "positive", "negative")}
+    if not cfg.columns and not {"anchor", "positive"} <= set(columns):
+        raise DataError(
+            f"{cfg.path}: columns {column_names}: map them to roles in the config, e.g. "
+            "columns: {question: anchor, answer: positive}"
+        )
+    missing = [c for c in columns if c not in column_names]
+    if missing:
+        raise DataError(f"{cfg.path}: column {missing[0]!r} (mapped to {columns[missing[0]]!r}) is not in the "
+                        f"data; its columns are {column_names}")
+    negatives = [source for source, role in columns.items() if role == "negative"]
+    sources = {role: source for source, role in columns.items() if role != "negative"}
+    return {sources["anchor"]: "anchor", sources["positive"]: "positive",
+            **{source: f"negative_{j}" for j, source in enumerate(negatives)}}
+
+
+def role_names(num_negatives: int) -> list[str]:
+    """The role columns in order: `anchor`, `positive`, `negative_0` ... `negative_{k-1}`."""
+    return ["anchor", "positive", *(f"negative_{j}" for j in range(num_negatives))]
 
 
 def _validate(table, shown: str, path: Path | None) -> None:
@@ -117,11 +135,26 @@ def _validate(table, shown: str, path: Path | None) -> None:
         chunk = table[start:start + _VALIDATE_ROWS]
         for source, values in chunk.items():
             for j, text in enumerate(values):
-                if isinstance(text, str) and text.strip():
-                    continue
-                what = ("missing (null)" if text is None else f"not a string ({type(text).__name__})"
-                        if not isinstance(text, str) else "empty")
-                raise DataError(f"{_where(shown, path, start + j)} field {source!r}: text is {what}")
+                if problem := text_problem(text):
+                    raise DataError(f"{_where(shown, path, start + j)} field {source!r}: text is {problem}")
+
+
+def text_problem(text) -> str | None:
+    """What is wrong with a field meant to hold a text (None: a non-empty string)."""
+    if text is None:
+        return "missing (null)"
+    if not isinstance(text, str):
+        return f"not a string ({type(text).__name__})"
+    return None if text.strip() else "empty"
+
+
+def row_place(cfg: DatasetConfig, row: int, rank: int = 0, world: int = 1, shards: int = 1) -> str:
+    """Where row `row` of a process's part of a streamed dataset is (see `_where`): with one shard (a local
+    file), process `rank` of `world` reads every world-th row from its rank on."""
+    if world > 1 and shards % world == 0:  # whole shards per process: the row's place in its file is not known
+        return f"{cfg.path} row {row} of process {rank}'s shards"
+    path = Path(cfg.path)
+    return _where(cfg.path, path if path.exists() else None, row * world + rank)
 
 
 def _where(shown: str, path: Path | None, row: int) -> str:
@@ -147,7 +180,15 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _load_table(cfg: DatasetConfig, path: Path):
+def load_source(cfg: DatasetConfig, streaming: bool = False):
+    """A dataset's rows as datasets reads them (`streaming`: an IterableDataset read as it is iterated)."""
+    path = Path(cfg.path)
+    return _load_table(cfg, path, streaming) if path.exists() else _load_hub(cfg, streaming)
+
+
+def _load_table(cfg: DatasetConfig, path: Path, streaming: bool = False):
+    """A local file as a datasets table; `streaming`: an IterableDataset read as it is iterated (its lines are
+    checked as they come, so the whole-file JSON check is left out)."""
     import datasets
 
     builder = _BUILDERS.get(path.suffix)
@@ -155,21 +196,29 @@ def _load_table(cfg: DatasetConfig, path: Path):
         raise DataError(f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(_BUILDERS)}")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
-    if builder == "json":
+    if builder == "json" and not streaming:
         _check_json_lines(path)
     kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming, **kwargs)
     except Exception as e:  # datasets wraps parser errors in many types; name the file at least
-        cause = e.__cause__ or e
-        raise DataError(f"{path}: cannot be read as {builder}: {type(cause).__name__}: {cause}") from e
+        raise read_error(path, e) from e
 
 
-def _load_hub(cfg: DatasetConfig):
+def read_error(path: Path, e: Exception) -> DataError:
+    """A parser's error as a DataError naming the file (and, for JSON lines, the first bad line)."""
+    builder = _BUILDERS[path.suffix]
+    if builder == "json":
+        _check_json_lines(path)  # raises at the first line that is not UTF-8, not JSON or not an object
+    cause = e.__cause__ or e
+    return DataError(f"{path}: cannot be read as {builder}: {type(cause).__name__}: {cause}")
+
+
+def _load_hub(cfg: DatasetConfig, streaming: bool = False):
     import datasets
 
     try:
-        return datasets.load_dataset(cfg.path, split=cfg.split)
+        return datasets.load_dataset(cfg.path, split=cfg.split, streaming=streaming)
     except Exception as e:
         raise DataError(f"{cfg.path}: not a local file and not loadable from the Hugging Face hub "
                         f"(split {cfg.split!r}): {e}") from e
@@ -210,14 +259,22 @@ class TokenizedPairs:
         return self.table.data.column(name).to_numpy()
 
     def rows(self, indices: list[int]) -> dict[str, tuple[list[list[int]], list[int]]]:
-        """Token ids and keys of these rows by role; `negative` holds row i's k negatives one after another."""
+        """Token ids and keys of these rows by role (`step_roles`)."""
         picked = self.table[indices]
-        out = {role: (picked[f"{role}_ids"], picked[f"{role}_key"]) for role in ("anchor", "positive")}
-        if self.num_negatives:
-            roles = [f"negative_{j}" for j in range(self.num_negatives)]
-            out["negative"] = ([picked[f"{r}_ids"][i] for i in range(len(indices)) for r in roles],
-                               [picked[f"{r}_key"][i] for i in range(len(indices)) for r in roles])
-        return out
+        return step_roles({role: (picked[f"{role}_ids"], picked[f"{role}_key"])
+                           for role in role_names(self.num_negatives)})
+
+
+def step_roles(columns: dict[str, tuple[list[list[int]], list[int]]]) -> dict[str, tuple[list[list[int]], list[int]]]:
+    """Token ids and keys of some rows per role column -> per role of a step: `anchor`, `positive`, and `negative`
+    holding row i's k negatives one after another."""
+    negatives = [c for c in columns if c.startswith("negative_")]
+    out = {role: columns[role] for role in ("anchor", "positive")}
+    if negatives:
+        rows = range(len(columns["anchor"][1]))
+        out["negative"] = ([columns[c][0][i] for i in rows for c in negatives],
+                           [columns[c][1][i] for i in rows for c in negatives])
+    return out
 
 
 def cache_root(configured: str | None) -> Path:
@@ -269,8 +326,8 @@ def _tokenize_batch(batch: dict[str, list[str]], tokenizer: TextTokenizer) -> di
     """Ids, text keys and whether each text was truncated, for every role of a batch of rows."""
     out = {}
     for role, texts in batch.items():
-        ids, lengths = tokenizer.ids_and_lengths(texts, KIND[role.split("_")[0]])
+        ids, truncated = tokenizer.ids_and_truncated(texts, KIND[role.split("_")[0]])
         out[f"{role}_ids"] = ids
         out[f"{role}_key"] = text_keys(texts).tolist()
-        out[f"{role}_truncated"] = [n > tokenizer.max_length for n in lengths]
+        out[f"{role}_truncated"] = truncated
     return out

@@ -5,9 +5,14 @@ equals (cosine >= `NEAR` with the base model, "near") an eval query or a judged 
 Duplicates: a row whose (anchor, positive) equals an earlier row's ("exact"), or whose anchor and positive both
 have cosine >= `NEAR` with an earlier row's ("near"). Each is counted with examples; `data.drop_eval_overlap`
 and `data.dedup` drop the rows (duplicates keep their first row). Comparing rows is quadratic in the rows of a
-dataset, done in chunks.
+dataset, done in chunks. The findings are cached by the data's content, the eval texts and (for near checks)
+the model, so a run over the same data reads them instead.
 """
+import hashlib
+import json
 import logging
+import os
+from pathlib import Path
 
 import torch
 
@@ -19,15 +24,17 @@ log = logging.getLogger("twinfold")
 NEAR = 0.95
 EXAMPLES = 5
 CHUNK = 1024
+_CACHE_FORMAT = 1
 
 
 def check_datasets(datasets: list[PairDataset], encoder: MemoEncoder, eval_data: BeirData | None,
-                   dedup: bool = False, drop_eval_overlap: bool = False,
-                   near_rows: int | None = None) -> tuple[list[list[int]], list[dict]]:
+                   dedup: bool = False, drop_eval_overlap: bool = False, near_rows: int | None = None,
+                   cache_dir: Path | None = None) -> tuple[list[list[int]], list[dict]]:
     """Rows to keep in each dataset, and a report per dataset (counts, examples, rows dropped).
 
     Exact matches are always checked (hashes of normalised texts); near ones (cosine with the base model, which
     encodes every training text) only in datasets of at most `near_rows` rows (None: all), and the report says so.
+    With `cache_dir`, each dataset's findings are read from there when they were found before.
     """
     eval_texts = _eval_texts(eval_data) if eval_data is not None else []
     keep, reports = [], []
@@ -36,14 +43,36 @@ def check_datasets(datasets: list[PairDataset], encoder: MemoEncoder, eval_data:
         if not near:
             log.info("%s: %d rows, more than data.near_check_rows (%d): near-duplicate and near-overlap checks "
                      "skipped, exact ones done", ds.name, len(ds), near_rows)
-        overlap = eval_overlap(ds, encoder, eval_texts, near) if eval_texts else {}
-        duplicates = duplicate_rows(ds, encoder, near)
+        overlap, duplicates = _findings(ds, encoder, eval_texts, near, cache_dir)
         drop = set(overlap) if drop_eval_overlap else set()
         drop |= set(duplicates) if dedup else set()
         keep.append([i for i in range(len(ds)) if i not in drop])
         reports.append({"dataset": ds.name, "rows": len(ds), "eval_overlap": _summary(overlap),
                         "duplicates": _summary(duplicates), "dropped": len(drop), "near_checked": near})
     return keep, reports
+
+
+def _findings(ds: PairDataset, encoder: MemoEncoder, eval_texts: list[tuple[str, str, str]], near: bool,
+              cache_dir: Path | None) -> tuple[dict[int, dict], dict[int, dict]]:
+    """(eval overlap, duplicates) of a dataset, from `cache_dir` when the same data, eval texts and (with `near`)
+    model were checked before."""
+    key = json.dumps([_CACHE_FORMAT, ds.fingerprint, len(ds), eval_texts, NEAR, near and encoder.model.fingerprint()])
+    path = cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json" if cache_dir else None
+    if path is not None and path.exists():
+        log.info("%s: eval-overlap and duplicate checks read from %s", ds.name, path)
+        return tuple(_from_json(found) for found in json.loads(path.read_text()))
+    found = (eval_overlap(ds, encoder, eval_texts, near) if eval_texts else {}), duplicate_rows(ds, encoder, near)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+        tmp.write_text(json.dumps(found))
+        tmp.replace(path)
+    return found
+
+
+def _from_json(found: dict) -> dict[int, dict]:
+    """Findings as the checks give them (JSON keeps rows as text and (kind, id) pairs as lists)."""
+    return {int(row): {k: tuple(v) if isinstance(v, list) else v for k, v in hit.items()} for row, hit in found.items()}
 
 
 def eval_overlap(ds: PairDataset, encoder: MemoEncoder, eval_texts: list[tuple[str, str, str]],
@@ -79,16 +108,17 @@ def duplicate_rows(ds: PairDataset, encoder: MemoEncoder, near: bool = True) -> 
     """Row -> the earlier row it duplicates, exactly (normalised anchor and positive) or, with `near`, nearly
     (both cosines >= NEAR)."""
     found: dict[int, dict] = {}
-    first: dict[tuple[str, str], int] = {}
-    for row, pair in enumerate(zip(ds.anchor, ds.positive)):
+    first: dict[int, int] = {}  # hash of the normalised pair -> its first row; a hit compares the texts
+    anchor, positive = ds.anchor, ds.positive
+    for row, pair in enumerate(zip(anchor, positive)):
         key = tuple(map(normalize_text, pair))
-        if key in first:
-            found[row] = {"kind": "exact", "row": row, "duplicate_of": first[key], "cosine": None,
-                          "text": _short(ds.anchor[row], 200)}
-        first.setdefault(key, row)
+        earlier = first.setdefault(hash(key), row)
+        if earlier != row and tuple(map(normalize_text, (anchor[earlier], positive[earlier]))) == key:
+            found[row] = {"kind": "exact", "row": row, "duplicate_of": earlier, "cosine": None,
+                          "text": _short(anchor[row], 200)}
     if not near:
         return found
-    anchors, positives = encoder(ds.anchor, "query"), encoder(ds.positive, "document")
+    anchors, positives = encoder(anchor, "query"), encoder(positive, "document")
     for start in range(0, len(ds), CHUNK):
         both = torch.minimum(anchors[start:start + CHUNK] @ anchors.T, positives[start:start + CHUNK] @ positives.T)
         rows = torch.arange(start, start + len(both))
@@ -97,7 +127,7 @@ def duplicate_rows(ds: PairDataset, encoder: MemoEncoder, near: bool = True) -> 
         for row, s, j in zip(rows.tolist(), score.tolist(), earlier.tolist()):
             if s >= NEAR and row not in found:
                 found[row] = {"kind": "near", "row": row, "duplicate_of": j, "cosine": round(s, 4),
-                              "text": _short(ds.anchor[row], 200)}
+                              "text": _short(anchor[row], 200)}
     return found
 
 

@@ -17,14 +17,15 @@ from tqdm.auto import tqdm
 from twinfold.losses import InfoNCE, Matryoshka, cached_backward, uncached_backward
 from twinfold.models import BiEncoder
 from twinfold.models.runtime import cpu_has_bf16, default_token_budget, keep_freed_memory, loader_settings
-from twinfold.train.batches import StepBatches, step_loader
-from twinfold.train.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from twinfold.train.batches import StepBatches, step_loader, stream_loader
+from twinfold.train.checkpoint import checkpoint_streams, load_checkpoint, prune_checkpoints, save_checkpoint
 from twinfold.train.config import Config, ConfigError, save_config
-from twinfold.train.data import cache_root, tokenize_pairs
+from twinfold.train.data import PairDataset, cache_root, tokenize_pairs
 from twinfold.train.prepare import prepare_data
 from twinfold.train.resume import claim_run_folder, decided_on_main, resume_point
 from twinfold.train.sampler import BatchPlan, RowKeys
 from twinfold.train.signals import StopOnSignal
+from twinfold.train.streams import StreamSource, StreamSteps
 
 log = logging.getLogger("twinfold")
 EVAL_KEYS = ("model", "dim", "precision", "ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100",
@@ -157,19 +158,22 @@ def train(cfg: Config) -> Path:
         save_config(cfg, out / "config.yaml")
     log.info("preparing %d training datasets", len(cfg.data.train))
     datasets, data_report = prepare_data(cfg, model, out, accelerator)  # mining, eval-overlap and duplicate checks
-    # the main process tokenizes first, then each machine's first process (its cache may be on a disk of its own)
-    with accelerator.main_process_first(), accelerator.local_main_process_first():
-        tokenized = [tokenize_pairs(ds, model.text_tokenizer, cache_root(cfg.data.cache_dir)) for ds in datasets]
-    if main:
-        report_truncation(tokenized, model.max_length)
-    plan = BatchPlan([RowKeys.of(ds) for ds in tokenized], t.batch_size, t.seed, cfg.data.mixing, processes=world)
+    streamed = any(isinstance(ds, StreamSource) for ds in datasets)  # then every dataset is read as a stream
+    if not streamed:
+        # the main process tokenizes first, then each machine's first process (its cache may be on a disk of its own)
+        with accelerator.main_process_first(), accelerator.local_main_process_first():
+            tokenized = [tokenize_pairs(ds, model.text_tokenizer, cache_root(cfg.data.cache_dir)) for ds in datasets]
+        if main:
+            report_truncation(tokenized, model.max_length)
+        plan = BatchPlan([RowKeys.of(ds) for ds in tokenized], t.batch_size, t.seed, cfg.data.mixing, processes=world)
     loss_fn = build_loss(cfg, model.settings.similarity).to(accelerator.device)
     optimizer = build_optimizer(model, loss_fn, cfg)
-    total_steps = t.max_steps or t.epochs * (len(plan) // t.grad_accum)
+    total_steps = t.max_steps or t.epochs * (len(plan) // t.grad_accum)  # streamed runs set max_steps
     warmup = math.ceil(t.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.scheduler))
 
     state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "evals": []}
+    position = None  # streamed: where this process's streams stand (saved per process with each checkpoint)
     found, changes = decided_on_main(accelerator, lambda: resume_point(out, cfg.to_dict(), world)) \
         if t.resume else (None, [])
     if found:
@@ -177,6 +181,7 @@ def train(cfg: Config) -> Path:
         torch.set_rng_state(rng_states[accelerator.process_index]["cpu"])
         if torch.cuda.is_available() and rng_states[accelerator.process_index].get("cuda") is not None:
             torch.cuda.set_rng_state(rng_states[accelerator.process_index]["cuda"])
+        position = checkpoint_streams(found)[accelerator.process_index] if streamed else None
         if main:
             log.info("resumed from %s (step %d)", found, state["step"])
             drop_metrics_after(out / "metrics.jsonl", state["step"])
@@ -194,9 +199,17 @@ def train(cfg: Config) -> Path:
 
     step = TrainStep(cfg, accelerator, model, wrapped, loss_fn, optimizer, scheduler)
     device = accelerator.device
-    batches = StepBatches(tokenized, accelerator.process_index, world, model.padder,
-                          t.chunk_tokens or default_token_budget(device), cfg.loss.mini_batch_size)
-    loader = iter(step_loader(batches, plan, state["epoch"], state["batch"], loader_settings(device)))
+    budget = t.chunk_tokens or default_token_budget(device)
+    if streamed:
+        steps = StreamSteps([ds if isinstance(ds, StreamSource) else StreamSource.of(ds) for ds in datasets],
+                            model.text_tokenizer, model.padder, budget, cfg.loss.mini_batch_size,
+                            accelerator.process_index, world, t.batch_size, t.seed, cfg.data.mixing,
+                            cfg.data.shuffle_buffer, position)
+        loader = iter(stream_loader(steps, loader_settings(device)))
+    else:
+        batches = StepBatches(tokenized, accelerator.process_index, world, model.padder, budget,
+                              cfg.loss.mini_batch_size)
+        loader = iter(step_loader(batches, plan, state["epoch"], state["batch"], loader_settings(device)))
     progress = tqdm(total=total_steps, initial=state["step"], disable=not main, desc="train")
     wrapped.train()
     window = Window()
@@ -210,6 +223,7 @@ def train(cfg: Config) -> Path:
         if cfg.loss.learnable_temperature:
             record["temperature"] = getattr(loss_fn, "inner", loss_fn).temperature.detach().clone()
         state["step"], state["epoch"], state["batch"] = record["step"], inputs[-1]["epoch"], inputs[-1]["index"] + 1
+        position = inputs[-1].get("position")
         window.add(record, sum(x["pairs"] for x in inputs))
         progress.update(1)
         # ---- bookkeeping: log, evaluate, checkpoint (each needs the losses on the host first) -------------
@@ -236,7 +250,8 @@ def train(cfg: Config) -> Path:
         if evaluate_now and world > 1:  # every process must agree on saving: it gathers their RNG states
             improved = broadcast_object_list([improved])[0]
         if save_now or signum or (t.save_steps and improved):
-            timings["checkpoint_s"] = checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, cfg)
+            timings["checkpoint_s"] = checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, cfg,
+                                                 position)
         if logged:
             logged[-1].update(timings)  # evaluation and checkpoint time, apart from training throughput
             progress.set_postfix(loss=f"{logged[-1]['loss']:.4f}", pairs_s=f"{logged[-1]['pairs_per_s']:.1f}")
@@ -370,15 +385,18 @@ def headline(rows: list[dict], metric: str) -> float:
     return max(full, key=lambda r: r["dim"])[metric]
 
 
-def checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, cfg: Config) -> float:
-    """Save on the main process with every process's RNG state; keep the last K and the best. Returns seconds taken."""
+def checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, cfg: Config,
+               position: dict | None = None) -> float:
+    """Save on the main process with every process's RNG state (and stream position, in streamed runs); keep the
+    last K and the best. Returns seconds taken."""
     started = time.perf_counter()
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    rng_states = gather_object([rng]) if accelerator.num_processes > 1 else [rng]
+    mine = [(rng, position)]
+    rng_states, positions = zip(*(gather_object(mine) if accelerator.num_processes > 1 else mine))
     if accelerator.is_main_process:
         saved = {k: v for k, v in state.items() if k != "last_rows"}
-        save_checkpoint(out, state["step"], model, optimizer, scheduler, loss_fn, rng_states, saved, cfg.to_dict(),
-                        accelerator.scaler)
+        save_checkpoint(out, state["step"], model, optimizer, scheduler, loss_fn, list(rng_states), saved,
+                        cfg.to_dict(), accelerator.scaler, streams=list(positions) if position is not None else None)
         best = out / "checkpoints" / f"step-{state['best']['step']}" if state.get("best") else None
         prune_checkpoints(out, cfg.train.save_total_limit, keep=best)
     accelerator.wait_for_everyone()
@@ -406,6 +424,7 @@ def run_info(cfg: Config, datasets, state: dict, rows: list[dict], data_report: 
     t = cfg.train
     info = {"training": {"base_model": cfg.model.name_or_path, "steps": state["step"],
                          "data": [{"name": d.name, "pairs": len(d), "negatives_per_pair": d.num_negatives}
+                                  if isinstance(d, PairDataset) else {"name": d.name, "streamed": True}
                                   for d in datasets],
                          "batch_size": t.batch_size, "lr": t.lr, "epochs": t.epochs, "max_steps": t.max_steps,
                          "warmup_ratio": t.warmup_ratio, "seed": t.seed, "loss": cfg.to_dict()["loss"],

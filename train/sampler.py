@@ -51,9 +51,7 @@ class RowKeys:
 class BatchPlan:
     """Deterministic batches per epoch from (seed, epoch), so every process and every resume agree.
 
-    Each dataset is shuffled and packed greedily into batches in which no anchor or positive text appears
-    twice and no hard negative equals an anchor or positive (a negative shared by several rows is allowed: it
-    is a true negative for each of them). A row that would break this waits for a later batch. A dataset
+    Each dataset is shuffled and packed into batches without repeated texts (`Packer`). A dataset
     contributes round(`weight` x its rows) rows per epoch (weight 1: every row exactly once), so the last
     batches of a dataset's epoch may be smaller than `batch_size`; every batch's size is a multiple of
     `processes` (a short last batch is topped up with rows from the start of the epoch). `proportional`
@@ -96,49 +94,68 @@ class BatchPlan:
         return mixed
 
     def _pack(self, d: int, order: list[int], name: str) -> list[list[int]]:
-        core, negative, size = self._core[d], self._negative[d], self.batch_size
-        batches: list[list[int]] = []
-        current: list[int] = []
-        seen_core: set[int] = set()
-        seen_negative: set[int] = set()
-
-        def try_add(i: int) -> bool:
-            a, p = core[i]
-            if a in seen_core or p in seen_core or a in seen_negative or p in seen_negative \
-                    or seen_core.intersection(negative[i]):
-                return False
-            current.append(i)
-            seen_core.update(core[i])
-            seen_negative.update(negative[i])
-            return True
-
-        def refill(waiting: list[int]) -> list[int]:
-            nonlocal current
-            current = []
-            seen_core.clear()
-            seen_negative.clear()
-            return [j for j in waiting if not (len(current) < size and try_add(j))]
-
-        waiting: list[int] = []
+        packer = Packer(self._core[d], self._negative[d], self.batch_size)
+        batches = []
         for i in order:
-            if not try_add(i):
-                waiting.append(i)
-            while len(current) == size:
-                batches.append(current)
-                waiting = refill(waiting)
+            packer.offer(i)
+            while packer.full():
+                batches.append(packer.take())
         if not batches:
-            raise DataError(f"dataset {name}: no batch of {size} rows without a repeated text; "
+            raise DataError(f"dataset {name}: no batch of {self.batch_size} rows without a repeated text; "
                             "the data is mostly duplicates")
-        while current:  # the epoch's last rows: smaller batches, each a multiple of the number of processes
-            short = len(current) % self.processes
+        while packer.current:  # the epoch's last rows: smaller batches, each a multiple of the number of processes
+            short = len(packer.current) % self.processes
             for j in order if short else ():
-                if len(current) % self.processes == 0:
+                if len(packer.current) % self.processes == 0:
                     break
-                if j not in current:
-                    try_add(j)
-            batches.append(current[:len(current) - len(current) % self.processes])
-            waiting = refill(waiting)
+                if j not in packer.current:
+                    packer.add(j)
+            batch = packer.take()
+            batches.append(batch[:len(batch) - len(batch) % self.processes])
         return [b for b in batches if b]
+
+
+class Packer:
+    """Fills batches of `size` rows, in the order offered, in which no anchor or positive text appears twice and no
+    hard negative equals an anchor or positive (a negative shared by several rows is allowed: it is a true
+    negative for each). A row that would break this waits, and is offered again when the next batch starts."""
+
+    def __init__(self, core: list[tuple[int, int]], negative: list[list[int]], size: int):
+        self.core, self.negative, self.size = core, negative, size  # text keys per row: (anchor, positive), negatives
+        self.current: list[int] = []
+        self.waiting: list[int] = []
+        self._seen_core: set[int] = set()
+        self._seen_negative: set[int] = set()
+
+    def add(self, i: int) -> bool:
+        """Put row i in the current batch if it repeats no text there."""
+        a, p = self.core[i]
+        if a in self._seen_core or p in self._seen_core or a in self._seen_negative or p in self._seen_negative \
+                or self._seen_core.intersection(self.negative[i]):
+            return False
+        self.current.append(i)
+        self._seen_core.update(self.core[i])
+        self._seen_negative.update(self.negative[i])
+        return True
+
+    def offer(self, i: int) -> None:
+        """Add row i, or keep it waiting."""
+        if not self.add(i):
+            self.waiting.append(i)
+
+    def full(self) -> bool:
+        return len(self.current) == self.size
+
+    def take(self) -> list[int]:
+        """The current batch; the next one starts with the waiting rows that fit."""
+        batch, waiting = self.current, self.waiting
+        self.current, self.waiting = [], []
+        self._seen_core.clear()
+        self._seen_negative.clear()
+        for j in waiting:
+            if not (len(self.current) < self.size and self.add(j)):
+                self.waiting.append(j)
+        return batch
 
 
 def _interleave(groups: list[list[Batch]]) -> list[list[Batch]]:

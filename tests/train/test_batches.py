@@ -84,13 +84,3 @@ def test_loader_with_worker_processes_gives_what_the_inline_loader_gives(tmp_pat
     assert all(torch.equal(x["input_ids"], y["input_ids"])
                for role in expected["chunks"] for x, y in zip(expected["chunks"][role], got["chunks"][role]))
 
-
-def test_one_pass_ids_and_lengths_equal_the_tokenizers_own_truncation(tiny_bert_path):
-    model = BiEncoder.from_pretrained(tiny_bert_path, max_length=8, query_prefix="query: ")
-    texts = ["cell", "", "one two three four five six seven eight nine", "a b c d e f", "x" * 40, "Ünïcödé text"]
-    for kind in ("query", "document"):
-        ids, lengths = model.text_tokenizer.ids_and_lengths(texts, kind)
-        assert ids == model.token_ids(texts, kind) and lengths == model.token_lengths(texts, kind)
-        assert max(lengths) > 8 >= max(map(len, ids))
-    model.token_ids(texts)  # the model's tokenizer keeps working as before (no state was changed)
-    assert model.tokenize(["a b"])["input_ids"].shape == (1, 4)

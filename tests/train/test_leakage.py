@@ -65,3 +65,13 @@ def test_options_drop_the_flagged_rows(encoder, dedup, drop, kept):
 def test_without_eval_data_only_duplicates_are_checked(encoder):
     keep, (report,) = check_datasets([dataset()], encoder, None, dedup=True)
     assert keep == [[0, 1, 2, 3, 4, 7]] and report["eval_overlap"]["rows"] == []
+
+
+def test_findings_are_cached_by_data_eval_texts_and_model(encoder, tmp_path, caplog):
+    first = check_datasets([dataset()], encoder, EVAL, cache_dir=tmp_path)
+    with caplog.at_level("INFO", logger="twinfold"):
+        again = check_datasets([dataset()], encoder, EVAL, cache_dir=tmp_path)
+    assert again == first and "checks read from" in caplog.text and len(list(tmp_path.iterdir())) == 1
+    check_datasets([dataset()], encoder, None, cache_dir=tmp_path)  # other eval texts: found anew
+    check_datasets([dataset()], encoder, EVAL, near_rows=0, cache_dir=tmp_path)  # exact checks only: anew
+    assert len(list(tmp_path.iterdir())) == 3
