@@ -2,8 +2,6 @@
 buffer, mixed by weight, each process reading its part, resumed exactly from any position (and after SIGKILL)."""
 import json
 import random
-import signal
-import time
 
 import pytest
 
@@ -14,7 +12,7 @@ from twinfold.train.config import ConfigError, DatasetConfig, load_config
 from twinfold.train.data import DataError
 from twinfold.train.streams import StreamSource, StreamSteps, choose_dataset
 
-from tests.train.test_train import logged_steps, max_diff, run_train, weights
+from tests.train.test_train import kill_after, max_diff, run_train, weights
 
 
 def write(path, rows):
@@ -190,14 +188,8 @@ def test_resume_after_sigkill_continues_at_the_exact_stream_position(tmp_path, t
                  "model.dropout=0.1", "train.lr=1e-3", "train.batch_size=8", "train.log_steps=1")
     full = run_train(tmp_path, "full", *overrides, tiny=tiny_bert_path)
     out, proc = run_train(tmp_path, "killed", *overrides, tiny=tiny_bert_path, wait=False)
-    at = random.randint(3, 6)  # killed after this step's row (and the step-2 checkpoint) is written
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-2" / "trainer_state.json").exists() or logged_steps(out) < at:
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:] if proc.stderr else ""
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "final").exists(), f"the run finished before it was killed after step {at}"
+    at = random.randint(3, 6)
+    kill_after(out, proc, at)
     positions = json.loads(next((out / "checkpoints").glob("step-*/streams.json")).read_text())
     assert len(positions) == 1 and len(positions[0]["datasets"]) == 2  # one process, two datasets
     run_train(tmp_path, "killed", *overrides, "train.resume=true", tiny=tiny_bert_path)

@@ -107,20 +107,26 @@ def test_resume_after_sigkill_ends_with_identical_weights(tmp_path, tiny_bert_pa
                  "train.batch_size=16", "model.max_length=64", "train.log_steps=1")  # a row per step to kill after
     full = run_train(tmp_path, "full", *overrides, tiny=tiny_bert_path)
     out, proc = run_train(tmp_path, "killed", *overrides, tiny=tiny_bert_path, wait=False)
-    at = random.randint(3, 9)  # killed after this step's row (and the step-3 checkpoint) is written
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-3" / "trainer_state.json").exists() or logged_steps(out) < at:
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:] if proc.stderr else ""
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "final").exists(), f"the run finished before it was killed after step {at}"
+    at = random.randint(3, 8)
+    kill_after(out, proc, at)
     run_train(tmp_path, "killed", *overrides, "train.resume=true", tiny=tiny_bert_path)
     assert max_diff(weights(full / "final"), weights(out / "final")) == 0.0, f"killed after step {at}"
     state = json.loads((out / "checkpoints" / "step-12" / "trainer_state.json").read_text())
     assert state["step"] == 12
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
+
+
+def kill_after(out, proc, at: int) -> None:
+    """SIGKILL the run `proc` (writing into `out`) once step `at` is logged and a checkpoint is complete."""
+    deadline = time.time() + 300
+    # any complete checkpoint: the first one is pruned once two later ones exist (train.save_total_limit 2)
+    while not any((out / "checkpoints").glob("step-*/trainer_state.json")) or logged_steps(out) < at:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:] if proc.stderr else ""
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final").exists(), f"the run finished before it was killed after step {at}"
 
 
 def logged_steps(out) -> int:
