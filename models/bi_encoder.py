@@ -18,7 +18,7 @@ from twinfold.models.pooling import POOLING_MODES, pool
 from twinfold.models.quantize import (COMPUTES, PRECISIONS, Int8Calibration, calibrate_int8, int8_linear_copy,
                              quantize_binary, quantize_int8)
 from twinfold.models.resolve import describe_attempts, resolve_model_path
-from twinfold.models.runtime import loader_settings, pad_multiple
+from twinfold.models.runtime import attention_kernels, loader_settings, pad_multiple
 from twinfold.models.tokens import Padder, TextTokenizer
 
 TWINFOLD_FILE = "twinfold.json"
@@ -203,7 +203,8 @@ class BiEncoder(nn.Module):
         """The computation of `forward`. `encode` calls it directly, so a mixed-precision wrapper that an
         Accelerator puts around `forward` for training never changes what `encode` computes."""
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        with attention_kernels(input_ids.device):  # the backward runs the kernels the forward chose
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         emb = self.head(pool(hidden, attention_mask, self.settings.pooling))
         return F.normalize(emb, dim=-1) if self.settings.normalize else emb
 

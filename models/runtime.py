@@ -2,8 +2,10 @@
 import ctypes
 import logging
 import os
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 log = logging.getLogger("twinfold")
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
@@ -65,3 +67,13 @@ def pad_multiple(device: torch.device) -> int:
     had), and token-budget chunks of free widths bring new shapes at every step; multiples of 16 keep them few.
     On a CPU, 1: there a shape costs nothing, and padding costs compute."""
     return 16 if device.type == "cuda" else 1
+
+
+def attention_kernels(device: torch.device) -> AbstractContextManager:
+    """Where the model's forward runs: on a GPU, PyTorch's attention kernels other than cuDNN's (flash, memory-efficient,
+    math). cuDNN's attention builds a plan for every input shape it has not seen, milliseconds of CPU each, and
+    length-sorted chunks bring new shapes at every step; the others are compiled ahead. `TWINFOLD_SDPA_CUDNN=1`
+    allows cuDNN again. Elsewhere, PyTorch's choice."""
+    if device.type != "cuda" or os.environ.get("TWINFOLD_SDPA_CUDNN") == "1":
+        return nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

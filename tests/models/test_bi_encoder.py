@@ -344,3 +344,14 @@ def test_encode_cli_int8_compute_records_its_fingerprint(tiny_bert_path, tmp_pat
     assert main(["--model", str(tiny_bert_path), "--input", str(docs), "--output", str(out),
                  "--compute", "int8", "--no-progress"]) == 0
     assert EmbeddingSet.load(out).fingerprint == BiEncoder.from_pretrained(tiny_bert_path).fingerprint("int8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_cuda_attention_without_cudnn_gives_cudnns_vectors(tiny_bert_path, monkeypatch):
+    """On a GPU the forward leaves cuDNN's attention out (`models.runtime.attention_kernels`): same vectors."""
+    model = BiEncoder.from_pretrained(tiny_bert_path).to("cuda").eval()
+    texts = ["short", "a much longer text about proteins and cells", "x"] * 5
+    ours = model.encode(texts, batch_size=4, compute="bf16")
+    monkeypatch.setenv("TWINFOLD_SDPA_CUDNN", "1")
+    cudnn = model.encode(texts, batch_size=4, compute="bf16")
+    assert np.abs(ours - cudnn).max() < 2e-2

@@ -38,3 +38,20 @@ def test_blocks_up_to_32_mib_come_from_a_heap_that_is_never_trimmed():
 def test_by_default_glibc_maps_large_blocks_separately_and_the_setting_can_be_switched_off():
     result = probe("0")
     assert result["applied"] is False and result["in_heap"] == {"16MiB": False, "40MiB": False}
+
+
+def test_attention_kernels_leave_out_cudnn_on_gpus_only(monkeypatch):
+    import torch
+
+    from twinfold.models.runtime import attention_kernels
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_kernels(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before  # restored
+    with attention_kernels(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    monkeypatch.setenv("TWINFOLD_SDPA_CUDNN", "1")
+    with attention_kernels(torch.device("cuda")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
