@@ -95,6 +95,9 @@ def main(argv=None) -> int:
               str(args.config), f"train.output_dir={ours}", *overrides]
     ours_s = timed(launch, args.out / "twinfold.log")
     eval_s = sum(json.loads(line).get("eval_s", 0) for line in (ours / "metrics.jsonl").read_text().splitlines())
+    found = ndcg_by_dim(ours / "eval" / "report.json", "final")  # printed now: a call cut short keeps this side
+    print(f"twinfold: {ours_s:.1f} s ({eval_s:.1f} s evaluating), nDCG@10 "
+          + ", ".join(f"@{d} {v:.4f}" for d, v in sorted(found.items(), reverse=True)), flush=True)
     theirs_s = timed([sys.executable, __file__, str(args.config), "--out", str(theirs), "--st-child", *overrides],
                      args.out / "sentence-transformers.log")
     dims = cfg.eval.dims or cfg.loss.matryoshka_dims
