@@ -3,6 +3,7 @@
 `PRESETS`: "bm25s" (the library's defaults, k1 1.5, b 0.75) and "anserini" (Anserini's BEIR runs, k1 0.9, b 0.4).
 """
 import re
+import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -57,12 +58,27 @@ def split_identifiers(text: str) -> str:
 
 def tokenize(texts: list[str], settings: BM25Settings) -> list[list[str]]:
     """Lowercased word tokens without English stopwords, stemmed and identifier-split as `settings` say."""
-    import bm25s
-
+    bm25s = _bm25s()
     stemmer = _stemmer(settings.stemmer) if settings.stemmer else None
     if settings.split_identifiers:
         texts = [split_identifiers(t) for t in texts]
     return bm25s.tokenize(texts, stemmer=stemmer, show_progress=False, return_ids=False)
+
+
+def _bm25s():
+    """The bm25s module, imported without JAX. Where JAX is installed, importing bm25s imports it and runs a JAX
+    operation (its optional top-k backend), which on a GPU machine starts JAX's CUDA client: seconds of start-up and,
+    by JAX's default, most of the GPU's memory taken beside PyTorch's. twinfold's top-k runs in NumPy. A process
+    that has imported JAX itself keeps it."""
+    if "bm25s" in sys.modules or "jax" in sys.modules:
+        import bm25s
+        return bm25s
+    sys.modules["jax"] = None  # `import jax` raises ImportError while bm25s is imported
+    try:
+        import bm25s
+    finally:
+        del sys.modules["jax"]
+    return bm25s
 
 
 def _stemmer(language: str):
@@ -79,16 +95,14 @@ class BM25Index:
     """A BM25 index over `texts`; `search` returns (indices, scores) of the top k, zero scores as NaN."""
 
     def __init__(self, texts: list[str], settings: BM25Settings = BM25Settings()):
-        import bm25s
-
         self.settings = settings
-        self.index = bm25s.BM25(k1=settings.k1, b=settings.b, method="lucene")
+        self.index = _bm25s().BM25(k1=settings.k1, b=settings.b, method="lucene")
         self.index.index(tokenize(texts, settings), show_progress=False)
         self.size = len(texts)
 
     def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         indices, scores = self.index.retrieve(tokenize(queries, self.settings), k=min(k, self.size),
-                                              show_progress=False)
+                                              show_progress=False, backend_selection="numpy")
         # a zero score means no query term matched: a search engine would not return that document
         return indices, np.where(scores > 0, scores, np.nan)
 

@@ -2,6 +2,9 @@
 settings named in the evaluation report."""
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,18 @@ def test_config_checks_the_bm25_settings(data_dir, monkeypatch):
         load_config(REPO / "configs" / "smoke.yaml", ["eval.bm25_preset=anserini", "eval.bm25_b=1.5"])
     with pytest.raises(ConfigError, match="eval.bm25_preset: 'okapi' is not one of bm25s, anserini"):
         load_config(REPO / "configs" / "smoke.yaml", ["eval.bm25_preset=okapi"])
+
+
+def test_bm25_never_imports_jax_even_where_it_is_installed(tmp_path):
+    """bm25s imports JAX when it can (on a GPU machine that starts JAX's CUDA client); twinfold's BM25 keeps it out."""
+    fake = tmp_path / "jax"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise SystemExit('jax was imported')\n")
+    (fake / "lax.py").write_text("")
+    probe = ("import sys; from twinfold.train.bm25 import BM25Index, settings_from; "
+             "index = BM25Index(['alpha beta', 'gamma delta', 'beta gamma'], settings_from()); "
+             "ids, _ = index.search(['beta'], 2); print(sorted(ids[0].tolist()), 'jax' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[0,", "2]", "False"]
