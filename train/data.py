@@ -183,7 +183,7 @@ def _file_hash(path: Path) -> str:
 def load_source(cfg: DatasetConfig, streaming: bool = False):
     """A dataset's rows as datasets reads them (`streaming`: an IterableDataset read as it is iterated)."""
     path = Path(cfg.path)
-    return _load_table(cfg, path, streaming) if path.exists() else _load_hub(cfg, streaming)
+    return _load_table(cfg, path, streaming) if path.is_file() else _load_repo(cfg, streaming)
 
 
 def _load_table(cfg: DatasetConfig, path: Path, streaming: bool = False):
@@ -214,14 +214,17 @@ def read_error(path: Path, e: Exception) -> DataError:
     return DataError(f"{path}: cannot be read as {builder}: {type(cause).__name__}: {cause}")
 
 
-def _load_hub(cfg: DatasetConfig, streaming: bool = False):
+def _load_repo(cfg: DatasetConfig, streaming: bool = False):
+    """A hub dataset id, or a local folder laid out as a hub dataset repository (e.g. a clone of one): `datasets`
+    reads both the same way (streamed: shard by shard)."""
     import datasets
 
     try:
         return datasets.load_dataset(cfg.path, split=cfg.split, streaming=streaming)
     except Exception as e:
-        raise DataError(f"{cfg.path}: not a local file and not loadable from the Hugging Face hub "
-                        f"(split {cfg.split!r}): {e}") from e
+        where = "a dataset folder that datasets cannot read" if Path(cfg.path).is_dir() else \
+            "not a local file and not loadable from the Hugging Face hub"
+        raise DataError(f"{cfg.path}: {where} (split {cfg.split!r}): {e}") from e
 
 
 def _check_json_lines(path: Path) -> None:

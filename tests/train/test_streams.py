@@ -106,6 +106,24 @@ def test_csv_tsv_and_parquet_stream_as_jsonl_does(tmp_path, model):
         assert [content(i) for i, _ in zip(steps(model, [source(tmp_path / name)]), range(8))] == expected, name
 
 
+def test_a_folder_in_hub_repository_layout_streams_like_its_rows_and_by_shards(tmp_path, model):
+    """`path` a hub id or a folder laid out like a hub dataset repository: the same `datasets` call reads both."""
+    import pandas as pd
+
+    path, rows = toy(tmp_path, n=40)
+    repo = tmp_path / "repo" / "data"
+    repo.mkdir(parents=True)
+    for shard in range(2):
+        pd.DataFrame(rows[20 * shard:20 * (shard + 1)]).to_parquet(repo / f"train-0000{shard}-of-00002.parquet")
+    expected = [content(i) for i, _ in zip(steps(model, [source(path)]), range(6))]
+    assert [content(i) for i, _ in zip(steps(model, [source(repo.parent, split="train")]), range(6))] == expected
+    key_of = texts_of(rows)
+    for rank in (0, 1):  # two shards, two processes: each reads one whole shard
+        part = [i for i, _ in zip(steps(model, [source(repo.parent, split="train")], rank=rank, world=2), range(4))]
+        anchors = {key_of[k] for i in part for k in i["keys"]["anchor"].tolist()}
+        assert anchors and anchors <= {r["a"] for r in rows[20 * rank:20 * (rank + 1)]}
+
+
 def test_each_process_reads_its_part_and_all_agree_on_the_dataset_of_each_batch(tmp_path, model):
     path, rows = toy(tmp_path, n=64)
     other, _ = toy(tmp_path, n=48, name="other.jsonl")
