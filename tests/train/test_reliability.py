@@ -245,13 +245,16 @@ def test_a_gpu_checkpoint_resumes_on_the_cpu_and_keeps_the_fp16_scaler_state(tmp
 def test_the_first_signal_is_recorded_and_a_second_one_acts_as_usual():
     from twinfold.train.signals import StopOnSignal
 
-    before = signal.getsignal(signal.SIGINT)
+    # Python's own SIGINT handler before (another test's library may have changed it), and signals raised in this
+    # thread: os.kill lets the kernel pick any thread, whose handler may run after the next lines on a busy machine
+    original = signal.signal(signal.SIGINT, signal.default_int_handler)
     stop = StopOnSignal().install()
     try:
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
         assert stop.received == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):  # the user will not wait: Python's own handler is back
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
     finally:
         stop.uninstall()
-    assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        after = signal.signal(signal.SIGINT, original)
+    assert after is signal.default_int_handler and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
