@@ -215,56 +215,58 @@ def train(cfg: Config) -> Path:
     window = Window()
     log.info("training from step %d to step %d", state["step"], total_steps)
     stop = StopOnSignal().install()
-    while state["step"] < total_steps:
-        inputs = [next(loader) for _ in range(t.grad_accum)]
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on inside the step)
-        record = {"step": state["step"] + 1, "epoch": inputs[-1]["epoch"], "lr": lr}
-        record["loss"] = step(inputs)  # stays on the device until the window is logged
-        if cfg.loss.learnable_temperature:
-            record["temperature"] = getattr(loss_fn, "inner", loss_fn).temperature.detach().clone()
-        state["step"], state["epoch"], state["batch"] = record["step"], inputs[-1]["epoch"], inputs[-1]["index"] + 1
-        position = inputs[-1].get("position")
-        window.add(record, sum(x["pairs"] for x in inputs))
-        progress.update(1)
-        # ---- bookkeeping: log, evaluate, checkpoint (each needs the losses on the host first) -------------
-        last, improved, timings = state["step"] == total_steps, False, {}
-        evaluate_now = cfg.eval.data is not None and (last or (t.eval_steps and state["step"] % t.eval_steps == 0))
-        save_now = last or (t.save_steps and state["step"] % t.save_steps == 0)
-        log_now = last or evaluate_now or save_now or state["step"] % t.log_steps == 0
-        # one process sees a signal at once; several agree on it (a collective) where they log anyway
-        signum = stop.requested(accelerator) if world == 1 or log_now else None
-        logged = window.flush(accelerator, cfg) if log_now or signum else []
-        if evaluate_now and main:
-            started = time.perf_counter()
-            rows = evaluator(model, f"step-{state['step']}")
-            timings["eval_s"] = time.perf_counter() - started
-            score = headline(rows, cfg.eval.metric)
-            state["evals"].append({"step": state["step"], cfg.eval.metric: score})
-            improved = state["best"] is None or score > state["best"]["score"]
-            if improved:
-                state["best"] = {"step": state["step"], "score": score}
-            state["last_rows"] = rows
-            write_metrics(metrics_file, {"step": state["step"], "eval": rows})
-            if tracker:
-                tracker.log({f"eval/{cfg.eval.metric}": score}, step=state["step"])
-        if evaluate_now and world > 1:  # every process must agree on saving: it gathers their RNG states
-            improved = broadcast_object_list([improved])[0]
-        if save_now or signum or (t.save_steps and improved):
-            timings["checkpoint_s"] = checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, cfg,
-                                                 position)
-        if logged:
-            logged[-1].update(timings)  # evaluation and checkpoint time, apart from training throughput
-            progress.set_postfix(loss=f"{logged[-1]['loss']:.4f}", pairs_s=f"{logged[-1]['pairs_per_s']:.1f}")
-        for entry in logged if main else []:
-            write_metrics(metrics_file, entry)
-            if tracker:
-                tracker.log(entry, step=entry["step"])
-        if signum:
-            progress.close()
-            raise stop.stopped(signum, state["step"], out / "checkpoints" / f"step-{state['step']}")
-        if timings:
-            window.restart()  # throughput counts training time only
-    stop.uninstall()
+    try:  # a run that raises (a non-finite loss, say) gives the process its signal handlers back too
+        while state["step"] < total_steps:
+            inputs = [next(loader) for _ in range(t.grad_accum)]
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on inside the step)
+            record = {"step": state["step"] + 1, "epoch": inputs[-1]["epoch"], "lr": lr}
+            record["loss"] = step(inputs)  # stays on the device until the window is logged
+            if cfg.loss.learnable_temperature:
+                record["temperature"] = getattr(loss_fn, "inner", loss_fn).temperature.detach().clone()
+            state["step"], state["epoch"], state["batch"] = record["step"], inputs[-1]["epoch"], inputs[-1]["index"] + 1
+            position = inputs[-1].get("position")
+            window.add(record, sum(x["pairs"] for x in inputs))
+            progress.update(1)
+            # ---- bookkeeping: log, evaluate, checkpoint (each needs the losses on the host first) -------------
+            last, improved, timings = state["step"] == total_steps, False, {}
+            evaluate_now = cfg.eval.data is not None and (last or (t.eval_steps and state["step"] % t.eval_steps == 0))
+            save_now = last or (t.save_steps and state["step"] % t.save_steps == 0)
+            log_now = last or evaluate_now or save_now or state["step"] % t.log_steps == 0
+            # one process sees a signal at once; several agree on it (a collective) where they log anyway
+            signum = stop.requested(accelerator) if world == 1 or log_now else None
+            logged = window.flush(accelerator, cfg) if log_now or signum else []
+            if evaluate_now and main:
+                started = time.perf_counter()
+                rows = evaluator(model, f"step-{state['step']}")
+                timings["eval_s"] = time.perf_counter() - started
+                score = headline(rows, cfg.eval.metric)
+                state["evals"].append({"step": state["step"], cfg.eval.metric: score})
+                improved = state["best"] is None or score > state["best"]["score"]
+                if improved:
+                    state["best"] = {"step": state["step"], "score": score}
+                state["last_rows"] = rows
+                write_metrics(metrics_file, {"step": state["step"], "eval": rows})
+                if tracker:
+                    tracker.log({f"eval/{cfg.eval.metric}": score}, step=state["step"])
+            if evaluate_now and world > 1:  # every process must agree on saving: it gathers their RNG states
+                improved = broadcast_object_list([improved])[0]
+            if save_now or signum or (t.save_steps and improved):
+                timings["checkpoint_s"] = checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, cfg,
+                                                     position)
+            if logged:
+                logged[-1].update(timings)  # evaluation and checkpoint time, apart from training throughput
+                progress.set_postfix(loss=f"{logged[-1]['loss']:.4f}", pairs_s=f"{logged[-1]['pairs_per_s']:.1f}")
+            for entry in logged if main else []:
+                write_metrics(metrics_file, entry)
+                if tracker:
+                    tracker.log(entry, step=entry["step"])
+            if signum:
+                progress.close()
+                raise stop.stopped(signum, state["step"], out / "checkpoints" / f"step-{state['step']}")
+            if timings:
+                window.restart()  # throughput counts training time only
+    finally:
+        stop.uninstall()
     del loader
     progress.close()
     accelerator.wait_for_everyone()

@@ -50,6 +50,29 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert not (out / "final").exists()
 
 
+def test_a_run_that_raises_gives_the_process_its_signal_handlers_back(tmp_path, tiny_bert_path):
+    """`train` called from Python: a non-finite loss ends it, and Ctrl-C acts as before (not swallowed)."""
+    import signal
+
+    from accelerate.state import AcceleratorState
+
+    from twinfold.train.config import load_config
+    from twinfold.train.loop import TrainingError, train
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [
+        f"train.output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_bert_path}", "model.max_length=32",
+        "loss.matryoshka_dims=[128]", "train.lr=1e12", "train.warmup_ratio=0", "train.max_grad_norm=null",
+        "train.save_steps=null", "train.max_steps=4", "train.log_steps=1", "eval.data=null"])
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    AcceleratorState._reset_state(True)
+    try:
+        with pytest.raises(TrainingError, match="loss is nan"):
+            train(cfg)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 def test_unwritable_or_full_output_is_reported_before_training(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
