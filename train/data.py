@@ -88,7 +88,7 @@ class PairDataset:
 def load_pairs(cfg: DatasetConfig) -> PairDataset:
     """Load one dataset of the config, keep its mapped columns under role names and check every text."""
     path = Path(cfg.path)
-    local = path.exists()
+    local = path.is_file()  # else a hub id or a dataset folder: datasets fingerprints it
     table = load_source(cfg)
     if len(table) == 0:
         raise DataError(f"{cfg.path}: the dataset is empty")

@@ -9,7 +9,7 @@ from twinfold.losses import text_keys
 from twinfold.models import BiEncoder
 from twinfold.train.batches import assemble_texts, stream_loader
 from twinfold.train.config import ConfigError, DatasetConfig, load_config
-from twinfold.train.data import DataError
+from twinfold.train.data import DataError, load_pairs
 from twinfold.train.streams import StreamSource, StreamSteps, choose_dataset
 
 from tests.train.test_train import kill_after, max_diff, run_train, weights
@@ -122,6 +122,8 @@ def test_a_folder_in_hub_repository_layout_streams_like_its_rows_and_by_shards(t
         part = [i for i, _ in zip(steps(model, [source(repo.parent, split="train")], rank=rank, world=2), range(4))]
         anchors = {key_of[k] for i in part for k in i["keys"]["anchor"].tolist()}
         assert anchors and anchors <= {r["a"] for r in rows[20 * rank:20 * (rank + 1)]}
+    loaded = load_pairs(DatasetConfig(path=str(repo.parent), split="train", columns={"a": "anchor", "p": "positive"}))
+    assert loaded.anchor == [r["a"] for r in rows]  # loaded whole too
 
 
 def test_each_process_reads_its_part_and_all_agree_on_the_dataset_of_each_batch(tmp_path, model):
