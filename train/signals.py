@@ -50,6 +50,5 @@ class StopOnSignal:
 
     def stopped(self, signum: int, step: int, checkpoint) -> StoppedBySignal:
         """The error that ends the run, after the checkpoint of `step` was written."""
-        self.uninstall()
         return StoppedBySignal(signum, f"stopped by {signal.Signals(signum).name} after step {step}; "
                                        f"{checkpoint} is complete: continue with train.resume=true")
