@@ -6,6 +6,8 @@ import pytest
 
 from twinfold.train.config import ConfigError, load_config, save_config
 
+from tests.conftest import REPO
+
 
 @pytest.fixture
 def pairs(tmp_path):
@@ -123,10 +125,11 @@ def test_hard_negatives_and_checks_round_trip(tmp_path, pairs):
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
 
+
 @pytest.mark.parametrize("name", ["scifact.yaml", "scifact_gpu.yaml", "scifact_mined.yaml", "smoke.yaml"])
 def test_shipped_recipes_load_and_point_at_the_shared_data(name, data_dir, monkeypatch):
     monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))
-    cfg = load_config(Path(__file__).parents[2] / "configs" / name)
+    cfg = load_config(REPO / "configs" / name)
     paths = [d.path for d in cfg.data.train] + [cfg.eval.data] + \
         [d.hard_negatives.corpus for d in cfg.data.train if d.hard_negatives and d.hard_negatives.corpus]
     assert all(Path(p).exists() for p in paths if p), paths

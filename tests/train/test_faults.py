@@ -14,6 +14,9 @@ from twinfold.train.lock import RunLock
 from twinfold.train.loop import check_output_dir
 
 REPO = Path(__file__).resolve().parents[2]
+# a tiny run whose loss turns NaN at its second step
+DIVERGING = ("model.max_length=32", "loss.matryoshka_dims=[128]", "train.lr=1e12", "train.warmup_ratio=0",
+             "train.max_grad_norm=null")
 
 
 def run_cli(*args, cwd=REPO):
@@ -41,9 +44,8 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_newest(tmp_pa
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_bert_path):
     out = tmp_path / "run"
-    result = run_cli(f"train.output_dir={out}", f"model.name_or_path={tiny_bert_path}", "model.max_length=32",
-                     "loss.matryoshka_dims=[128]", "train.lr=1e12", "train.warmup_ratio=0",
-                     "train.max_grad_norm=null", "train.save_steps=1", "train.max_steps=6")
+    result = run_cli(f"train.output_dir={out}", f"model.name_or_path={tiny_bert_path}", *DIVERGING,
+                     "train.save_steps=1", "train.max_steps=6")
     assert result.returncode == 2
     assert "error: loss is nan at step 2; stopping" in result.stderr and "Traceback" not in result.stderr
     assert [p.name for p in complete_checkpoints(out)] == ["step-1"]
@@ -60,8 +62,7 @@ def test_a_run_that_raises_gives_the_process_its_signal_handlers_back(tmp_path, 
     from twinfold.train.loop import TrainingError, train
 
     cfg = load_config(REPO / "configs" / "smoke.yaml", [
-        f"train.output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_bert_path}", "model.max_length=32",
-        "loss.matryoshka_dims=[128]", "train.lr=1e12", "train.warmup_ratio=0", "train.max_grad_norm=null",
+        f"train.output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_bert_path}", *DIVERGING,
         "train.save_steps=null", "train.max_steps=4", "train.log_steps=1", "eval.data=null"])
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     AcceleratorState._reset_state(True)
