@@ -96,7 +96,9 @@ def load_pairs(cfg: DatasetConfig) -> PairDataset:
     _validate(table.select_columns(list(renamed)), cfg.path, path if local else None)
     table = table.select_columns(list(renamed)).rename_columns(renamed)
     table = table.select_columns(role_names(len(renamed) - 2))
-    fingerprint = _file_hash(path) if local else table._fingerprint
+    source = _file_hash(path) if local else table._fingerprint
+    # what was read, not only where from: the token cache and the checks' results are keyed by it
+    fingerprint = hashlib.sha256(json.dumps([source, renamed]).encode()).hexdigest()[:16]
     log.info("%s: %d rows read and validated", dataset_name(cfg), len(table))
     return PairDataset(dataset_name(cfg), table, cfg.weight, fingerprint)
 

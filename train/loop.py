@@ -165,10 +165,14 @@ def train(cfg: Config) -> Path:
             tokenized = [tokenize_pairs(ds, model.text_tokenizer, cache_root(cfg.data.cache_dir)) for ds in datasets]
         if main:
             report_truncation(tokenized, model.max_length)
-        plan = BatchPlan([RowKeys.of(ds) for ds in tokenized], t.batch_size, t.seed, cfg.data.mixing, processes=world)
+        plan = BatchPlan([RowKeys.of(ds) for ds in tokenized], t.batch_size, t.seed, cfg.data.mixing)
     loss_fn = build_loss(cfg, model.settings.similarity).to(accelerator.device)
     optimizer = build_optimizer(model, loss_fn, cfg)
-    total_steps = t.max_steps or t.epochs * (len(plan) // t.grad_accum)  # streamed runs set max_steps
+    total_steps = t.max_steps or plan.batches_in(t.epochs) // t.grad_accum  # streamed runs set max_steps
+    if total_steps == 0:
+        raise ConfigError(f"train.grad_accum: {t.grad_accum} batches a step, but {t.epochs} epochs of the data give "
+                          f"{plan.batches_in(t.epochs)} batches of {t.batch_size}; lower train.grad_accum or "
+                          "train.batch_size, or raise train.epochs")
     warmup = math.ceil(t.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.scheduler))
 

@@ -52,16 +52,15 @@ class BatchPlan:
     """Deterministic batches per epoch from (seed, epoch), so every process and every resume agree.
 
     Each dataset is shuffled and packed into batches without repeated texts (`Packer`). A dataset
-    contributes round(`weight` x its rows) rows per epoch (weight 1: every row exactly once), so the last
-    batches of a dataset's epoch may be smaller than `batch_size`; every batch's size is a multiple of
-    `processes` (a short last batch is topped up with rows from the start of the epoch). `proportional`
-    mixing shuffles the batches of all datasets together, `round_robin` alternates between datasets.
+    contributes round(`weight` x its rows) rows per epoch (weight 1: every row at least once). Every batch holds
+    exactly `batch_size` rows: the epoch's last batches are filled up with rows from the start of the epoch's
+    order, so they are never small (a one-pair batch has no in-batch negative) and the plan does not depend on how
+    many processes share a batch. `proportional` mixing shuffles the batches of all datasets together,
+    `round_robin` alternates between datasets.
     """
 
-    def __init__(self, datasets: list[RowKeys], batch_size: int, seed: int, mixing: str = "proportional",
-                 processes: int = 1):
+    def __init__(self, datasets: list[RowKeys], batch_size: int, seed: int, mixing: str = "proportional"):
         self.datasets, self.batch_size, self.seed, self.mixing = datasets, batch_size, seed, mixing
-        self.processes = processes
         for ds in datasets:
             if len(ds) < batch_size:
                 raise DataError(f"dataset {ds.name}: {len(ds)} rows, fewer than one batch of {batch_size} "
@@ -75,9 +74,9 @@ class BatchPlan:
             self._cache = (epoch, self._plan(epoch))
         return self._cache[1]
 
-    def __len__(self) -> int:
-        """Batches in the first epoch (later epochs can differ by a batch where texts repeat)."""
-        return len(self.epoch(0))
+    def batches_in(self, epochs: int) -> int:
+        """Batches in the first `epochs` epochs (epochs can differ by a batch where texts repeat)."""
+        return sum(len(self.epoch(e)) for e in range(epochs))
 
     def _plan(self, epoch: int) -> list[Batch]:
         rng = np.random.default_rng([self.seed, epoch])
@@ -103,16 +102,16 @@ class BatchPlan:
         if not batches:
             raise DataError(f"dataset {name}: no batch of {self.batch_size} rows without a repeated text; "
                             "the data is mostly duplicates")
-        while packer.current:  # the epoch's last rows: smaller batches, each a multiple of the number of processes
-            short = len(packer.current) % self.processes
-            for j in order if short else ():
-                if len(packer.current) % self.processes == 0:
+        while packer.current:  # the epoch's last rows, filled up from the start of the epoch
+            for j in order:
+                if packer.full():
                     break
-                if j not in packer.current:
-                    packer.add(j)
-            batch = packer.take()
-            batches.append(batch[:len(batch) - len(batch) % self.processes])
-        return [b for b in batches if b]
+                packer.add(j)  # refused if it repeats a text of the batch (the batch's own rows included)
+            if packer.full():
+                batches.append(packer.take())
+            else:  # too few rows fit beside these: they sit out this epoch (the same for any process count)
+                packer.take()
+        return batches
 
 
 class Packer:

@@ -63,7 +63,7 @@ def test_loader_with_worker_processes_gives_what_the_inline_loader_gives(tmp_pat
                                         "negative": f"other {i % 3}"}) + "\n" for i in range(20)))
     model = BiEncoder.from_pretrained(tiny_bert_path, max_length=16)
     tokens = tokenize_pairs(load_pairs(DatasetConfig(path=str(path))), model.text_tokenizer, tmp_path / "cache")
-    plan = BatchPlan([RowKeys.of(tokens)], batch_size=8, seed=0, processes=2)
+    plan = BatchPlan([RowKeys.of(tokens)], batch_size=8, seed=0)
     batches = StepBatches([tokens], rank=1, world=2, padder=model.padder, token_budget=24, max_texts=None)
     inline = step_loader(batches, plan, epoch=0, index=2, settings={"num_workers": 0})
     workers = step_loader(batches, plan, epoch=0, index=2, settings={"num_workers": 2, "prefetch_factor": 2})
@@ -74,7 +74,7 @@ def test_loader_with_worker_processes_gives_what_the_inline_loader_gives(tmp_pat
                    for role in a["chunks"] for x, y in zip(a["chunks"][role], b["chunks"][role]))
         assert all(torch.equal(a[k][role], b[k][role]) for k in ("order", "keys") for role in a[k])
     assert [(a["epoch"], a["index"]) for a, _ in zip(step_loader(batches, plan, 0, 2, {}), range(4))] == \
-        [(0, 2), (1, 0), (1, 1), (1, 2)]  # 20 rows: 8 + 8 + 4 per epoch
+        [(0, 2), (1, 0), (1, 1), (1, 2)]  # 20 rows: 3 batches of 8 per epoch (the last filled up)
     assert torch.equal(torch.get_rng_state(), rng)  # loaders never draw from the global RNG (exact resume)
     rows = plan.epoch(0)[2].shard(1, 2)
     texts = {role: [json.loads(line)[role] for line in path.read_text().splitlines()] for role in

@@ -2,6 +2,7 @@
 no-duplicate batches that use every row once per epoch."""
 import json
 
+import numpy as np
 import pytest
 
 from twinfold.models import BiEncoder
@@ -73,9 +74,8 @@ def test_batches_never_repeat_a_text_use_every_row_once_and_are_deterministic():
     keys, anchor, positive = pairs(44, duplicate_every=11)  # every positive appears 4 times
     plan = BatchPlan([keys], batch_size=8, seed=1)
     batches = plan.epoch(0)
-    sizes = sorted((len(b.rows) for b in batches), reverse=True)  # mixing shuffles the short ones in
-    assert sizes[:5] == [8] * 5 and sum(sizes) == 44
-    assert sorted(i for b in batches for i in b.rows) == list(range(44))  # the short last batches included
+    assert [len(b.rows) for b in batches] == [8] * 6  # 44 rows: 5 full batches, and 4 rows filled up with 4 more
+    assert set(i for b in batches for i in b.rows) == set(range(44))  # every row, 4 of them twice
     for b in batches:
         texts = [t for i in b.rows for t in (anchor[i], positive[i])]
         assert len(texts) == len(set(texts))
@@ -83,14 +83,36 @@ def test_batches_never_repeat_a_text_use_every_row_once_and_are_deterministic():
     assert BatchPlan([keys], 8, seed=1).epoch(1) != batches
 
 
-def test_last_batch_is_a_multiple_of_the_processes():
+def test_the_last_batch_is_filled_up_from_the_start_of_the_epoch():
     keys, _, _ = pairs(43)
-    single = BatchPlan([keys], batch_size=8, seed=0).epoch(0)
-    assert sorted(len(b.rows) for b in single) == [3] + [8] * 5
-    double = BatchPlan([keys], batch_size=8, seed=0, processes=2).epoch(0)
-    short = [b for b in double if len(b.rows) < 8]
-    assert len(double) == 6 and [len(b.rows) for b in short] == [4]  # 3 left over + 1 from the epoch start
-    assert set(range(43)) <= {i for b in double for i in b.rows} and len(set(short[0].rows)) == 4
+    batches = BatchPlan([keys], batch_size=8, seed=0).epoch(0)
+    assert [len(b.rows) for b in batches] == [8] * 6  # 40 + 3 left over + 5 from the epoch's start
+    order = np.random.default_rng([0, 0]).permutation(43).tolist()  # the plan's shuffle of epoch 0
+    last = next(b.rows for b in batches if set(b.rows) & set(order[40:]))
+    assert last == order[40:] + order[:5] and len(set(last)) == 8
+
+
+def test_one_pair_batches_never_happen():
+    # 16 rows whose positives come in pairs: a no-duplicates plan used to leave a batch of 1 pair ([8, 1, 7])
+    keys, _, _ = pairs(16, duplicate_every=9)
+    for seed in range(20):
+        assert {len(b.rows) for e in range(3) for b in BatchPlan([keys], 8, seed).epoch(e)} == {8}
+
+
+@pytest.mark.parametrize("batch_size", [16, 32])
+def test_scifact_plan_is_whole_batches_every_row_every_epoch_and_split_alike_by_any_process_count(data_dir,
+                                                                                                   batch_size):
+    rows = [json.loads(line) for line in (data_dir / "scifact-train-pairs" / "train.jsonl").read_text().splitlines()]
+    keys = RowKeys.of_texts("scifact", [r["anchor"] for r in rows], [r["positive"] for r in rows])
+    for seed in (42, 43):
+        plan = BatchPlan([keys], batch_size, seed)
+        for epoch in range(2):
+            batches = plan.epoch(epoch)
+            assert {len(b.rows) for b in batches} == {batch_size}
+            assert set(i for b in batches for i in b.rows) == set(range(len(rows)))  # no pair skipped
+            for world in (1, 2, 4):  # the processes' shards, in rank order, are the batch
+                assert all(sum((b.shard(r, world) for r in range(world)), []) == b.rows for b in batches)
+        assert plan.batches_in(2) == len(plan.epoch(0)) + len(plan.epoch(1))
 
 
 def test_shared_negatives_are_allowed_but_never_equal_an_anchor_or_positive_of_the_batch():
@@ -99,8 +121,8 @@ def test_shared_negatives_are_allowed_but_never_equal_an_anchor_or_positive_of_t
     negatives = [[f"shared{i % 10}", positive[(i + 1) % n]] for i in range(n)]  # 10 negatives shared by all rows
     keys = RowKeys.of_texts("shared", anchor, positive, negatives)
     batches = BatchPlan([keys], batch_size=32, seed=0).epoch(0)
-    assert sorted(i for b in batches for i in b.rows) == list(range(n))  # every row once
-    assert sum(len(b.rows) == 32 for b in batches) >= 5
+    assert set(i for b in batches for i in b.rows) == set(range(n))  # every row
+    assert [len(b.rows) for b in batches] == [32] * 7  # 200 rows: the last batch filled up with 24 more
     for b in batches:
         core = {t for i in b.rows for t in (anchor[i], positive[i])}
         assert len(core) == 2 * len(b.rows)
@@ -164,3 +186,14 @@ def test_csv_with_a_ragged_row(tmp_path):
     with pytest.raises(DataError) as e:
         load_pairs(DatasetConfig(path=str(path)))
     assert str(path) in str(e.value) and "line 3" in str(e.value)
+
+
+def test_the_token_cache_is_keyed_by_the_columns_read(tmp_path, tiny_bert_path):
+    path = jsonl(tmp_path, [{"q": f"claim {i}", "doc": f"abstract {i}", "other": f"unrelated text {i}"}
+                            for i in range(6)])
+    tokenizer = BiEncoder.from_pretrained(tiny_bert_path).text_tokenizer
+    first, second = (tokenize_pairs(load_pairs(DatasetConfig(path=str(path), columns={"q": "anchor", source: "positive"})),
+                                    tokenizer, tmp_path / "cache") for source in ("doc", "other"))
+    assert first.table["positive_ids"] == tokenizer.ids([f"abstract {i}" for i in range(6)], "document")
+    assert second.table["positive_ids"] == tokenizer.ids([f"unrelated text {i}" for i in range(6)], "document")
+    assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 2

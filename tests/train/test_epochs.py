@@ -1,0 +1,41 @@
+"""Whole runs by epochs: the step count covers every epoch's own batches, and a recipe that gives no step is refused."""
+import json
+
+import pytest
+
+from tests.conftest import REPO
+from twinfold.train.config import ConfigError, load_config
+from twinfold.train.loop import train
+from twinfold.train.sampler import BatchPlan, RowKeys
+
+
+def pairs_file(tmp_path, n):
+    path = tmp_path / "pairs.jsonl"  # every 5th positive repeats: epochs pack into different numbers of batches
+    path.write_text("".join(json.dumps({"anchor": f"claim {i}", "positive": f"abstract {i % 5 if i % 5 == 0 else i}"})
+                            + "\n" for i in range(n)))
+    return path
+
+
+def recipe(tmp_path, data, tiny, *overrides):
+    return load_config(REPO / "configs" / "smoke.yaml", [
+        f"data.train=[{{path: {data}}}]", f"model.name_or_path={tiny}", "model.max_length=16",
+        "loss.matryoshka_dims=[128]", "train.max_steps=null", "train.save_steps=null", "train.batch_size=4",
+        f"train.output_dir={tmp_path / 'run'}", *overrides])
+
+
+def test_epochs_run_every_batch_of_every_epoch(tmp_path, tiny_bert_path):
+    data = pairs_file(tmp_path, 22)
+    cfg = recipe(tmp_path, data, tiny_bert_path, "train.epochs=3", "train.log_steps=1")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    plan = BatchPlan([RowKeys.of_texts("p", [r["anchor"] for r in rows], [r["positive"] for r in rows])], 4, cfg.train.seed)
+    per_epoch = [len(plan.epoch(e)) for e in range(3)]
+    train(cfg)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in logged] == [e for e in range(3) for _ in range(per_epoch[e])]
+
+
+def test_grad_accum_beyond_the_data_is_refused(tmp_path, tiny_bert_path):
+    cfg = recipe(tmp_path, pairs_file(tmp_path, 8), tiny_bert_path, "train.grad_accum=4")  # 3 batches an epoch
+    with pytest.raises(ConfigError, match="train.grad_accum: 4 batches a step, but 1 epochs of the data give 3"):
+        train(cfg)
+    assert not (tmp_path / "run" / "final").exists()
