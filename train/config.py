@@ -5,6 +5,7 @@ with a "did you mean"; the resolved config is saved in the run folder.
 """
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from twinfold.losses import DEFAULT_TEMPERATURE
+from twinfold.losses import DEFAULT_TEMPERATURE, MIN_TEMPERATURE
 from twinfold.models.loading import SIMILARITIES
 from twinfold.models.pooling import POOLING_MODES
-from twinfold.models.quantize import COMPUTES
+from twinfold.models.quantize import COMPUTES, PRECISIONS
 from twinfold.train.bm25 import settings_from
 from twinfold.train.metrics import DEFAULT_K_VALUES, METRICS, metric_names
 
@@ -160,13 +161,71 @@ _CHOICES = {"data.mixing": ("proportional", "round_robin"), "train.scheduler": (
             "log.wandb_mode": (None, "online", "offline", "disabled"), "eval.bm25_preset": ("bm25s", "anserini")}
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML as a recipe needs it: a key given twice or an alias (`*name`: unbounded expansion) is an error, and a
+    number keeps the text it was written as, for keys that are strings (`query_prefix: 0123` stays "0123")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _YamlRefused(event.start_mark, f"alias *{event.anchor}: aliases are not allowed in a recipe; "
+                                                 "write the value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _YamlRefused(key_node.start_mark, f"key {key!r} appears twice in one mapping")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class _YamlRefused(Exception):
+    def __init__(self, mark, message: str):
+        super().__init__(f"line {mark.line + 1}: {message}")
+
+
+class _Int(int):
+    """An int read from YAML with its text."""
+
+
+class _Float(float):
+    """A float read from YAML with its text."""
+
+
+def _number_with_text(number_type, construct):
+    def constructor(loader, node):
+        value = number_type(construct(loader, node))
+        value.text = node.value
+        return value
+    return constructor
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _number_with_text(_Int, yaml.SafeLoader.construct_yaml_int))
+_RecipeLoader.add_constructor("tag:yaml.org,2002:float",
+                              _number_with_text(_Float, yaml.SafeLoader.construct_yaml_float))
+
+
+def read_yaml(text: str):
+    """YAML text read by the recipe rules (`_RecipeLoader`); raises `_YamlRefused` or `yaml.YAMLError`."""
+    return yaml.load(text, _RecipeLoader)
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a YAML recipe, apply `section.key=value` overrides, expand env vars, validate."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder; give the recipe's YAML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    except _YamlRefused as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -211,8 +270,8 @@ def _parse_override(text: str, hint, key: str):
     if hint in (int, float):
         return text  # `_coerce` parses numbers from text and names the key if it cannot
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
+        return read_yaml(text)
+    except (yaml.YAMLError, _YamlRefused) as e:
         raise ConfigError(f"{key}: not valid YAML: {' '.join(str(e).split())}") from None
 
 
@@ -228,11 +287,17 @@ def validate(c: Config) -> None:
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(str(x) for x in choices)}")
     t, loss = c.train, c.loss
-    _positive("train.batch_size", t.batch_size)
+    if t.batch_size < 2:
+        raise ConfigError(f"train.batch_size: {t.batch_size}; in-batch negatives need at least 2 pairs a batch")
+    if not 0 <= t.seed < 2 ** 32:
+        raise ConfigError(f"train.seed: {t.seed} must be in [0, 2^32)")
+    if t.save_total_limit < 1:
+        raise ConfigError(f"train.save_total_limit: {t.save_total_limit}; keep at least the last checkpoint (1)")
     _positive("train.lr", t.lr)
     _positive("train.grad_accum", t.grad_accum)
     _positive("train.epochs", t.epochs)
-    _positive("loss.temperature", loss.temperature)
+    if loss.temperature < MIN_TEMPERATURE:
+        raise ConfigError(f"loss.temperature: {loss.temperature} is below the loss's minimum {MIN_TEMPERATURE}")
     _positive("loss.temperature_lr", loss.temperature_lr)
     _positive("eval.batch_size", c.eval.batch_size)
     _positive("train.log_steps", t.log_steps)
@@ -254,6 +319,12 @@ def validate(c: Config) -> None:
             raise ConfigError(f"loss.matryoshka_dims: {dims} must be positive, distinct and sorted largest first")
         if loss.matryoshka_weights is not None and len(loss.matryoshka_weights) != len(dims):
             raise ConfigError(f"loss.matryoshka_weights: {len(loss.matryoshka_weights)} weights for {len(dims)} dims")
+    if loss.matryoshka_weights is not None and any(w <= 0 for w in loss.matryoshka_weights):
+        raise ConfigError(f"loss.matryoshka_weights: {loss.matryoshka_weights} must all be greater than 0")
+    if c.eval.dims is not None and any(d <= 0 for d in c.eval.dims):
+        raise ConfigError(f"eval.dims: {c.eval.dims} must all be greater than 0")
+    if bad := [p for p in c.eval.precisions if p not in PRECISIONS]:
+        raise ConfigError(f"eval.precisions: {bad[0]!r} is not one of {', '.join(PRECISIONS)}")
     if not c.data.train:
         raise ConfigError("data.train: no training datasets; list at least one with a path and columns")
     for i, ds in enumerate(c.data.train):
@@ -403,18 +474,23 @@ def _coerce(value, hint, key: str):
             return value
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return int(value)
         if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
             return int(value)
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: {value!r} is not a finite number")
+            return number
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+            return getattr(value, "text", str(value))  # a number as it was written
     raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")

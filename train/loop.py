@@ -43,9 +43,14 @@ def build_model(cfg: Config) -> BiEncoder:
         dropout=m.dropout, query_prefix=m.query_prefix, document_prefix=m.document_prefix,
         allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code,
     )
+    for key, dims in (("loss.matryoshka_dims", cfg.loss.matryoshka_dims), ("eval.dims", cfg.eval.dims or [])):
+        if dims and max(dims) > model.dim:
+            raise ConfigError(f"{key}: {max(dims)} is larger than the model's dimension {model.dim}")
+    positions = getattr(model.encoder.config, "max_position_embeddings", None)
+    if m.max_length and positions and m.max_length > positions:
+        raise ConfigError(f"model.max_length: {m.max_length} is more than the {positions} positions "
+                          f"{m.name_or_path} has")
     dims = cfg.loss.matryoshka_dims
-    if dims and dims[0] > model.dim:
-        raise ConfigError(f"loss.matryoshka_dims: {dims[0]} is larger than the model's dimension {model.dim}")
     model.settings.matryoshka_dims = list(dims)
     if m.gradient_checkpointing:
         model.encoder.gradient_checkpointing_enable()

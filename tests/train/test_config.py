@@ -49,7 +49,7 @@ def test_environment_variables_expand(tmp_path, pairs, monkeypatch):
     ("train.lerning_rate=1", "unknown config key 'train.lerning_rate'"),
     ("train.batchsize=8", "did you mean 'train.batch_size'"),
     ("trian.lr=1", "unknown config key 'trian'"),
-    ("train.batch_size=0", "train.batch_size: 0 must be greater than 0"),
+    ("train.batch_size=0", "train.batch_size: 0; in-batch negatives need at least 2 pairs"),
     ("train.lr=-1e-5", "train.lr: -1e-05 must be greater than 0"),
     ("train.batch_size=abc", "train.batch_size: expected int, got 'abc'"),
     ("train.resume=maybe", "train.resume: expected bool"),
@@ -133,3 +133,59 @@ def test_shipped_recipes_load_and_point_at_the_shared_data(name, data_dir, monke
     paths = [d.path for d in cfg.data.train] + [cfg.eval.data] + \
         [d.hard_negatives.corpus for d in cfg.data.train if d.hard_negatives and d.hard_negatives.corpus]
     assert all(Path(p).exists() for p in paths if p), paths
+
+
+def test_yaml_keys_given_twice_and_aliases_are_refused_with_their_line(tmp_path, pairs):
+    twice = recipe(pairs, "train:\n  lr: 1.0e-5\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"recipe.yaml: line 7: key 'train' appears twice"):
+        load_config(write(tmp_path, twice))
+    bomb = recipe(pairs, "log:\n  run_name: &a x\nmodel:\n  query_prefix: *a\n")
+    with pytest.raises(ConfigError, match=r"recipe.yaml: line 8: alias \*a: aliases are not allowed"):
+        load_config(write(tmp_path, bomb))
+
+
+def test_string_keys_keep_numbers_as_written(tmp_path, pairs):
+    cfg = load_config(write(tmp_path, recipe(pairs, "model:\n  query_prefix: 0123\nlog:\n  run_name: 1.10\n"
+                                                    f"train:\n  output_dir: {tmp_path}/2024_06\n  seed: 0x10\n")))
+    assert (cfg.model.query_prefix, cfg.log.run_name, cfg.train.seed) == ("0123", "1.10", 16)
+    assert cfg.train.output_dir == f"{tmp_path}/2024_06"
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.temperature=inf", r"loss.temperature: 'inf' is not a finite number"),
+    ("train.lr=nan", r"train.lr: 'nan' is not a finite number"),
+    ("loss.temperature=0.005", r"loss.temperature: 0.005 is below the loss's minimum 0.01"),
+    ("loss.matryoshka_weights=[-1,-1]", r"loss.matryoshka_weights: \[-1.0, -1.0\] must all be greater than 0"),
+    ("train.batch_size=1", r"train.batch_size: 1; in-batch negatives need at least 2"),
+    ("train.seed=-1", r"train.seed: -1 must be in \[0, 2\^32\)"),
+    ("train.seed=4294967296", r"train.seed: 4294967296 must be in"),
+    ("train.save_total_limit=0", r"train.save_total_limit: 0; keep at least the last checkpoint"),
+    ("eval.dims=[0]", r"eval.dims: \[0\] must all be greater than 0"),
+    ("eval.precisions=[float16]", r"eval.precisions: 'float16' is not one of float32, int8, binary"),
+])
+def test_values_no_run_can_use_are_refused_naming_the_key(tmp_path, pairs, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, recipe(pairs, "loss:\n  matryoshka_dims: [8, 4]\n")), [override])
+
+
+def test_a_config_path_that_is_a_folder_or_not_utf8_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"model:\n  query_prefix: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not valid UTF-8 \(byte 26\)"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.dims=[256]", r"eval.dims: 256 is larger than the model's dimension 128"),
+    ("model.max_length=512", r"model.max_length: 512 is more than the 128 positions"),
+])
+def test_values_beyond_the_model_are_refused_when_it_loads(tmp_path, pairs, tiny_bert_path, override, message):
+    from twinfold.train.loop import build_model
+
+    cfg = load_config(write(tmp_path, recipe(pairs, f"model:\n  name_or_path: {tiny_bert_path}\n")), [override])
+    with pytest.raises(ConfigError, match=message):
+        build_model(cfg)
