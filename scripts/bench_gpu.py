@@ -1,4 +1,4 @@
-"""Every configuration of the GPU speed issue in one call: training (bench_train.py) and encoding (bench_encode.py)
+"""Every GPU speed configuration in one call: training (bench_train.py) and encoding (bench_encode.py)
 against sentence-transformers on the same device, each table written to `--out`.
 
     python scripts/bench_gpu.py --out $OUT [--device cuda] [--rounds 2] [--tiny]

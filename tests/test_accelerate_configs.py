@@ -1,5 +1,5 @@
-"""The accelerate config files in configs/, read by accelerate's own loader and launcher: each says what its
-README section says, and agrees with the GPU recipe (mixed precision, gradient clipping, accumulation)."""
+"""The accelerate config files in configs/, read by accelerate's own loader and launcher: each says what
+docs/distributed.md says, and agrees with the GPU recipe (mixed precision, gradient clipping, accumulation)."""
 from pathlib import Path
 
 import pytest

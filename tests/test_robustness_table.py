@@ -28,5 +28,5 @@ def test_every_case_in_the_table_names_an_existing_test():
 
 @pytest.mark.parametrize("row", table_rows("exactness.md"))
 def test_every_guarantee_in_the_exactness_table_names_an_existing_test(row):
-    assert re.match(r"\| \d+ \| ", row), f"the first column is the issue's point: {row}"
+    assert re.match(r"\| \d+ \| ", row), f"the first column is the guarantee's number: {row}"
     assert_named_tests_exist(row)

@@ -303,7 +303,7 @@ def test_int8_compute_is_close_to_float32_and_has_its_own_fingerprint(minilm, st
     full = minilm.encode(texts)
     int8 = minilm.encode(texts, compute="int8")
     cosine = (full * int8).sum(1)
-    assert cosine.min() > 0.95 and cosine.mean() > 0.97  # nDCG@10 cost on SciFact: see README
+    assert cosine.min() > 0.95 and cosine.mean() > 0.97  # nDCG@10 cost on SciFact: see docs/performance.md
     assert np.abs(full - int8).max() > 1e-4  # really computed in int8, not the float32 path
     assert minilm.fingerprint("int8") != minilm.fingerprint()
     with pytest.raises(ValueError, match="compute must be one of"):

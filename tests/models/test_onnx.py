@@ -82,7 +82,7 @@ def test_onnx_compute_runs_the_folders_file_and_exports_again_once_the_weights_c
 
 
 def test_sentence_transformers_onnx_backend_gives_the_pytorch_embeddings(exported):
-    """Needs optimum-onnx, which pins transformers < 4.58 and so is not in the dev extra (see README)."""
+    """Needs optimum-onnx, which pins transformers < 4.58 and so is not in the dev extra (see docs/inference.md)."""
     pytest.importorskip("optimum.onnxruntime")
     from sentence_transformers import SentenceTransformer
 

@@ -1,5 +1,5 @@
 """Training computes what the config asks: the temperature's own rate, the launcher's precision, one
-similarity in loss, search and export, and a Dense head restored on resume (issue 16)."""
+similarity in loss, search and export, and a Dense head restored on resume."""
 import json
 import logging
 
