@@ -6,6 +6,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,16 +17,15 @@ from tqdm.auto import tqdm
 
 from twinfold.losses import InfoNCE, Matryoshka, cached_backward, uncached_backward
 from twinfold.models import BiEncoder
-from twinfold.models.runtime import cpu_has_bf16, default_token_budget, keep_freed_memory, loader_settings
-from twinfold.train.batches import StepBatches, step_loader, stream_loader
+from twinfold.models.atomic import atomic_write_bytes
+from twinfold.models.runtime import cpu_has_bf16, keep_freed_memory
 from twinfold.train.checkpoint import checkpoint_streams, load_checkpoint, prune_checkpoints, save_checkpoint
 from twinfold.train.config import Config, ConfigError, save_config
-from twinfold.train.data import PairDataset, cache_root, tokenize_pairs
+from twinfold.train.data import PairDataset
+from twinfold.train.inputs import TrainingBatches
 from twinfold.train.prepare import prepare_data
 from twinfold.train.resume import claim_run_folder, decided_on_main, resume_point
-from twinfold.train.sampler import BatchPlan, RowKeys
 from twinfold.train.signals import StopOnSignal
-from twinfold.train.streams import StreamSource, StreamSteps
 
 log = logging.getLogger("twinfold")
 EVAL_KEYS = ("model", "dim", "precision", "ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100",
@@ -88,18 +88,6 @@ def build_optimizer(model: BiEncoder, loss_fn: torch.nn.Module, cfg: Config) -> 
     return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=True)  # one kernel per step on CPU and GPU
 
 
-def report_truncation(datasets, max_length: int) -> None:
-    """Say once how many training texts exceed `max_length` tokens (they are truncated, not dropped)."""
-    for ds in datasets:
-        if any(ds.truncated.values()):
-            negatives = sum(n for role, n in ds.truncated.items() if role.startswith("negative"))
-            counts = [f"{ds.truncated['anchor']} of {len(ds)} anchors",
-                      f"{ds.truncated['positive']} of {len(ds)} positives"]
-            counts += [f"{negatives} of {len(ds) * ds.num_negatives} negatives"] if ds.num_negatives else []
-            log.warning("%s: %s exceed max_length %d tokens and are truncated", ds.name, " and ".join(counts),
-                        max_length)
-
-
 def make_accelerator(mixed_precision: str | None = None) -> Accelerator:
     """An Accelerator; processes launched without GPUs join a gloo group (accelerate would run them alone).
 
@@ -139,20 +127,81 @@ def check_output_dir(path: Path, need_bytes: int) -> None:
     except OSError as e:
         raise ConfigError(f"train.output_dir: cannot write to {path}: {e.strerror or e}") from None
     free = shutil.disk_usage(path).free
-    if free < need_bytes:
+    # a resumed run's own checkpoints make room as newer ones replace them
+    held = sum(f.stat().st_size for f in (path / "checkpoints").rglob("*") if f.is_file() and not f.is_symlink())
+    if free + held < need_bytes:
         raise ConfigError(f"train.output_dir: {path} has {free / 2**30:.2f} GiB free; checkpoints and the export "
                           f"need about {need_bytes / 2**30:.2f} GiB (lower train.save_total_limit or free space)")
 
 
+@dataclass
+class RunState:
+    """Where a run stands; saved with every checkpoint (`trainer_state.json`)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # the plan's next batch in `epoch`
+    best: dict | None = None  # {"step", "score"} of the best evaluation so far
+    evals: list[dict] = field(default_factory=list)
+    base: list[dict] = field(default_factory=list)  # the base model's evaluation rows
+    last_rows: list[dict] | None = None  # the latest evaluation's rows (not saved)
+
+    def saved(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "last_rows"}
+
+    @classmethod
+    def restored(cls, saved: dict) -> "RunState":
+        return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Run:
+    """What `set_up` builds for `run_steps` and `finish`."""
+
+    cfg: Config
+    accelerator: Accelerator
+    model: BiEncoder
+    wrapped: torch.nn.Module  # the model as `accelerator.prepare` wrapped it (DDP, FSDP)
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: TrainingBatches
+    total_steps: int
+    state: RunState
+    recipe: dict  # the config and the content of its data, as checkpoints record them
+    datasets: list
+    data_report: dict
+    evaluator: object | None  # train.evaluate.RetrievalEvaluator, on the main process
+    tracker: object | None  # a wandb run, on the main process
+    lock: object | None  # train.lock.RunLock, on the main process
+    position: dict | None = None  # streamed runs: where this process's streams stand
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.train.output_dir)
+
+
 def train(cfg: Config) -> Path:
     """Run a whole recipe; return the exported model folder `OUTPUT/final`."""
+    run = set_up(cfg)
+    stop = StopOnSignal().install()
+    try:  # a run that raises (a non-finite loss, say) gives the process its signal handlers back too
+        run_steps(run, stop)
+    finally:
+        stop.uninstall()
+    return finish(run)
+
+
+def set_up(cfg: Config) -> Run:
+    """Model, data, loss, optimizer and schedule; the run folder claimed; resumed from its newest intact
+    checkpoint where `train.resume`; the base model evaluated on a new run."""
     t = cfg.train
     out = Path(t.output_dir)
     accelerator = make_accelerator(t.mixed_precision)
     main = accelerator.is_main_process
-    world = accelerator.num_processes
-    if t.batch_size % world:
-        raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by the {world} processes")
+    if t.batch_size % accelerator.num_processes:
+        raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by the {accelerator.num_processes} "
+                          "processes")
     set_seed(t.seed)
     model = build_model(cfg)
     lock = claim_run_folder(out, t.resume) if main else None
@@ -163,139 +212,150 @@ def train(cfg: Config) -> Path:
         save_config(cfg, out / "config.yaml")
     log.info("preparing %d training datasets", len(cfg.data.train))
     datasets, data_report = prepare_data(cfg, model, out, accelerator)  # mining, eval-overlap and duplicate checks
-    streamed = any(isinstance(ds, StreamSource) for ds in datasets)  # then every dataset is read as a stream
-    if not streamed:
-        # the main process tokenizes first, then each machine's first process (its cache may be on a disk of its own)
-        with accelerator.main_process_first(), accelerator.local_main_process_first():
-            tokenized = [tokenize_pairs(ds, model.text_tokenizer, cache_root(cfg.data.cache_dir)) for ds in datasets]
-        if main:
-            report_truncation(tokenized, model.max_length)
-        plan = BatchPlan([RowKeys.of(ds) for ds in tokenized], t.batch_size, t.seed, cfg.data.mixing)
+    batches = TrainingBatches(cfg, model, datasets, accelerator)
     loss_fn = build_loss(cfg, model.settings.similarity).to(accelerator.device)
     optimizer = build_optimizer(model, loss_fn, cfg)
-    total_steps = t.max_steps or plan.batches_in(t.epochs) // t.grad_accum  # streamed runs set max_steps
+    total_steps = t.max_steps or batches.batches_in(t.epochs) // t.grad_accum  # streamed runs set max_steps
     if total_steps == 0:
         raise ConfigError(f"train.grad_accum: {t.grad_accum} batches a step, but {t.epochs} epochs of the data give "
-                          f"{plan.batches_in(t.epochs)} batches of {t.batch_size}; lower train.grad_accum or "
+                          f"{batches.batches_in(t.epochs)} batches of {t.batch_size}; lower train.grad_accum or "
                           "train.batch_size, or raise train.epochs")
-    warmup = math.ceil(t.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.scheduler))
-
-    state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "evals": []}
-    position = None  # streamed: where this process's streams stand (saved per process with each checkpoint)
-    found, changes = decided_on_main(accelerator, lambda: resume_point(out, cfg.to_dict(), world)) \
-        if t.resume else (None, [])
-    if found:
-        state, rng_states = load_checkpoint(found, model, optimizer, scheduler, loss_fn, accelerator.scaler)
-        torch.set_rng_state(rng_states[accelerator.process_index]["cpu"])
-        if torch.cuda.is_available() and rng_states[accelerator.process_index].get("cuda") is not None:
-            torch.cuda.set_rng_state(rng_states[accelerator.process_index]["cuda"])
-        position = checkpoint_streams(found)[accelerator.process_index] if streamed else None
-        if main:
-            log.info("resumed from %s (step %d)", found, state["step"])
-            drop_metrics_after(out / "metrics.jsonl", state["step"])
-            if changes:  # harmless ones (resume_point refuses the others): recorded with the run
-                log.info("recipe changes since that checkpoint: %s", ", ".join(changes))
-                write_metrics(out / "metrics.jsonl", {"step": state["step"], "resumed_with_changes": changes})
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-
-    evaluator = build_evaluator(cfg, out) if main else None
-    metrics_file = out / "metrics.jsonl"
-    if main and state["step"] == 0 and evaluator is not None:
-        state["base"] = evaluator(model, "base")
-        write_metrics(metrics_file, {"step": 0, "eval": state["base"]})
-    tracker = start_wandb(cfg, out, resume=state["step"] > 0) if main and cfg.log.wandb else None
-
-    step = TrainStep(cfg, accelerator, model, wrapped, loss_fn, optimizer, scheduler)
-    device = accelerator.device
-    budget = t.chunk_tokens or default_token_budget(device)
-    if streamed:
-        steps = StreamSteps([ds if isinstance(ds, StreamSource) else StreamSource.of(ds) for ds in datasets],
-                            model.text_tokenizer, model.padder, budget, cfg.loss.mini_batch_size,
-                            accelerator.process_index, world, t.batch_size, t.seed, cfg.data.mixing,
-                            cfg.data.shuffle_buffer, position)
-        loader = iter(stream_loader(steps, loader_settings(device)))
-    else:
-        batches = StepBatches(tokenized, accelerator.process_index, world, model.padder, budget,
-                              cfg.loss.mini_batch_size)
-        loader = iter(step_loader(batches, plan, state["epoch"], state["batch"], loader_settings(device)))
-    progress = tqdm(total=total_steps, initial=state["step"], disable=not main, desc="train")
-    wrapped.train()
-    window = Window()
-    log.info("training from step %d to step %d", state["step"], total_steps)
-    stop = StopOnSignal().install()
-    try:  # a run that raises (a non-finite loss, say) gives the process its signal handlers back too
-        while state["step"] < total_steps:
-            inputs = [next(loader) for _ in range(t.grad_accum)]
-            lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on inside the step)
-            record = {"step": state["step"] + 1, "epoch": inputs[-1]["epoch"], "lr": lr}
-            record["loss"] = step(inputs)  # stays on the device until the window is logged
-            if cfg.loss.learnable_temperature:
-                record["temperature"] = getattr(loss_fn, "inner", loss_fn).temperature.detach().clone()
-            state["step"], state["epoch"], state["batch"] = record["step"], inputs[-1]["epoch"], inputs[-1]["index"] + 1
-            position = inputs[-1].get("position")
-            window.add(record, sum(x["pairs"] for x in inputs))
-            progress.update(1)
-            # ---- bookkeeping: log, evaluate, checkpoint (each needs the losses on the host first) -------------
-            last, improved, timings = state["step"] == total_steps, False, {}
-            evaluate_now = cfg.eval.data is not None and (last or (t.eval_steps and state["step"] % t.eval_steps == 0))
-            save_now = last or (t.save_steps and state["step"] % t.save_steps == 0)
-            log_now = last or evaluate_now or save_now or state["step"] % t.log_steps == 0
-            # one process sees a signal at once; several agree on it (a collective) where they log anyway
-            signum = stop.requested(accelerator) if world == 1 or log_now else None
-            logged = window.flush(accelerator, cfg) if log_now or signum else []
-            if evaluate_now and main:
-                started = time.perf_counter()
-                rows = evaluator(model, f"step-{state['step']}")
-                timings["eval_s"] = time.perf_counter() - started
-                score = headline(rows, cfg.eval.metric)
-                state["evals"].append({"step": state["step"], cfg.eval.metric: score})
-                improved = state["best"] is None or score > state["best"]["score"]
-                if improved:
-                    state["best"] = {"step": state["step"], "score": score}
-                state["last_rows"] = rows
-                write_metrics(metrics_file, {"step": state["step"], "eval": rows})
-                if tracker:
-                    tracker.log({f"eval/{cfg.eval.metric}": score}, step=state["step"])
-            if evaluate_now and world > 1:  # every process must agree on saving: it gathers their RNG states
-                improved = broadcast_object_list([improved])[0]
-            if save_now or signum or (t.save_steps and improved):
-                timings["checkpoint_s"] = checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, cfg,
-                                                     position)
-            if logged:
-                logged[-1].update(timings)  # evaluation and checkpoint time, apart from training throughput
-                progress.set_postfix(loss=f"{logged[-1]['loss']:.4f}", pairs_s=f"{logged[-1]['pairs_per_s']:.1f}")
-            for entry in logged if main else []:
-                write_metrics(metrics_file, entry)
-                if tracker:
-                    tracker.log(entry, step=entry["step"])
-            if signum:
-                progress.close()
-                raise stop.stopped(signum, state["step"], out / "checkpoints" / f"step-{state['step']}")
-            if timings:
-                window.restart()  # throughput counts training time only
-    finally:
-        stop.uninstall()
-    del loader
-    progress.close()
-    accelerator.wait_for_everyone()
-
-    final = out / "final"
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, math.ceil(t.warmup_ratio * total_steps), t.scheduler))
+    recipe = {**cfg.to_dict(), "data_content": {ds.name: ds.fingerprint for ds in datasets
+                                                if isinstance(ds, PairDataset)}}
+    run = Run(cfg, accelerator, model, model, loss_fn, optimizer, scheduler, batches, total_steps, RunState(),
+              recipe, datasets, data_report, evaluator=None, tracker=None, lock=lock)
+    if t.resume:
+        resume(run)
+    run.wrapped, run.optimizer = accelerator.prepare(model, optimizer)
     if main:
-        if evaluator is not None and "last_rows" not in state:  # resumed after the last checkpoint
-            state["last_rows"] = evaluator(model, f"step-{state['step']}")
+        run.evaluator = build_evaluator(cfg, out)
+        if run.state.step == 0 and run.evaluator is not None:
+            run.state.base = run.evaluator(model, "base")
+            write_metrics(out / "metrics.jsonl", {"step": 0, "eval": run.state.base})
+        run.tracker = start_wandb(cfg, out, resume=run.state.step > 0) if cfg.log.wandb else None
+    return run
+
+
+def resume(run: Run) -> None:
+    """Continue from the newest intact checkpoint, if any: weights, optimizer, schedule, RNG and data position."""
+    accelerator, out = run.accelerator, run.out
+    found, changes = decided_on_main(accelerator, lambda: resume_point(out, run.recipe, accelerator.num_processes))
+    if not found:
+        return
+    saved, rng_states = load_checkpoint(found, run.model, run.optimizer, run.scheduler, run.loss_fn,
+                                        accelerator.scaler)
+    run.state = RunState.restored(saved)
+    mine = rng_states[accelerator.process_index]
+    torch.set_rng_state(mine["cpu"])
+    if torch.cuda.is_available() and mine.get("cuda") is not None:
+        torch.cuda.set_rng_state(mine["cuda"])
+    run.position = checkpoint_streams(found)[accelerator.process_index] if run.batches.streamed else None
+    if accelerator.is_main_process:
+        log.info("resumed from %s (step %d)", found, run.state.step)
+        drop_metrics_after(out / "metrics.jsonl", run.state.step)
+        if changes:  # harmless ones (resume_point refuses the others): recorded with the run
+            log.info("recipe changes since that checkpoint: %s", ", ".join(changes))
+            write_metrics(out / "metrics.jsonl", {"step": run.state.step, "resumed_with_changes": changes})
+
+
+def run_steps(run: Run, stop: StopOnSignal) -> None:
+    """The training loop: one optimizer step, then the bookkeeping that is due, until `total_steps`."""
+    cfg, state = run.cfg, run.state
+    step = TrainStep(cfg, run.accelerator, run.model, run.wrapped, run.loss_fn, run.optimizer, run.scheduler)
+    loader = run.batches.loader(state.epoch, state.batch, run.position)
+    progress = tqdm(total=run.total_steps, initial=state.step, disable=not run.accelerator.is_main_process,
+                    desc="train")
+    window = Window()
+    run.wrapped.train()
+    log.info("training from step %d to step %d", state.step, run.total_steps)
+    while state.step < run.total_steps:
+        inputs = [next(loader) for _ in range(cfg.train.grad_accum)]  # their gradients add up to one update
+        lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on inside the step)
+        loss = step(inputs)  # stays on the device until the window is logged: no wait for the device here
+        state.step, state.epoch, state.batch = state.step + 1, inputs[-1]["epoch"], inputs[-1]["index"] + 1
+        run.position = inputs[-1].get("position")
+        record = {"step": state.step, "epoch": state.epoch, "lr": lr, "loss": loss}
+        if cfg.loss.learnable_temperature:
+            record["temperature"] = getattr(run.loss_fn, "inner", run.loss_fn).temperature.detach().clone()
+        window.add(record, sum(x["pairs"] for x in inputs))
+        progress.update(1)
+        after_step(run, window, stop, progress)
+    progress.close()
+
+
+def after_step(run: Run, window: "Window", stop: StopOnSignal, progress) -> None:
+    """The bookkeeping after a step, each part when it is due: log, evaluate, checkpoint, stop on a signal.
+    Each needs the losses on the host, so they wait for the device together."""
+    cfg, t, state, accelerator = run.cfg, run.cfg.train, run.state, run.accelerator
+    last = state.step == run.total_steps
+    evaluate_now = cfg.eval.data is not None and (last or bool(t.eval_steps and state.step % t.eval_steps == 0))
+    save_now = last or bool(t.save_steps and state.step % t.save_steps == 0)
+    log_now = last or evaluate_now or save_now or state.step % t.log_steps == 0
+    # one process sees a signal at once; several agree on it (a collective) where they log anyway
+    signum = stop.requested(accelerator) if accelerator.num_processes == 1 or log_now else None
+    logged = window.flush(accelerator, cfg) if log_now or signum else []
+    timings, improved = {}, False
+    if evaluate_now and accelerator.is_main_process:
+        started = time.perf_counter()
+        improved = evaluate(run)
+        timings["eval_s"] = time.perf_counter() - started
+    if evaluate_now and accelerator.num_processes > 1:  # every process must agree on saving: it gathers RNG states
+        improved = broadcast_object_list([improved])[0]
+    if save_now or signum or (t.save_steps and improved):
+        timings["checkpoint_s"] = checkpoint(run)
+    if logged:
+        logged[-1].update(timings)  # evaluation and checkpoint time, apart from training throughput
+        progress.set_postfix(loss=f"{logged[-1]['loss']:.4f}", pairs_s=f"{logged[-1]['pairs_per_s']:.1f}")
+    for entry in logged if accelerator.is_main_process else []:
+        write_metrics(run.out / "metrics.jsonl", entry)
+        if run.tracker:
+            run.tracker.log(entry, step=entry["step"])
+    if signum:
+        progress.close()
+        raise stop.stopped(signum, state.step, run.out / "checkpoints" / f"step-{state.step}")
+    if timings:
+        window.restart()  # throughput counts training time only
+
+
+def evaluate(run: Run) -> bool:
+    """Evaluate the model now (main process); record the rows; return whether the headline metric improved."""
+    cfg, state = run.cfg, run.state
+    rows = run.evaluator(run.model, f"step-{state.step}")
+    score = headline(rows, cfg.eval.metric)
+    state.evals.append({"step": state.step, cfg.eval.metric: score})
+    improved = state.best is None or score > state.best["score"]
+    if improved:
+        state.best = {"step": state.step, "score": score}
+    state.last_rows = rows
+    write_metrics(run.out / "metrics.jsonl", {"step": state.step, "eval": rows})
+    if run.tracker:
+        run.tracker.log({f"eval/{cfg.eval.metric}": score}, step=state.step)
+    return improved
+
+
+def finish(run: Run) -> Path:
+    """The final evaluation, the export `OUTPUT/final` with what training recorded, and the report."""
+    accelerator, cfg, state, out = run.accelerator, run.cfg, run.state, run.out
+    accelerator.wait_for_everyone()
+    final = out / "final"
+    if accelerator.is_main_process:
         rows = []
-        if evaluator is not None:
-            final_rows = [dict(r, model="final") for r in state.get("last_rows", [])]
-            rows = state.get("base", []) + final_rows + (evaluator.bm25_rows() if cfg.eval.bm25 else [])
-        model.save_pretrained(final, info=run_info(cfg, datasets, state, rows, data_report))
-        if evaluator is not None:
+        if run.evaluator is not None:
+            if state.last_rows is None:  # resumed after the last checkpoint
+                state.last_rows = run.evaluator(run.model, f"step-{state.step}")
+            final_rows = [dict(r, model="final") for r in state.last_rows]
+            rows = state.base + final_rows + (run.evaluator.bm25_rows() if cfg.eval.bm25 else [])
+        run.model.save_pretrained(final, info=run_info(cfg, run.datasets, state, rows, run.data_report))
+        if run.evaluator is not None:
             from twinfold.train.report import write_report
 
-            write_report(rows, out / "eval", info={**evaluator.describe(), "config": cfg.to_dict(), **data_report})
-        if tracker:
-            tracker.finish()
-        lock.release()
+            write_report(rows, out / "eval", info={**run.evaluator.describe(), "config": cfg.to_dict(),
+                                                   **run.data_report})
+        if run.tracker:
+            run.tracker.finish()
+        run.lock.release()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
@@ -396,20 +456,20 @@ def headline(rows: list[dict], metric: str) -> float:
     return max(full, key=lambda r: r["dim"])[metric]
 
 
-def checkpoint(accelerator, out, model, optimizer, scheduler, loss_fn, state, cfg: Config,
-               position: dict | None = None) -> float:
+def checkpoint(run: Run) -> float:
     """Save on the main process with every process's RNG state (and stream position, in streamed runs); keep the
     last K and the best. Returns seconds taken."""
     started = time.perf_counter()
+    accelerator, state, out = run.accelerator, run.state, run.out
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    mine = [(rng, position)]
+    mine = [(rng, run.position)]
     rng_states, positions = zip(*(gather_object(mine) if accelerator.num_processes > 1 else mine))
     if accelerator.is_main_process:
-        saved = {k: v for k, v in state.items() if k != "last_rows"}
-        save_checkpoint(out, state["step"], model, optimizer, scheduler, loss_fn, list(rng_states), saved,
-                        cfg.to_dict(), accelerator.scaler, streams=list(positions) if position is not None else None)
-        best = out / "checkpoints" / f"step-{state['best']['step']}" if state.get("best") else None
-        prune_checkpoints(out, cfg.train.save_total_limit, keep=best)
+        save_checkpoint(out, state.step, run.model, run.optimizer, run.scheduler, run.loss_fn, list(rng_states),
+                        state.saved(), run.recipe, accelerator.scaler,
+                        streams=list(positions) if run.position is not None else None)
+        best = out / "checkpoints" / f"step-{state.best['step']}" if state.best else None
+        prune_checkpoints(out, run.cfg.train.save_total_limit, keep=best)
     accelerator.wait_for_everyone()
     return time.perf_counter() - started
 
@@ -430,10 +490,10 @@ def build_evaluator(cfg: Config, out: Path):
                               out_dir=out / "eval", show_progress_bar=True, compute=e.compute, bm25=bm25)
 
 
-def run_info(cfg: Config, datasets, state: dict, rows: list[dict], data_report: dict) -> dict:
+def run_info(cfg: Config, datasets, state: RunState, rows: list[dict], data_report: dict) -> dict:
     """What twinfold.json (and the model card) records about training: recipe, data, checks and eval results."""
     t = cfg.train
-    info = {"training": {"base_model": cfg.model.name_or_path, "steps": state["step"],
+    info = {"training": {"base_model": cfg.model.name_or_path, "steps": state.step,
                          "data": [{"name": d.name, "pairs": len(d), "negatives_per_pair": d.num_negatives}
                                   if isinstance(d, PairDataset) else {"name": d.name, "streamed": True}
                                   for d in datasets],
@@ -447,10 +507,23 @@ def run_info(cfg: Config, datasets, state: dict, rows: list[dict], data_report: 
 
 
 def drop_metrics_after(path: Path, step: int) -> None:
-    """Forget the records of steps that a resumed run will do again."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+    """Forget the records of steps that a resumed run will do again, and a last line torn by a crash mid-write."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):  # the line a crash cut off
+                log.warning("%s:%d: a torn last line (the run was killed while writing it) is dropped", path, n)
+                continue
+            raise TrainingError(f"{path}:{n}: not valid JSON; the run's metrics file was edited, fix or remove "
+                                "that line to resume") from None
+        if record["step"] <= step:
+            kept.append(line)
+    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
 def write_metrics(path: Path, record: dict) -> None:

@@ -39,3 +39,21 @@ def test_grad_accum_beyond_the_data_is_refused(tmp_path, tiny_bert_path):
     with pytest.raises(ConfigError, match="train.grad_accum: 4 batches a step, but 1 epochs of the data give 3"):
         train(cfg)
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_resume_refuses_data_edited_since_the_checkpoint_and_drops_a_torn_metrics_line(tmp_path, tiny_bert_path):
+    data = pairs_file(tmp_path, 12)
+    overrides = ("train.max_steps=2", "train.save_steps=1", "train.log_steps=1")
+    train(recipe(tmp_path, data, tiny_bert_path, *overrides))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text(lines[0] + "\n" + lines[1][:7])  # killed while writing step 2's line
+    resumed = recipe(tmp_path, data, tiny_bert_path, "train.max_steps=3", "train.save_steps=1", "train.log_steps=1",
+                     "train.resume=true")
+    train(resumed)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(r["step"], "loss" in r) for r in records] == [(1, True), (2, False), (3, True)]  # 2: the resume record
+    assert records[1]["resumed_with_changes"] == ["train.max_steps: 2 -> 3"]
+    data.write_text(data.read_text().replace("claim 3", "claim three"))  # the data changes under the run
+    with pytest.raises(ConfigError, match=r"these changes break exact resumption: data_content.pairs: '\w+' -> '\w+'"):
+        train(recipe(tmp_path, data, tiny_bert_path, "train.max_steps=4", "train.resume=true"))

@@ -112,3 +112,14 @@ def test_long_texts_are_truncated_and_reported_once(tmp_path, tiny_bert_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.count("exceed max_length 16 tokens and are truncated") == 1
     assert "0 of 8 anchors and 8 of 8 positives" in result.stderr
+
+
+def test_the_free_space_check_counts_the_runs_own_checkpoints_as_room(tmp_path):
+    import shutil
+
+    (tmp_path / "run" / "checkpoints" / "step-1").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step-1" / "optimizer.pt").write_bytes(b"\0" * 2**26)
+    free = shutil.disk_usage(tmp_path).free
+    check_output_dir(tmp_path / "run", need_bytes=free + 2**25)  # fits once the checkpoint is replaced
+    with pytest.raises(ConfigError, match="GiB free"):
+        check_output_dir(tmp_path / "run", need_bytes=free + 2**27)
