@@ -24,8 +24,9 @@ whole-batch step). The global RNG state afterwards is the same as after that pla
 
 That equality rests on each re-embedded chunk reproducing its cached embeddings: a device whose no-grad and
 grad passes pick kernels that draw dropout differently would make the gradients silently wrong. With
-`check_replay` (on by default; `loss.check_replay` in runs) every replayed chunk is compared with its cached
-embeddings, one device sync per step, and a mismatch raises `ReplayMismatch`.
+`check_replay` (on by default in this function; off by default in runs, `loss.check_replay`, as it costs a
+device sync per step) every replayed chunk is compared with its cached embeddings, and a mismatch raises
+`ReplayMismatch`.
 """
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, ContextManager

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from twinfold.losses.distributed import average_gradient, gather_no_grad, gather_with_grad, rank_offset
-from twinfold.models.loading import SIMILARITIES
 
 DEFAULT_TEMPERATURE = 0.05
 MIN_TEMPERATURE = 0.01
 ROLES = ("anchor", "positive", "negative")
+SIMILARITIES = ("cosine", "dot")  # what the loss trains and search ranks by
 
 
 def text_keys(texts: list[str]) -> torch.Tensor:

@@ -92,7 +92,7 @@ def foreign_files(folder: Path) -> list[str]:
 
 def write_manifest(folder: Path) -> None:
     """Record size and SHA-256 of every file under `folder` in its manifest."""
-    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
 
@@ -109,7 +109,7 @@ def verify_manifest(folder: Path) -> str | None:
         size = path.stat().st_size
         if size != expected["size"]:
             return f"{name} has {size} bytes, expected {expected['size']}"
-        if _sha256(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             return f"{name} does not match its checksum"
     return None
 
@@ -122,7 +122,8 @@ def _read_manifest(folder: Path) -> dict | None:
     return files if isinstance(files, dict) else None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from twinfold.losses.matryoshka import truncate
 from twinfold.models.atomic import atomic_directory
 from twinfold.models.head import load_dense
 from twinfold.models.loading import SIMILARITIES, ModelLoadError, check_model_folder, read_sentence_transformers_layout
@@ -162,10 +163,6 @@ class BiEncoder(nn.Module):
         return h.hexdigest()[:16]
 
     # --- the forward path -----------------------------------------------------------------------------
-    def with_prefix(self, texts: list[str], kind: str) -> list[str]:
-        """`texts` with the query or document prefix stored with the model."""
-        return self.text_tokenizer.prefixed(texts, check_kind(kind))
-
     def tokenize(self, texts: list[str], kind: str = "document") -> dict[str, torch.Tensor]:
         """Tokenize with the kind's prefix, padding to the longest text and truncating at `max_length`."""
         return self.padder(self.token_ids(texts, kind))
@@ -184,14 +181,6 @@ class BiEncoder(nn.Module):
     def padder(self) -> Padder:
         """Pads token ids into encoder inputs for this model's device (picklable, for DataLoader workers)."""
         return Padder.for_tokenizer(self.tokenizer, pad_multiple(self.device), self.settings.max_length)
-
-    def token_lengths(self, texts: list[str], kind: str = "document") -> list[int]:
-        """Tokens in each text with the kind's prefix and special tokens, before truncation."""
-        return self.text_tokenizer.lengths(texts, check_kind(kind))
-
-    def count_truncated(self, texts: list[str], kind: str = "document") -> int:
-        """How many of `texts` (with the kind's prefix) are longer than `max_length` tokens."""
-        return sum(n > self.max_length for n in self.token_lengths(texts, kind))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -336,16 +325,6 @@ def hash_tensors(h, tensors: dict[str, torch.Tensor]) -> None:
         t = tensor.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy())
-
-
-def truncate(emb: torch.Tensor, dim: int | None, normalize: bool = True) -> torch.Tensor:
-    """Keep the first `dim` dimensions (a Matryoshka prefix), re-normalised when `normalize`."""
-    if dim is None or dim == emb.shape[-1]:
-        return emb
-    if not 0 < dim <= emb.shape[-1]:
-        raise ValueError(f"dim must be in 1..{emb.shape[-1]}, got {dim}")
-    emb = emb[..., :dim]
-    return F.normalize(emb, dim=-1) if normalize else emb
 
 
 class TextBatches(Dataset):

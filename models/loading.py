@@ -3,6 +3,8 @@ import json
 import struct
 from pathlib import Path
 
+from twinfold.losses import SIMILARITIES
+
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "vocab.json")
 
 
@@ -64,7 +66,6 @@ def check_safetensors_file(file: Path) -> None:
 POOLING_KEYS = {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens", "mean": "pooling_mode_mean_tokens",
                 "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
                 "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken"}
-SIMILARITIES = ("cosine", "dot")
 
 
 def read_sentence_transformers_layout(path: Path) -> tuple[dict, list[Path]]:

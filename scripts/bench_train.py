@@ -199,7 +199,6 @@ def child(args) -> dict:
 
 def profile_step(step, args) -> None:
     """Append a torch.profiler table (operators by device time, or CPU time on the CPU) of one step."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])

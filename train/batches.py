@@ -11,9 +11,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from twinfold.losses import text_keys
 from twinfold.models.tokens import Padder, length_chunks
-from twinfold.train.data import KIND, TokenizedPairs
+from twinfold.train.data import TokenizedPairs
 from twinfold.train.sampler import Batch, BatchPlan
 
 
@@ -38,12 +37,6 @@ def assemble(tokens: dict[str, tuple[list[list[int]], list[int]]], padder: Padde
         out["order"][role], out["chunks"][role] = order, chunks
         out["keys"][role] = torch.as_tensor(keys, dtype=torch.int64)
     return out
-
-
-def assemble_texts(model, texts: dict[str, list[str]], token_budget: int, max_texts: int | None = None) -> dict:
-    """`assemble` from texts by role (tokenized with the model's prefixes and max_length): for benchmarks and tests."""
-    tokens = {role: (model.token_ids(v, KIND[role]), text_keys(v).tolist()) for role, v in texts.items()}
-    return assemble(tokens, model.padder, token_budget, max_texts)
 
 
 class StepBatches(Dataset):

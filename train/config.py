@@ -15,8 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from twinfold.losses import DEFAULT_TEMPERATURE, MIN_TEMPERATURE
-from twinfold.models.loading import SIMILARITIES
+from twinfold.losses import DEFAULT_TEMPERATURE, MIN_TEMPERATURE, ROLES, SIMILARITIES, check_dims
 from twinfold.models.pooling import POOLING_MODES
 from twinfold.models.quantize import COMPUTES, PRECISIONS
 from twinfold.train.bm25 import settings_from
@@ -154,7 +153,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-ROLES = ("anchor", "positive", "negative")
 _CHOICES = {"data.mixing": ("proportional", "round_robin"), "train.scheduler": ("linear", "cosine"),
             "train.mixed_precision": (None, "no", "bf16", "fp16"), "model.pooling": (None, *POOLING_MODES),
             "model.similarity": (None, *SIMILARITIES), "eval.compute": COMPUTES,
@@ -313,14 +311,11 @@ def validate(c: Config) -> None:
         raise ConfigError(f"train.weight_decay: {t.weight_decay} must not be negative")
     if c.model.dropout is not None and not 0 <= c.model.dropout < 1:
         raise ConfigError(f"model.dropout: {c.model.dropout} must be in [0, 1)")
-    dims = loss.matryoshka_dims
-    if dims:
-        if any(d <= 0 for d in dims) or dims != sorted(set(dims), reverse=True):
-            raise ConfigError(f"loss.matryoshka_dims: {dims} must be positive, distinct and sorted largest first")
-        if loss.matryoshka_weights is not None and len(loss.matryoshka_weights) != len(dims):
-            raise ConfigError(f"loss.matryoshka_weights: {len(loss.matryoshka_weights)} weights for {len(dims)} dims")
-    if loss.matryoshka_weights is not None and any(w <= 0 for w in loss.matryoshka_weights):
-        raise ConfigError(f"loss.matryoshka_weights: {loss.matryoshka_weights} must all be greater than 0")
+    if loss.matryoshka_dims or loss.matryoshka_weights is not None:
+        try:
+            check_dims(loss.matryoshka_dims, loss.matryoshka_weights)
+        except ValueError as e:
+            raise ConfigError(f"loss.matryoshka_{str(e).split(' ')[0].rstrip(':')}: {e}") from None
     if c.eval.dims is not None and any(d <= 0 for d in c.eval.dims):
         raise ConfigError(f"eval.dims: {c.eval.dims} must all be greater than 0")
     if bad := [p for p in c.eval.precisions if p not in PRECISIONS]:

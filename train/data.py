@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from twinfold.losses import text_keys
+from twinfold.models.atomic import file_sha256
 from twinfold.models.jsonl import iter_json_lines
 from twinfold.models.tokens import TextTokenizer
 from twinfold.train.config import DatasetConfig
@@ -43,18 +44,6 @@ class PairDataset:
     @property
     def roles(self) -> list[str]:
         return list(self.table.column_names)
-
-    @classmethod
-    def from_texts(cls, name: str, anchor: list[str], positive: list[str], negatives: list[list[str]] | None = None,
-                   weight: float = 1.0) -> "PairDataset":
-        """A dataset from texts in memory (row i: anchor[i], positive[i], negatives[i]), e.g. mined pairs."""
-        import datasets
-
-        k = len(negatives[0]) if negatives else 0
-        columns = {"anchor": list(anchor), "positive": list(positive),
-                   **{f"negative_{j}": [row[j] for row in negatives] for j in range(k)}}
-        fingerprint = hashlib.sha256(json.dumps(columns).encode()).hexdigest()[:16]
-        return cls(name, datasets.Dataset.from_dict(columns), weight, fingerprint)
 
     def select(self, rows: list[int]) -> "PairDataset":
         """These rows only (their own cache key)."""
@@ -96,7 +85,7 @@ def load_pairs(cfg: DatasetConfig) -> PairDataset:
     _validate(table.select_columns(list(renamed)), cfg.path, path if local else None)
     table = table.select_columns(list(renamed)).rename_columns(renamed)
     table = table.select_columns(role_names(len(renamed) - 2))
-    source = _file_hash(path) if local else table._fingerprint
+    source = file_sha256(path)[:16] if local else table._fingerprint
     # what was read, not only where from: the token cache and the checks' results are keyed by it
     fingerprint = hashlib.sha256(json.dumps([source, renamed]).encode()).hexdigest()[:16]
     log.info("%s: %d rows read and validated", dataset_name(cfg), len(table))
@@ -172,14 +161,6 @@ def _where(shown: str, path: Path | None, row: int) -> str:
                     return f"{shown}:{n}"
                 seen += 1
     return f"{shown}:{row + 1}"
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def load_source(cfg: DatasetConfig, streaming: bool = False):

@@ -4,7 +4,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from twinfold.losses import text_keys
 from twinfold.train.data import DataError
 
 
@@ -35,14 +34,6 @@ class RowKeys:
     def of(cls, ds) -> "RowKeys":
         """From a `train.data.TokenizedPairs`."""
         return cls(ds.name, ds.keys("anchor"), ds.keys("positive"), ds.keys("negative"), ds.weight)
-
-    @classmethod
-    def of_texts(cls, name: str, anchor: list[str], positive: list[str], negatives: list[list[str]] | None = None,
-                 weight: float = 1.0) -> "RowKeys":
-        k = len(negatives[0]) if negatives else 0
-        negative = text_keys([t for row in negatives for t in row]).numpy().reshape(len(anchor), k) if k \
-            else np.zeros((len(anchor), 0), dtype=np.int64)
-        return cls(name, text_keys(anchor).numpy(), text_keys(positive).numpy(), negative, weight)
 
     def __len__(self) -> int:
         return len(self.anchor)

@@ -55,6 +55,8 @@ def test_gradients_reach_the_full_embeddings():
 
 @pytest.mark.parametrize("dims, weights, message", [
     ([8, 4], [1.0], "one weight per dim"),
+    ([8, 4], [1.0, -1.0], "must all be greater than 0"),
+    ([4, 8], None, "sorted largest first"),
     ([], None, "distinct positive"),
     ([4, 4], None, "distinct positive"),
     ([0], None, "distinct positive"),

@@ -260,7 +260,7 @@ def test_token_ids_truncate_at_max_length_and_pad_as_the_tokenizer_does(tiny_ber
     model = BiEncoder.from_pretrained(tiny_bert_path, max_length=6)
     # token counts with [CLS]/[SEP]: 3, 7 (truncated to 6), 4, 3, 8 (truncated to 6)
     texts = ["cell", "one two three four five", "two words", "gene", "a b c d e f"]
-    assert model.token_lengths(texts) == [3, 7, 4, 3, 8]
+    assert model.text_tokenizer.lengths(texts, "document") == [3, 7, 4, 3, 8]
     assert [len(x) for x in model.token_ids(texts)] == [3, 6, 4, 3, 6]
     reference = model.tokenizer(texts, padding=True, truncation=True, max_length=6, return_tensors="pt")
     ours = model.tokenize(texts)

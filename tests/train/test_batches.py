@@ -1,11 +1,12 @@
 """train.batches and models.tokens: chunks by a token budget, the assembled step input, the loader that feeds it."""
 import json
+from tests.builders import assemble_texts
 
 import torch
 
 from twinfold.models import BiEncoder
 from twinfold.models.tokens import Padder, length_chunks
-from twinfold.train.batches import StepBatches, assemble, assemble_texts, step_loader
+from twinfold.train.batches import StepBatches, assemble, step_loader
 from twinfold.train.config import DatasetConfig
 from twinfold.train.data import load_pairs, tokenize_pairs
 from twinfold.train.sampler import BatchPlan, RowKeys

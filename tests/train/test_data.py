@@ -1,6 +1,7 @@
 """train.data and train.sampler: roles by name, validation with file:line:field, tokenized once into a cache,
 no-duplicate batches that use every row once per epoch."""
 import json
+from tests.builders import count_truncated, row_keys
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from twinfold.models import BiEncoder
 from twinfold.train.config import DatasetConfig
 from twinfold.train.data import DataError, load_pairs, tokenize_pairs
-from twinfold.train.sampler import BatchPlan, RowKeys
+from twinfold.train.sampler import BatchPlan
 
 
 def jsonl(tmp_path, rows, name="pairs.jsonl"):
@@ -67,7 +68,7 @@ def test_empty_and_non_utf8_files(tmp_path):
 def pairs(n, duplicate_every=0, name="toy", weight=1.0):
     anchor = [f"q{i}" for i in range(n)]
     positive = [f"d{i % duplicate_every}" if duplicate_every else f"d{i}" for i in range(n)]
-    return RowKeys.of_texts(name, anchor, positive, weight=weight), anchor, positive
+    return row_keys(name, anchor, positive, weight=weight), anchor, positive
 
 
 def test_batches_never_repeat_a_text_use_every_row_once_and_are_deterministic():
@@ -103,7 +104,7 @@ def test_one_pair_batches_never_happen():
 def test_scifact_plan_is_whole_batches_every_row_every_epoch_and_split_alike_by_any_process_count(data_dir,
                                                                                                    batch_size):
     rows = [json.loads(line) for line in (data_dir / "scifact-train-pairs" / "train.jsonl").read_text().splitlines()]
-    keys = RowKeys.of_texts("scifact", [r["anchor"] for r in rows], [r["positive"] for r in rows])
+    keys = row_keys("scifact", [r["anchor"] for r in rows], [r["positive"] for r in rows])
     for seed in (42, 43):
         plan = BatchPlan([keys], batch_size, seed)
         for epoch in range(2):
@@ -119,7 +120,7 @@ def test_shared_negatives_are_allowed_but_never_equal_an_anchor_or_positive_of_t
     n = 200
     anchor, positive = [f"q{i}" for i in range(n)], [f"d{i}" for i in range(n)]
     negatives = [[f"shared{i % 10}", positive[(i + 1) % n]] for i in range(n)]  # 10 negatives shared by all rows
-    keys = RowKeys.of_texts("shared", anchor, positive, negatives)
+    keys = row_keys("shared", anchor, positive, negatives)
     batches = BatchPlan([keys], batch_size=32, seed=0).epoch(0)
     assert set(i for b in batches for i in b.rows) == set(range(n))  # every row
     assert [len(b.rows) for b in batches] == [32] * 7  # 200 rows: the last batch filled up with 24 more
@@ -163,8 +164,8 @@ def test_tokenized_once_into_a_cache_keyed_by_data_and_tokenizer(tmp_path, tiny_
     assert picked["anchor"][0] == model.token_ids([rows[3]["a"], rows[0]["a"]], "query")
     assert picked["positive"][0] == model.token_ids([rows[3]["p"], rows[0]["p"]], "document")
     assert picked["negative"][0] == model.token_ids(["shared negative"] * 2, "document")
-    assert tokens.truncated == {"anchor": model.count_truncated([r["a"] for r in rows], "query"),
-                                "positive": model.count_truncated([r["p"] for r in rows], "document"),
+    assert tokens.truncated == {"anchor": count_truncated(model, [r["a"] for r in rows], "query"),
+                                "positive": count_truncated(model, [r["p"] for r in rows], "document"),
                                 "negative_0": 0}
     assert 0 < tokens.truncated["positive"] < 12
     assert tokens.keys("negative").shape == (12, 1) and len(set(tokens.keys("anchor").tolist())) == 12

@@ -1,12 +1,13 @@
 """Whole runs by epochs: the step count covers every epoch's own batches, and a recipe that gives no step is refused."""
 import json
+from tests.builders import row_keys
 
 import pytest
 
 from tests.conftest import REPO
 from twinfold.train.config import ConfigError, load_config
 from twinfold.train.loop import train
-from twinfold.train.sampler import BatchPlan, RowKeys
+from twinfold.train.sampler import BatchPlan
 
 
 def pairs_file(tmp_path, n):
@@ -27,7 +28,7 @@ def test_epochs_run_every_batch_of_every_epoch(tmp_path, tiny_bert_path):
     data = pairs_file(tmp_path, 22)
     cfg = recipe(tmp_path, data, tiny_bert_path, "train.epochs=3", "train.log_steps=1")
     rows = [json.loads(line) for line in data.read_text().splitlines()]
-    plan = BatchPlan([RowKeys.of_texts("p", [r["anchor"] for r in rows], [r["positive"] for r in rows])], 4, cfg.train.seed)
+    plan = BatchPlan([row_keys("p", [r["anchor"] for r in rows], [r["positive"] for r in rows])], 4, cfg.train.seed)
     per_epoch = [len(plan.epoch(e)) for e in range(3)]
     train(cfg)
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

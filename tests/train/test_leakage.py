@@ -1,12 +1,12 @@
 """Eval overlap and duplicates in training data: hand-made rows with the real all-MiniLM-L6-v2 (cosines noted),
 what each option drops, and the summary that reaches the log and the report."""
 from pathlib import Path
+from tests.builders import pairs_from_texts
 
 import pytest
 
 from twinfold.models import BiEncoder
 from twinfold.train.beir import BeirData
-from twinfold.train.data import PairDataset
 from twinfold.train.leakage import check_datasets, summary_lines
 from twinfold.train.mine import MemoEncoder
 
@@ -34,7 +34,7 @@ def encoder(minilm_path):
 
 
 def dataset():
-    return PairDataset.from_texts("hand", [a for a, _ in ROWS], [p for _, p in ROWS], [[] for _ in ROWS])
+    return pairs_from_texts("hand", [a for a, _ in ROWS], [p for _, p in ROWS], [[] for _ in ROWS])
 
 
 def test_overlap_and_duplicates_are_counted_with_examples(encoder):

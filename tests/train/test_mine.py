@@ -4,13 +4,14 @@ import csv
 import json
 import math
 from pathlib import Path
+from tests.builders import pairs_from_texts
 
 import pytest
 import torch
 
 from twinfold.models import BiEncoder
 from twinfold.train.config import ConfigError, DatasetConfig, HardNegativesConfig, load_config
-from twinfold.train.data import PairDataset, load_pairs
+from twinfold.train.data import load_pairs
 from twinfold.train.mine import MemoEncoder, main, mine, mine_dataset, normalize_text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +34,7 @@ def hand_encoder(tiny_bert_path):
 
 # Rows: A1 has two positives (P1, P2); A2 has P3. Sines (A2's scores): D4 .995, P3 .980, D3 .917, P2 .866,
 # D2 .714, P1 .600, D1 .436.
-PAIRS = PairDataset.from_texts("hand", ["A1", "A1", "A2"], ["P1", "P2", "P3"], [[], [], []])
+PAIRS = pairs_from_texts("hand", ["A1", "A1", "A2"], ["P1", "P2", "P3"], [[], [], []])
 CORPUS = ["P1", "P2", "P3", "D1", "D2", "D3", "D4", " d2 "]  # " d2 " is D2 after normalisation: one document
 
 
@@ -96,7 +97,7 @@ def test_bm25_candidates_come_in_bm25_order_and_the_guard_uses_the_model(tiny_be
             "stock market prices": 0.8}                        # no shared term: never a BM25 candidate
     encoder.remember(["protein folding yeast"], "query", torch.tensor([[1.0, 0.0]]))
     encoder.remember(list(docs), "document", torch.tensor([unit(c) for c in docs.values()]))
-    pairs = PairDataset.from_texts("bm25", ["protein folding yeast"], ["protein folding yeast cells"], [[]])
+    pairs = pairs_from_texts("bm25", ["protein folding yeast"], ["protein folding yeast cells"], [[]])
 
     def mined(candidates, ratio, k=1):
         settings = HardNegativesConfig(num_negatives=k, range_max=3, max_score_ratio=ratio, candidates=candidates)

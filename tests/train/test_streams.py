@@ -2,12 +2,13 @@
 buffer, mixed by weight, each process reading its part, resumed exactly from any position (and after SIGKILL)."""
 import json
 import random
+from tests.builders import assemble_texts
 
 import pytest
 
 from twinfold.losses import text_keys
 from twinfold.models import BiEncoder
-from twinfold.train.batches import assemble_texts, stream_loader
+from twinfold.train.batches import stream_loader
 from twinfold.train.config import ConfigError, DatasetConfig, load_config
 from twinfold.train.data import DataError, load_pairs
 from twinfold.train.streams import StreamSource, StreamSteps, choose_dataset

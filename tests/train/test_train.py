@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from tests.builders import assemble_texts
 
 import pytest
 import torch
@@ -161,7 +162,6 @@ def test_length_sorted_grouped_step_equals_the_plain_step(tmp_path, tiny_bert_pa
     per role (the embeddings reach the loss in batch order)."""
     from accelerate import Accelerator
 
-    from twinfold.train.batches import assemble_texts
     from twinfold.train.config import load_config
     from twinfold.train.data import KIND
     from twinfold.train.loop import TrainStep, build_loss, build_model

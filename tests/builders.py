@@ -1,0 +1,42 @@
+"""Training data built from texts in memory, for hand-made test cases (the library builds the same from files)."""
+import hashlib
+import json
+
+import numpy as np
+
+from twinfold.losses import text_keys
+from twinfold.train.batches import assemble
+from twinfold.train.data import KIND, PairDataset
+from twinfold.train.sampler import RowKeys
+
+
+def pairs_from_texts(name: str, anchor: list[str], positive: list[str], negatives: list[list[str]] | None = None,
+                     weight: float = 1.0) -> PairDataset:
+    """A dataset whose row i is anchor[i], positive[i], negatives[i]."""
+    import datasets
+
+    k = len(negatives[0]) if negatives else 0
+    columns = {"anchor": list(anchor), "positive": list(positive),
+               **{f"negative_{j}": [row[j] for row in negatives] for j in range(k)}}
+    fingerprint = hashlib.sha256(json.dumps(columns).encode()).hexdigest()[:16]
+    return PairDataset(name, datasets.Dataset.from_dict(columns), weight, fingerprint)
+
+
+def row_keys(name: str, anchor: list[str], positive: list[str], negatives: list[list[str]] | None = None,
+             weight: float = 1.0) -> RowKeys:
+    """The text keys a batch plan needs, of rows given as texts."""
+    k = len(negatives[0]) if negatives else 0
+    negative = text_keys([t for row in negatives for t in row]).numpy().reshape(len(anchor), k) if k \
+        else np.zeros((len(anchor), 0), dtype=np.int64)
+    return RowKeys(name, text_keys(anchor).numpy(), text_keys(positive).numpy(), negative, weight)
+
+
+def assemble_texts(model, texts: dict[str, list[str]], token_budget: int, max_texts: int | None = None) -> dict:
+    """`train.batches.assemble` from texts by role, tokenized with the model's prefixes and max_length."""
+    tokens = {role: (model.token_ids(v, KIND[role]), text_keys(v).tolist()) for role, v in texts.items()}
+    return assemble(tokens, model.padder, token_budget, max_texts)
+
+
+def count_truncated(model, texts: list[str], kind: str) -> int:
+    """How many of `texts` (with the kind's prefix) are longer than the model's `max_length` tokens."""
+    return sum(n > model.max_length for n in model.text_tokenizer.lengths(texts, kind))
