@@ -138,6 +138,11 @@ class BiEncoder(nn.Module):
 
     # --- properties -----------------------------------------------------------------------------------
     @property
+    def _no_split_modules(self) -> list[str]:
+        """The encoder's layer classes: what FSDP wraps as units (accelerate reads this name)."""
+        return list(getattr(self.encoder, "_no_split_modules", None) or [])
+
+    @property
     def max_length(self) -> int:
         return self.settings.max_length
 

@@ -47,7 +47,9 @@ def test_multi_node_config_runs_one_share_of_the_processes_per_machine():
     assert (args.rdzv_backend, args.rdzv_endpoint) == ("static", "10.0.0.1:29500")  # machine 0's address
 
 
-def test_fsdp_config_fully_shards_each_bert_layer_of_the_recipes_model(minilm_path, monkeypatch):
+@pytest.mark.parametrize("family", ["bert", "qwen3"])
+def test_fsdp_config_fully_shards_each_layer_of_the_model_found_from_the_model(minilm_path, tmp_path, monkeypatch,
+                                                                             family):
     config = load_config_from_file(str(CONFIGS / "accelerate_fsdp.yaml"))
     assert config.distributed_type == DistributedType.FSDP
     env = prepare_multi_gpu_env(launch_args("accelerate_fsdp.yaml"))
@@ -60,14 +62,24 @@ def test_fsdp_config_fully_shards_each_bert_layer_of_the_recipes_model(minilm_pa
     assert plugin.sharding_strategy.name == "FULL_SHARD" and plugin.state_dict_type.name == "FULL_STATE_DICT"
     assert plugin.use_orig_params and plugin.cpu_offload.offload_params is False
 
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
     from transformers.models.bert.modeling_bert import BertLayer
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
     from twinfold.models import BiEncoder
 
-    model = BiEncoder.from_pretrained(minilm_path)  # all-MiniLM-L6-v2: 6 BERT layers
+    if family == "bert":
+        path, layer = minilm_path, BertLayer  # all-MiniLM-L6-v2: 6 BERT layers
+    else:
+        path, layer = tmp_path, Qwen3DecoderLayer
+        Qwen3Model(Qwen3Config(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(path)
+        AutoTokenizer.from_pretrained(minilm_path).save_pretrained(path)
+    model = BiEncoder.from_pretrained(path)
     plugin.set_auto_wrap_policy(model)  # accelerate resolves the class names in the model, as in prepare()
-    assert plugin.auto_wrap_policy.keywords["transformer_layer_cls"] == {BertLayer}
-    assert sum(isinstance(m, BertLayer) for m in model.modules()) == model.encoder.config.num_hidden_layers == 6
+    wrapped = plugin.auto_wrap_policy.keywords["transformer_layer_cls"]
+    assert layer in wrapped and {c.__name__ for c in wrapped} == set(model.encoder._no_split_modules)  # BERT: +embeddings
+    assert sum(isinstance(m, layer) for m in model.modules()) == model.encoder.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("stage", [2, 3])
