@@ -287,10 +287,14 @@ def tokenize_pairs(ds: PairDataset, tokenizer: TextTokenizer, cache_dir: Path) -
         features = datasets.Features({f"{role}_{field}": kind for role in ds.roles for field, kind in (
             ("ids", datasets.Sequence(datasets.Value("int32"))), ("key", datasets.Value("int64")),
             ("truncated", datasets.Value("bool")))})
-        mapped = ds.table.map(partial(_tokenize_batch, tokenizer=tokenizer), batched=True, features=features,
-                              batch_size=_VALIDATE_ROWS, num_proc=workers if workers > 1 else None,
-                              remove_columns=ds.roles, cache_file_name=str(tmp / "tokens.arrow"),
-                              desc=f"tokenize {ds.name} ({len(ds)} rows)")
+        try:
+            mapped = ds.table.map(partial(_tokenize_batch, tokenizer=tokenizer), batched=True, features=features,
+                                  batch_size=_VALIDATE_ROWS, num_proc=workers if workers > 1 else None,
+                                  remove_columns=ds.roles, cache_file_name=str(tmp / "tokens.arrow"),
+                                  desc=f"tokenize {ds.name} ({len(ds)} rows)")
+        except BaseException:  # Ctrl-C or an error mid-way: no half-written cache is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         truncated = {role: int(np.count_nonzero(mapped.data.column(f"{role}_truncated").to_numpy()))
                      for role in ds.roles}
         files = [Path(f["filename"]).name for f in mapped.cache_files]

@@ -4,6 +4,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from twinfold.train.data import PairDataset
 from twinfold.train.inputs import TrainingBatches
 from twinfold.train.prepare import prepare_data
 from twinfold.train.resume import claim_run_folder, decided_on_main, resume_point
-from twinfold.train.signals import StopOnSignal
+from twinfold.train.signals import StopOnSignal, StoppedBySignal
 
 log = logging.getLogger("twinfold")
 EVAL_KEYS = ("model", "dim", "precision", "ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100",
@@ -183,7 +184,11 @@ class Run:
 
 def train(cfg: Config) -> Path:
     """Run a whole recipe; return the exported model folder `OUTPUT/final`."""
-    run = set_up(cfg)
+    try:
+        run = set_up(cfg)
+    except KeyboardInterrupt:  # Ctrl-C while preparing: no step was taken, nothing to resume
+        raise StoppedBySignal(signal.SIGINT, "stopped by SIGINT before the first step; no checkpoint was written "
+                                             "(start the run again)") from None
     stop = StopOnSignal().install()
     try:  # a run that raises (a non-finite loss, say) gives the process its signal handlers back too
         run_steps(run, stop)

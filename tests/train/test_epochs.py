@@ -58,3 +58,23 @@ def test_resume_refuses_data_edited_since_the_checkpoint_and_drops_a_torn_metric
     data.write_text(data.read_text().replace("claim 3", "claim three"))  # the data changes under the run
     with pytest.raises(ConfigError, match=r"these changes break exact resumption: data_content.pairs: '\w+' -> '\w+'"):
         train(recipe(tmp_path, data, tiny_bert_path, "train.max_steps=4", "train.resume=true"))
+
+
+def test_ctrl_c_while_tokenizing_stops_in_one_line_and_leaves_no_partial_cache(tmp_path, tiny_bert_path, monkeypatch):
+    import signal
+
+    from twinfold.train import data
+    from twinfold.train.signals import StoppedBySignal
+
+    real = data._tokenize_batch
+
+    def interrupted(batch, tokenizer):  # the user presses Ctrl-C while the first rows are tokenized
+        signal.raise_signal(signal.SIGINT)
+        return real(batch, tokenizer)
+
+    monkeypatch.setattr(data, "_tokenize_batch", interrupted)
+    cfg = recipe(tmp_path, pairs_file(tmp_path, 12), tiny_bert_path, f"data.cache_dir={tmp_path / 'cache'}")
+    with pytest.raises(StoppedBySignal, match="stopped by SIGINT before the first step") as stopped:
+        train(cfg)
+    assert stopped.value.exit_code == 130
+    assert not list((tmp_path / "cache" / "tokens").iterdir())  # neither a cache nor a .tmp-* folder
