@@ -6,14 +6,13 @@ One mechanism for every device: the device only decides the sizes (`models.runti
 prefetch), inline on CPUs. The loss gets the embeddings back in batch order (`order`), so the in-batch
 negatives are exactly the sampled ones.
 """
-from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from twinfold.models.tokens import Padder, length_chunks
 from twinfold.train.data import TokenizedPairs
-from twinfold.train.sampler import Batch, BatchPlan
+from twinfold.train.sampler import Batch, BatchPlan, PlanSampler
 
 
 def assemble(tokens: dict[str, tuple[list[list[int]], list[int]]], padder: Padder, token_budget: int,
@@ -52,21 +51,6 @@ class StepBatches(Dataset):
         rows = batch.shard(self.rank, self.world)
         step = assemble(self.datasets[batch.dataset].rows(rows), self.padder, self.token_budget, self.max_texts)
         return {"epoch": epoch, "index": index, "pairs": len(batch.rows), **step}
-
-
-class PlanSampler(Sampler):
-    """The plan's batches in order from (epoch, index), across epochs without end; the loop decides when to stop."""
-
-    def __init__(self, plan: BatchPlan, epoch: int, index: int):
-        self.plan, self.epoch, self.index = plan, epoch, index
-
-    def __iter__(self) -> Iterator[tuple[int, int, Batch]]:
-        epoch, index = self.epoch, self.index
-        while True:
-            batches = self.plan.epoch(epoch)
-            for i in range(index, len(batches)):
-                yield epoch, i, batches[i]
-            epoch, index = epoch + 1, 0
 
 
 def step_loader(batches: StepBatches, plan: BatchPlan, epoch: int, index: int, settings: dict) -> DataLoader:

@@ -1,8 +1,11 @@
-"""Batch plan: global batches without duplicate texts, the same on every process, one dataset per batch."""
+"""Batch plan: global batches without duplicate texts, the same on every process, one dataset per batch; and the
+sampler that hands its batches to the loader from a position on."""
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
+from torch.utils.data import Sampler
 
 from twinfold.train.data import DataError
 
@@ -151,3 +154,18 @@ class Packer:
 def _interleave(groups: list[list[Batch]]) -> list[list[Batch]]:
     longest = max(len(g) for g in groups)
     return [[g[i] for g in groups if i < len(g)] for i in range(longest)]
+
+
+class PlanSampler(Sampler):
+    """The plan's batches in order from (epoch, index), across epochs without end; the loop decides when to stop."""
+
+    def __init__(self, plan: BatchPlan, epoch: int, index: int):
+        self.plan, self.epoch, self.index = plan, epoch, index
+
+    def __iter__(self) -> Iterator[tuple[int, int, Batch]]:
+        epoch, index = self.epoch, self.index
+        while True:
+            batches = self.plan.epoch(epoch)
+            for i in range(index, len(batches)):
+                yield epoch, i, batches[i]
+            epoch, index = epoch + 1, 0
