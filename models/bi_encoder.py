@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from twinfold.losses.matryoshka import truncate
-from twinfold.models.atomic import atomic_directory
+from twinfold.models.files.atomic import atomic_directory
 from twinfold.models.head import load_dense
 from twinfold.models.loading import SIMILARITIES, ModelLoadError, check_model_folder, read_sentence_transformers_layout
 from twinfold.models.onnx import ONNX_DIR, onnx_encoder

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save
 
-from twinfold.models.atomic import OverwriteRefused, atomic_write_bytes
+from twinfold.models.files.atomic import OverwriteRefused, atomic_write_bytes
 from twinfold.models.quantize import Int8Calibration
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from twinfold.models.bi_encoder import BiEncoder
 from twinfold.models.embeddings import FORMATS, EmbeddingSet, check_embedding_output, content_hash, file_format
-from twinfold.models.jsonl import iter_json_lines
+from twinfold.models.files.jsonl import iter_json_lines
 from twinfold.models.loading import ModelLoadError
 from twinfold.models.quantize import COMPUTE_HELP, COMPUTES, PRECISIONS, calibrate_int8, quantize_binary, quantize_int8
 from twinfold.models.runtime import keep_freed_memory

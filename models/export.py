@@ -67,7 +67,7 @@ def model_folder_of(src: Path) -> Path:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.export") -> int:
-    from twinfold.models.atomic import OverwriteRefused, check_replaceable
+    from twinfold.models.files.atomic import OverwriteRefused, check_replaceable
     from twinfold.models.bi_encoder import BiEncoder
     from twinfold.models.loading import ModelLoadError
 

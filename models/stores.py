@@ -34,7 +34,7 @@ try:
 except ImportError as e:
     raise ImportError(f"models.stores needs faiss-cpu and psycopg: pip install 'twinfold[stores]' ({e})") from None
 
-from twinfold.models.atomic import OverwriteRefused, atomic_write_bytes
+from twinfold.models.files.atomic import OverwriteRefused, atomic_write_bytes
 from twinfold.models.embeddings import EmbeddingSet, check_same_model
 from twinfold.models.quantize import dequantize_int8, quantize_binary
 from twinfold.models.search import RESCORE_MULTIPLIER, binary_search, exact_search, rescore_binary

@@ -31,7 +31,7 @@ from benchlib import GB, REPO, machine
 
 VOCABULARY_SIZE, SEED, DISTINCT = 5000, 0, 1_000_000
 SYLLABLES = [c + v for c in "bcdfghklmnprstvz" for v in ("a", "e", "i", "o", "u", "an", "er", "in", "ol")]
-# the log lines of the run that mark its phases (train/loop.py and train/data.py)
+# the log lines of the run that mark its phases (train/loop.py and train/data/pairs.py)
 MARKS = {"start": r"preparing \d+ training datasets", "validated": r"rows read and validated",
          "tokenized": r"rows tokenized and cached|token cache reused", "first_step": r"training from step"}
 STREAM_MARKS = {"start": MARKS["start"], "first_step": MARKS["first_step"], "first_block": r"in its first \d+ rows"}

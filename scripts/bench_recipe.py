@@ -50,7 +50,7 @@ def st_train(cfg, out: Path) -> None:
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
     from twinfold.models import resolve_model_path
-    from twinfold.train.data import load_pairs
+    from twinfold.train.data.pairs import load_pairs
 
     t, loss_cfg = cfg.train, cfg.loss
     pairs = load_pairs(cfg.data.train[0])

@@ -24,8 +24,8 @@ from benchlib import machine  # noqa: E402
 from twinfold.models.embeddings import EmbeddingSet  # noqa: E402
 from twinfold.models.stores import (build_faiss, exact_hits, faiss_search, load_pgvector, pgvector_search,  # noqa: E402
                            query_vectors, recall_at_k)
-from twinfold.train.beir import load_beir  # noqa: E402
-from twinfold.train.metrics import evaluate_run  # noqa: E402
+from twinfold.train.eval.beir import load_beir  # noqa: E402
+from twinfold.train.eval.metrics import evaluate_run  # noqa: E402
 
 FAISS = ("flat", "hnsw", "binary-flat", "binary-hnsw")
 PGVECTOR = ("vector", "halfvec", "bit")

@@ -99,9 +99,9 @@ def twinfold_step(args):
     from torch.utils.data import DataLoader
 
     from twinfold.models.runtime import default_token_budget, loader_settings
-    from twinfold.train.batches import assemble
+    from twinfold.train.data.batches import assemble
     from twinfold.train.config import load_config
-    from twinfold.train.data import KIND
+    from twinfold.train.data.pairs import KIND
     from twinfold.train.loop import TrainStep, build_loss, build_model, build_optimizer, make_accelerator
 
     overrides = [f"model.name_or_path={args.model}", f"model.max_length={args.max_length}",

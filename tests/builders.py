@@ -5,9 +5,9 @@ import json
 import numpy as np
 
 from twinfold.losses import text_keys
-from twinfold.train.batches import assemble
-from twinfold.train.data import KIND, PairDataset
-from twinfold.train.sampler import RowKeys
+from twinfold.train.data.batches import assemble
+from twinfold.train.data.pairs import KIND, PairDataset
+from twinfold.train.data.plan import RowKeys
 
 
 def pairs_from_texts(name: str, anchor: list[str], positive: list[str], negatives: list[list[str]] | None = None,

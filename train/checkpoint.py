@@ -8,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from twinfold.models.atomic import atomic_directory
+from twinfold.models.files.atomic import atomic_directory
 from twinfold.models.export import write_model_folder
 from twinfold.models.head import read_head
 

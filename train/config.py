@@ -18,8 +18,8 @@ import yaml
 from twinfold.losses import DEFAULT_TEMPERATURE, MIN_TEMPERATURE, ROLES, SIMILARITIES, check_dims
 from twinfold.models.pooling import POOLING_MODES
 from twinfold.models.quantize import COMPUTES, PRECISIONS
-from twinfold.train.bm25 import settings_from
-from twinfold.train.metrics import DEFAULT_K_VALUES, METRICS, metric_names
+from twinfold.train.eval.bm25 import settings_from
+from twinfold.train.eval.metrics import DEFAULT_K_VALUES, METRICS, metric_names
 
 
 class ConfigError(ValueError):

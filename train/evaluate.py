@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from twinfold.models import BiEncoder, ModelLoadError, truncate
-from twinfold.models.atomic import check_output_folder
+from twinfold.models.files.atomic import check_output_folder
 from twinfold.models.quantize import COMPUTE_HELP, COMPUTES, PRECISIONS, bytes_per_vector, calibrate_int8, quantize_binary, quantize_int8
 from twinfold.models.runtime import keep_freed_memory
 from twinfold.models.search import RESCORE_MULTIPLIER, binary_search, exact_search, int8_search
-from twinfold.train.beir import BeirData, load_beir
-from twinfold.train.bm25 import PRESETS, BM25Settings, BM25Index, settings_from
-from twinfold.train.metrics import DEFAULT_K_VALUES, evaluate_run, spearman, write_trec_run
-from twinfold.train.report import REPORT_FILES, markdown_table, write_report
+from twinfold.train.eval.beir import BeirData, load_beir
+from twinfold.train.eval.bm25 import PRESETS, BM25Settings, BM25Index, settings_from
+from twinfold.train.eval.metrics import DEFAULT_K_VALUES, evaluate_run, spearman, write_trec_run
+from twinfold.train.eval.report import REPORT_FILES, markdown_table, write_report
 
 log = logging.getLogger(__name__)
 

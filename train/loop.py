@@ -18,13 +18,13 @@ from tqdm.auto import tqdm
 
 from twinfold.losses import InfoNCE, Matryoshka, cached_backward, uncached_backward
 from twinfold.models import BiEncoder
-from twinfold.models.atomic import atomic_write_bytes
+from twinfold.models.files.atomic import atomic_write_bytes
 from twinfold.models.runtime import cpu_has_bf16, keep_freed_memory
 from twinfold.train.checkpoint import checkpoint_streams, load_checkpoint, prune_checkpoints, save_checkpoint
 from twinfold.train.config import Config, ConfigError, save_config
-from twinfold.train.data import PairDataset
-from twinfold.train.inputs import TrainingBatches
-from twinfold.train.prepare import prepare_data
+from twinfold.train.data.pairs import PairDataset
+from twinfold.train.data.loader import TrainingBatches
+from twinfold.train.data.prepare import prepare_data
 from twinfold.train.resume import claim_run_folder, decided_on_main, resume_point
 from twinfold.train.signals import StopOnSignal, StoppedBySignal
 
@@ -354,7 +354,7 @@ def finish(run: Run) -> Path:
             rows = state.base + final_rows + (run.evaluator.bm25_rows() if cfg.eval.bm25 else [])
         run.model.save_pretrained(final, info=run_info(cfg, run.datasets, state, rows, run.data_report))
         if run.evaluator is not None:
-            from twinfold.train.report import write_report
+            from twinfold.train.eval.report import write_report
 
             write_report(rows, out / "eval", info={**run.evaluator.describe(), "config": cfg.to_dict(),
                                                    **run.data_report})
@@ -482,8 +482,8 @@ def checkpoint(run: Run) -> float:
 def build_evaluator(cfg: Config, out: Path):
     if cfg.eval.data is None:
         return None
-    from twinfold.train.beir import load_beir
-    from twinfold.train.bm25 import settings_from
+    from twinfold.train.eval.beir import load_beir
+    from twinfold.train.eval.bm25 import settings_from
     from twinfold.train.evaluate import RetrievalEvaluator
 
     e = cfg.eval

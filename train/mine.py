@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from twinfold.models import BiEncoder, ModelLoadError
-from twinfold.models.atomic import atomic_write_bytes
-from twinfold.train.beir import BeirFormatError, load_beir, load_corpus
-from twinfold.train.bm25 import BM25Index
+from twinfold.models.files.atomic import atomic_write_bytes
+from twinfold.train.eval.beir import BeirFormatError, load_beir, load_corpus
+from twinfold.train.eval.bm25 import BM25Index
 from twinfold.train.config import DatasetConfig, HardNegativesConfig
-from twinfold.train.data import DataError, PairDataset, load_pairs
+from twinfold.train.data.pairs import DataError, PairDataset, load_pairs
 
 log = logging.getLogger("twinfold")
 CACHE_NEUTRAL = ("cache_dir",)  # settings that do not change the mined file

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
 
-from twinfold.models.atomic import OverwriteRefused, check_output_folder, check_replaceable, verify_manifest
+from twinfold.models.files.atomic import OverwriteRefused, check_output_folder, check_replaceable, verify_manifest
 from twinfold.train.checkpoint import checkpoint_config, checkpoint_processes, complete_checkpoints
 from twinfold.train.config import ConfigError
 from twinfold.train.lock import LOCK_FILE, RunLock

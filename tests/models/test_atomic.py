@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from twinfold.models import BiEncoder
-from twinfold.models.atomic import MANIFEST, OverwriteRefused, atomic_directory, verify_manifest
+from twinfold.models.files.atomic import MANIFEST, OverwriteRefused, atomic_directory, verify_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 

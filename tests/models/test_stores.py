@@ -8,12 +8,12 @@ import psycopg
 import pytest
 
 from twinfold.models import BiEncoder, EmbeddingSet, FingerprintMismatch
-from twinfold.models.atomic import OverwriteRefused
+from twinfold.models.files.atomic import OverwriteRefused
 from twinfold.models.quantize import calibrate_int8, quantize_int8
 from twinfold.models.search import int8_search
 from twinfold.models.stores import (build_faiss, exact_hits, faiss_search, load_pgvector, main, pgvector_search,
                            query_vectors, recall_at_k, store_vectors)
-from twinfold.train.beir import load_beir
+from twinfold.train.eval.beir import load_beir
 from twinfold.train.evaluate import RetrievalEvaluator
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,10 +6,10 @@ import torch
 
 from twinfold.models import BiEncoder
 from twinfold.models.tokens import Padder, length_chunks
-from twinfold.train.batches import StepBatches, assemble, step_loader
+from twinfold.train.data.batches import StepBatches, assemble, step_loader
 from twinfold.train.config import DatasetConfig
-from twinfold.train.data import load_pairs, tokenize_pairs
-from twinfold.train.sampler import BatchPlan, RowKeys
+from twinfold.train.data.pairs import load_pairs, tokenize_pairs
+from twinfold.train.data.plan import BatchPlan, RowKeys
 
 
 def test_length_chunks_by_hand():

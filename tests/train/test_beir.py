@@ -1,7 +1,7 @@
 """The BEIR loader: what it reads, and errors that name the file, the line and what to do."""
 import pytest
 
-from twinfold.train.beir import BeirFormatError, load_beir
+from twinfold.train.eval.beir import BeirFormatError, load_beir
 
 CORPUS = '{"_id": "d1", "title": "Title", "text": "first"}\n{"_id": "d2", "text": "second"}\n'
 QUERIES = '{"_id": "q1", "text": "one"}\n{"_id": "q2", "text": "two"}\n{"_id": "q3", "text": "unjudged"}\n'

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from twinfold.train.bm25 import BM25Index, BM25Settings, settings_from, split_identifiers
+from twinfold.train.eval.bm25 import BM25Index, BM25Settings, settings_from, split_identifiers
 from twinfold.train.evaluate import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,7 +89,7 @@ def test_bm25_never_imports_jax_even_where_it_is_installed(tmp_path):
     fake.mkdir()
     (fake / "__init__.py").write_text("raise SystemExit('jax was imported')\n")
     (fake / "lax.py").write_text("")
-    probe = ("import sys; from twinfold.train.bm25 import BM25Index, settings_from; "
+    probe = ("import sys; from twinfold.train.eval.bm25 import BM25Index, settings_from; "
              "index = BM25Index(['alpha beta', 'gamma delta', 'beta gamma'], settings_from()); "
              "ids, _ = index.search(['beta'], 2); print(sorted(ids[0].tolist()), 'jax' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}

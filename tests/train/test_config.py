@@ -88,7 +88,7 @@ def test_eval_metric_is_checked_at_load_time(tmp_path, pairs):
 
 
 def test_every_reported_metric_name_is_accepted(tmp_path, pairs):
-    from twinfold.train.metrics import evaluate_run
+    from twinfold.train.eval.metrics import evaluate_run
 
     reported = evaluate_run({"q": {"d": 1.0}}, {"q": {"d": 1}})
     path = write(tmp_path, recipe(pairs))

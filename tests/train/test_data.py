@@ -8,8 +8,8 @@ import pytest
 
 from twinfold.models import BiEncoder
 from twinfold.train.config import DatasetConfig
-from twinfold.train.data import DataError, load_pairs, tokenize_pairs
-from twinfold.train.sampler import BatchPlan
+from twinfold.train.data.pairs import DataError, load_pairs, tokenize_pairs
+from twinfold.train.data.plan import BatchPlan
 
 
 def jsonl(tmp_path, rows, name="pairs.jsonl"):

@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import REPO
 from twinfold.train.config import ConfigError, load_config
 from twinfold.train.loop import train
-from twinfold.train.sampler import BatchPlan
+from twinfold.train.data.plan import BatchPlan
 
 
 def pairs_file(tmp_path, n):
@@ -63,7 +63,7 @@ def test_resume_refuses_data_edited_since_the_checkpoint_and_drops_a_torn_metric
 def test_ctrl_c_while_tokenizing_stops_in_one_line_and_leaves_no_partial_cache(tmp_path, tiny_bert_path, monkeypatch):
     import signal
 
-    from twinfold.train import data
+    from twinfold.train.data import pairs as data
     from twinfold.train.signals import StoppedBySignal
 
     real = data._tokenize_batch

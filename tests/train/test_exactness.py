@@ -76,7 +76,7 @@ def tiny_beir(folder):
 def test_normalize_false_is_one_similarity_in_loss_search_and_export(tiny_bert_path, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from twinfold.train.beir import load_beir
+    from twinfold.train.eval.beir import load_beir
     from twinfold.train.evaluate import RetrievalEvaluator
     from twinfold.train.loop import build_loss, build_model
 

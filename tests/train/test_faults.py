@@ -31,7 +31,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_newest(tmp_pa
     (previous / "trainer_state.json").write_text("{}")
     script = textwrap.dedent(f"""
         import os, signal
-        from twinfold.models.atomic import atomic_directory
+        from twinfold.models.files.atomic import atomic_directory
         with atomic_directory({str(tmp_path / "checkpoints" / "step-4")!r}) as tmp:
             (tmp / "model.safetensors").write_bytes(b"half a model")
             (tmp / "trainer_state.json").write_text("{{}}")

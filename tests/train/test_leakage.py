@@ -6,8 +6,8 @@ from tests.builders import pairs_from_texts
 import pytest
 
 from twinfold.models import BiEncoder
-from twinfold.train.beir import BeirData
-from twinfold.train.leakage import check_datasets, summary_lines
+from twinfold.train.eval.beir import BeirData
+from twinfold.train.data.leakage import check_datasets, summary_lines
 from twinfold.train.mine import MemoEncoder
 
 EVAL = BeirData(corpus_ids=["d1", "d2"],

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from twinfold.train.metrics import METRICS, evaluate_run, rank, spearman, write_trec_run
+from twinfold.train.eval.metrics import METRICS, evaluate_run, rank, spearman, write_trec_run
 
 K_VALUES = (1, 2, 3, 5, 10, 20)
 

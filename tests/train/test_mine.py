@@ -11,7 +11,7 @@ import torch
 
 from twinfold.models import BiEncoder
 from twinfold.train.config import ConfigError, DatasetConfig, HardNegativesConfig, load_config
-from twinfold.train.data import load_pairs
+from twinfold.train.data.pairs import load_pairs
 from twinfold.train.mine import MemoEncoder, main, mine, mine_dataset, normalize_text
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,10 +8,10 @@ import pytest
 
 from twinfold.losses import text_keys
 from twinfold.models import BiEncoder
-from twinfold.train.batches import stream_loader
+from twinfold.train.data.batches import stream_loader
 from twinfold.train.config import ConfigError, DatasetConfig, load_config
-from twinfold.train.data import DataError, load_pairs
-from twinfold.train.streams import StreamSource, StreamSteps, choose_dataset
+from twinfold.train.data.pairs import DataError, load_pairs
+from twinfold.train.data.streams import StreamSource, StreamSteps, choose_dataset
 
 from tests.train.test_train import kill_after, max_diff, run_train, weights
 

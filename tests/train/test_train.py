@@ -163,7 +163,7 @@ def test_length_sorted_grouped_step_equals_the_plain_step(tmp_path, tiny_bert_pa
     from accelerate import Accelerator
 
     from twinfold.train.config import load_config
-    from twinfold.train.data import KIND
+    from twinfold.train.data.pairs import KIND
     from twinfold.train.loop import TrainStep, build_loss, build_model
 
     monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))

@@ -7,7 +7,7 @@ from typing import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
-from twinfold.train.data import DataError
+from twinfold.train.data.pairs import DataError
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,10 @@ import logging
 from typing import Iterator
 
 from twinfold.models.runtime import default_token_budget, loader_settings
-from twinfold.train.batches import StepBatches, step_loader, stream_loader
-from twinfold.train.data import PairDataset, TokenizedPairs, cache_root, tokenize_pairs
-from twinfold.train.sampler import BatchPlan, RowKeys
-from twinfold.train.streams import StreamSource, StreamSteps
+from twinfold.train.data.batches import StepBatches, step_loader, stream_loader
+from twinfold.train.data.pairs import PairDataset, TokenizedPairs, cache_root, tokenize_pairs
+from twinfold.train.data.plan import BatchPlan, RowKeys
+from twinfold.train.data.streams import StreamSource, StreamSteps
 
 log = logging.getLogger("twinfold")
 

@@ -4,7 +4,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twinfold.models.jsonl import iter_json_lines
+from twinfold.models.files.jsonl import iter_json_lines
 
 log = logging.getLogger(__name__)
 

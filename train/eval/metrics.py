@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twinfold.models.atomic import atomic_write_bytes
+from twinfold.models.files.atomic import atomic_write_bytes
 
 METRICS = ("ndcg", "mrr", "recall", "map", "precision")
 DEFAULT_K_VALUES = (1, 3, 5, 10, 100)

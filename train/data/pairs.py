@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from twinfold.losses import text_keys
-from twinfold.models.atomic import file_sha256
-from twinfold.models.jsonl import iter_json_lines
+from twinfold.models.files.atomic import file_sha256
+from twinfold.models.files.jsonl import iter_json_lines
 from twinfold.models.tokens import TextTokenizer
 from twinfold.train.config import DatasetConfig
 

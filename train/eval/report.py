@@ -3,7 +3,7 @@ import io
 import json
 from pathlib import Path
 
-from twinfold.models.atomic import atomic_write_bytes
+from twinfold.models.files.atomic import atomic_write_bytes
 from twinfold.models.quantize import PRECISIONS, format_megabytes
 
 COLUMNS = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@10", "R@10"), ("recall@100", "R@100"),
@@ -31,7 +31,7 @@ def notes_of(rows: list[dict], info: dict | None) -> list[str]:
     """Lines under the table: the settings of BM25 rows and the training data's overlap with the eval set."""
     lines = [f"BM25 settings: {r['bm25']}." for r in rows if r.get("bm25")]
     if info and info.get("leakage"):
-        from twinfold.train.leakage import summary_lines
+        from twinfold.train.data.leakage import summary_lines
 
         lines.append("## Training data against the eval set\n\n" + "\n".join(summary_lines(info["leakage"])))
     return lines

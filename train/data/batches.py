@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from twinfold.models.tokens import Padder, length_chunks
-from twinfold.train.data import TokenizedPairs
-from twinfold.train.sampler import Batch, BatchPlan, PlanSampler
+from twinfold.train.data.pairs import TokenizedPairs
+from twinfold.train.data.plan import Batch, BatchPlan, PlanSampler
 
 
 def assemble(tokens: dict[str, tuple[list[list[int]], list[int]]], padder: Padder, token_budget: int,

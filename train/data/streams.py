@@ -24,11 +24,11 @@ from torch.utils.data import IterableDataset
 
 from twinfold.losses import text_keys
 from twinfold.models.tokens import Padder, TextTokenizer
-from twinfold.train.batches import assemble
+from twinfold.train.data.batches import assemble
 from twinfold.train.config import DatasetConfig
-from twinfold.train.data import KIND, DataError, PairDataset, dataset_name, load_source, read_error, role_columns, row_place, \
+from twinfold.train.data.pairs import KIND, DataError, PairDataset, dataset_name, load_source, read_error, role_columns, row_place, \
     step_roles, text_problem
-from twinfold.train.sampler import Packer
+from twinfold.train.data.plan import Packer
 
 log = logging.getLogger("twinfold")
 START = {"pass": 0, "source": None, "read": 0, "carry": [], "used": 0}  # a dataset's position before its first row

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from twinfold.train.beir import BeirData
-from twinfold.train.data import PairDataset
+from twinfold.train.eval.beir import BeirData
+from twinfold.train.data.pairs import PairDataset
 from twinfold.train.mine import MemoEncoder, normalize_text
 
 log = logging.getLogger("twinfold")

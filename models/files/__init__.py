@@ -1,0 +1,1 @@
+"""Files twinfold reads and writes: atomic writes with checksummed manifests, JSON lines."""

@@ -1,0 +1,1 @@
+"""Retrieval evaluation parts: BEIR data, BM25, metrics and the report."""
