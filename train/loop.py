@@ -37,10 +37,12 @@ class TrainingError(RuntimeError):
 
 
 def build_model(cfg: Config) -> BiEncoder:
+    """The model to train: float32 master weights unless `model.dtype` names the weights' dtype."""
     m = cfg.model
     model = BiEncoder.from_pretrained(
         m.name_or_path, pooling=m.pooling, normalize=m.normalize, similarity=m.similarity, max_length=m.max_length,
         dropout=m.dropout, query_prefix=m.query_prefix, document_prefix=m.document_prefix,
+        dtype="float32" if m.dtype == "auto" else m.dtype, attn_implementation=m.attn_implementation,
         allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code,
     )
     dims = cfg.loss.matryoshka_dims
@@ -48,8 +50,16 @@ def build_model(cfg: Config) -> BiEncoder:
         raise ConfigError(f"loss.matryoshka_dims: {dims[0]} is larger than the model's dimension {model.dim}")
     model.settings.matryoshka_dims = list(dims)
     if m.gradient_checkpointing:
-        model.encoder.gradient_checkpointing_enable()
+        if not model.encoder.supports_gradient_checkpointing:
+            raise ConfigError(f"model.gradient_checkpointing: {type(model.encoder).__name__} ({m.name_or_path}) does "
+                              "not support gradient checkpointing in transformers; set it to false")
+        model.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def export_dtype(cfg: Config, model: BiEncoder) -> torch.dtype:
+    """The dtype of the trained model's export: `model.dtype`, and for auto the base checkpoint's."""
+    return getattr(torch, model.checkpoint_dtype if cfg.model.dtype == "auto" else cfg.model.dtype)
 
 
 def build_loss(cfg: Config, similarity: str = "cosine") -> torch.nn.Module:
@@ -279,6 +289,7 @@ def train(cfg: Config) -> Path:
         if evaluator is not None:
             final_rows = [dict(r, model="final") for r in state.get("last_rows", [])]
             rows = state.get("base", []) + final_rows + (evaluator.bm25_rows() if cfg.eval.bm25 else [])
+        model.to(export_dtype(cfg, model))  # training is over: the export is in the base's dtype (or model.dtype's)
         model.save_pretrained(final, info=run_info(cfg, datasets, state, rows, data_report))
         if evaluator is not None:
             from twinfold.train.report import write_report
