@@ -17,8 +17,8 @@ from twinfold.models.head import load_dense
 from twinfold.models.loading import SIMILARITIES, ModelLoadError, check_model_folder, read_sentence_transformers_layout
 from twinfold.models.onnx import ONNX_DIR, onnx_encoder
 from twinfold.models.pooling import POOLING_MODES, pool
-from twinfold.models.quantize import (COMPUTES, PRECISIONS, Int8Calibration, calibrate_int8, int8_linear_copy,
-                             quantize_binary, quantize_int8)
+from twinfold.models.quantize import (COMPUTES, PRECISIONS, Int8Calibration, calibrate_int8, float32_module,
+                                      int8_linear_copy, quantize_binary, quantize_int8)
 from twinfold.models.resolve import describe_attempts, resolve_model_path
 from twinfold.models.runtime import attention_kernels, loader_settings, pad_multiple
 from twinfold.models.tokens import Padder, TextTokenizer
@@ -315,7 +315,8 @@ class BiEncoder(nn.Module):
             else:
                 source, loaded = self.__dict__.get("_source", (None, None))
                 encoder = onnx_encoder(self, compute, source if loaded == digest else None)
-            runners[compute] = (digest, BiEncoder(encoder, self.tokenizer, self.settings, head=self.head,
+            head = float32_module(self.head)  # these computes give float32 token states
+            runners[compute] = (digest, BiEncoder(encoder, self.tokenizer, self.settings, head=head,
                                                   checkpoint_dtype=self.checkpoint_dtype))
         return runners[compute][1]
 

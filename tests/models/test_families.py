@@ -26,6 +26,17 @@ CORPUS = TEXTS + ["the quick brown fox jumps over the lazy dog", "embedding mode
 HIDDEN = 32
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread each (training too) avoids oversubscribing shared CPU cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TWINFOLD_NUM_THREADS", "1")
+        yield
+    torch.set_num_threads(threads)
+
+
 def trained_tokenizer(kind, specials, template, padding_side="right", model_max_length=64, pad=None, eos=None,
                       bos=None, unk=None, vocab=None):
     """A fast tokenizer: byte-level BPE ("bpe"), sentencepiece-style Unigram ("unigram") trained on CORPUS, or
@@ -324,7 +335,7 @@ def test_mpnet_gradient_checkpointing_is_refused_by_key_and_class(families, pair
     with pytest.raises(ConfigError, match=r"^model.gradient_checkpointing: MPNetModel .* does not support"):
         build_model(recipe(families["mpnet"]["float32"], tmp_path, pairs, gradient_checkpointing=True))
     model = build_model(recipe(families["qwen3"]["float32"], tmp_path, pairs, gradient_checkpointing=True))
-    assert model.encoder.is_gradient_checkpointing
+    assert model.encoder.is_activation_checkpointing
 
 
 def test_attention_kernels(families):
@@ -348,3 +359,10 @@ def test_t5_loads_the_encoder_alone_and_dropout_reaches_it(families):
     model = BiEncoder.from_pretrained(families["t5"]["float32"], dropout=0.3)
     assert type(model.encoder).__name__ == "T5EncoderModel" and model.encoder.config.dropout_rate == 0.3
     assert {m.p for m in model.encoder.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+
+
+def test_cpu_computes_of_a_bfloat16_checkpoint_run_its_float32_upcast(families):
+    folder = families["bert"]["bfloat16"]
+    half, upcast = BiEncoder.from_pretrained(folder), BiEncoder.from_pretrained(folder, dtype="float32")
+    assert np.array_equal(half.encode(TEXTS, compute="int8"), upcast.encode(TEXTS, compute="int8"))
+    assert np.abs(half.encode(TEXTS, compute="onnx") - upcast.encode(TEXTS)).max() < 1e-5
