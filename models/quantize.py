@@ -65,7 +65,7 @@ def format_megabytes(mb: float) -> str:
 
 
 def float32_module(module: nn.Module) -> nn.Module:
-    """`module` itself when its weights are float32, else a float32 copy (the CPU computes int8 and ONNX run float32)."""
+    """`module` itself when its weights are float32, else a float32 copy (int8 and ONNX compute in float32)."""
     if all(p.dtype == torch.float32 for p in module.parameters()):
         return module
     return copy.deepcopy(module).float()
@@ -75,8 +75,8 @@ def int8_linear_copy(encoder: nn.Module) -> nn.Module:
     """A CPU inference copy of `encoder` whose linear layers run in int8 (PyTorch dynamic quantisation).
 
     Weights are quantised once per output channel; each batch's activations are quantised on the fly with
-    their own range. Attention, norms and activations stay float32 (half-precision weights are upcast first). The speed-up needs int8 dot-product
-    instructions (AVX-512 VNNI / AMX, ARM dot-product); without them it is about none.
+    their own range. Attention, norms and activations stay float32 (half-precision weights are upcast first). The
+    speed-up needs int8 dot-product instructions (AVX-512 VNNI / AMX, ARM dot-product); without them it is about none.
     """
     try:
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
