@@ -334,8 +334,15 @@ def test_float16_weights_are_not_trained_directly(families, pairs, tmp_path):
 def test_mpnet_gradient_checkpointing_is_refused_by_key_and_class(families, pairs, tmp_path):
     with pytest.raises(ConfigError, match=r"^model.gradient_checkpointing: MPNetModel .* does not support"):
         build_model(recipe(families["mpnet"]["float32"], tmp_path, pairs, gradient_checkpointing=True))
-    model = build_model(recipe(families["qwen3"]["float32"], tmp_path, pairs, gradient_checkpointing=True))
-    assert model.encoder.is_activation_checkpointing
+
+
+def test_gradient_checkpointing_trains_the_same_weights(families, pairs, tmp_path):
+    folder = families["qwen3"]["float32"]
+    assert build_model(recipe(folder, tmp_path, pairs, gradient_checkpointing=True)).encoder.is_activation_checkpointing
+    plain = train(recipe(folder, tmp_path / "plain", pairs))
+    checkpointed = train(recipe(folder, tmp_path / "checkpointed", pairs, gradient_checkpointing=True))
+    a, b = load_file(plain / "model.safetensors"), load_file(checkpointed / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
 def test_attention_kernels(families):
