@@ -219,6 +219,23 @@ def sentence_transformer(folder):
     return SentenceTransformer(str(folder), device="cpu").eval()
 
 
+# the special tokens each text starts and ends with, and the padding side, as the family's real tokenizer has them
+TEMPLATES = {"bert": ("[CLS]", "[SEP]", "right"), "roberta": ("<s>", "</s>", "right"), "xlmr": ("<s>", "</s>", "right"),
+             "distilbert": ("[CLS]", "[SEP]", "right"), "modernbert": ("[CLS]", "[SEP]", "right"),
+             "mpnet": ("<s>", "</s>", "right"), "t5": (None, "</s>", "right"), "qwen3": (None, "<|endoftext|>", "left"),
+             "mistral": ("<s>", "</s>", "left"), "gemma3": ("<bos>", "<eos>", "right")}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tokenizers_have_the_familys_special_tokens_and_padding_side(name, families):
+    model = BiEncoder.from_pretrained(families[name]["float32"])
+    first, last, side = TEMPLATES[name]
+    tokens = model.tokenizer.convert_ids_to_tokens(model.token_ids(["short text"])[0])
+    assert (tokens[0] == first if first else tokens[0] not in model.tokenizer.all_special_tokens) and tokens[-1] == last
+    assert model.tokenizer.padding_side == side
+    assert model.padder.token_type_ids == (name == "bert")  # only BERT's tokenizer gives token_type_ids
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_float32_embeddings_equal_sentence_transformers(name, families):
     st, ours = sentence_transformer(families[name]["float32"]), BiEncoder.from_pretrained(families[name]["float32"])
