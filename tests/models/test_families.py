@@ -390,3 +390,16 @@ def test_cpu_computes_of_a_bfloat16_checkpoint_run_its_float32_upcast(families):
     half, upcast = BiEncoder.from_pretrained(folder), BiEncoder.from_pretrained(folder, dtype="float32")
     assert np.array_equal(half.encode(TEXTS, compute="int8"), upcast.encode(TEXTS, compute="int8"))
     assert np.abs(half.encode(TEXTS, compute="onnx") - upcast.encode(TEXTS)).max() < 1e-5
+
+
+def test_model_card_snippet_of_a_gtr_layout_loads_the_t5_encoder(families, tmp_path):
+    model = BiEncoder.from_pretrained(families["t5"]["float32"])
+    model.head = torch.nn.Sequential()  # GTR: mean pooling, normalised, no Dense
+    model.save_pretrained(tmp_path / "gtr")
+    card = (tmp_path / "gtr" / "README.md").read_text()
+    snippet = card.split("\ntransformers:\n\n```python\n")[1].split("```")[0]
+    assert "T5EncoderModel.from_pretrained" in snippet
+    scope = {}
+    exec(snippet.replace("path/to/this/model", str(tmp_path / "gtr")), scope)
+    expected = model.encode(["a question"])
+    assert np.abs(scope["emb"].numpy() - expected).max() < 1e-5
