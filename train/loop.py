@@ -283,13 +283,16 @@ def train(cfg: Config) -> Path:
 
     final = out / "final"
     if main:
-        if evaluator is not None and "last_rows" not in state:  # resumed after the last checkpoint
+        dtype = export_dtype(cfg, model)
+        if dtype != model.encoder.dtype:  # training is over: the export is in the base's dtype (or model.dtype's)
+            model.to(dtype)
+            state.pop("last_rows", None)  # the final rows measure the export itself
+        if evaluator is not None and "last_rows" not in state:  # resumed after the last checkpoint, or converted
             state["last_rows"] = evaluator(model, f"step-{state['step']}")
         rows = []
         if evaluator is not None:
             final_rows = [dict(r, model="final") for r in state.get("last_rows", [])]
             rows = state.get("base", []) + final_rows + (evaluator.bm25_rows() if cfg.eval.bm25 else [])
-        model.to(export_dtype(cfg, model))  # training is over: the export is in the base's dtype (or model.dtype's)
         model.save_pretrained(final, info=run_info(cfg, datasets, state, rows, data_report))
         if evaluator is not None:
             from twinfold.train.report import write_report

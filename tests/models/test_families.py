@@ -320,8 +320,13 @@ def test_two_training_steps_and_the_export_loads_in_sentence_transformers(name, 
                   ).max() < 1e-5
 
 
-def test_auto_dtype_trains_float32_master_weights_and_exports_the_base_dtype(families, pairs, tmp_path):
-    final = train(recipe(families["qwen3"]["bfloat16"], tmp_path / "run", pairs))
+def test_auto_dtype_trains_float32_master_weights_and_exports_the_base_dtype(families, pairs, tmp_path, data_dir):
+    cfg = recipe(families["qwen3"]["bfloat16"], tmp_path / "run", pairs)
+    cfg.eval.data = str(data_dir / "scifact-nano")
+    final = train(cfg)
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())  # the final rows are the export's
+    fingerprint = json.loads((final / "twinfold.json").read_text())["fingerprint"]
+    assert {r["fingerprint"] for r in report["results"] if r["model"] == "final"} == {fingerprint}
     checkpoint = load_file(tmp_path / "run" / "checkpoints" / "step-2" / "model" / "model.safetensors")
     assert {t.dtype for t in checkpoint.values()} == {torch.float32}  # what training updated
     assert {t.dtype for t in load_file(final / "model.safetensors").values()} == {torch.bfloat16}
