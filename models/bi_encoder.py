@@ -11,13 +11,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from twinfold.losses.matryoshka import truncate
+from twinfold.models.families import (DROPOUT_KEYS, checkpoint_dtype, encoder_class, resolve_attn_implementation,
+                                       torch_dtype)
 from twinfold.models.files.atomic import atomic_directory
 from twinfold.models.head import load_dense
 from twinfold.models.loading import SIMILARITIES, ModelLoadError, check_model_folder, read_sentence_transformers_layout
 from twinfold.models.onnx import ONNX_DIR, onnx_encoder
 from twinfold.models.pooling import POOLING_MODES, pool
-from twinfold.models.quantize import (COMPUTES, PRECISIONS, Int8Calibration, calibrate_int8, int8_linear_copy,
-                             quantize_binary, quantize_int8)
+from twinfold.models.quantize import (COMPUTES, PRECISIONS, Int8Calibration, calibrate_int8, float32_module,
+                                      int8_linear_copy, quantize_binary, quantize_int8)
 from twinfold.models.resolve import describe_attempts, resolve_model_path
 from twinfold.models.runtime import attention_kernels, loader_settings, pad_multiple
 from twinfold.models.tokens import Padder, TextTokenizer
@@ -53,9 +55,11 @@ class BiEncoder(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, tokenizer, settings: EncoderSettings | None = None, info: dict | None = None,
-                 head: nn.Sequential | None = None):
+                 head: nn.Sequential | None = None, checkpoint_dtype: str | None = None):
         super().__init__()
         self.encoder = encoder
+        # the dtype of the weights loaded (`models.families.DTYPES`): a training run exports in it
+        self.checkpoint_dtype = checkpoint_dtype or str(encoder.dtype).removeprefix("torch.")
         self.head = head if head is not None else nn.Sequential()  # Dense layers after pooling (models.head)
         self.tokenizer = tokenizer
         self.settings = settings or EncoderSettings()
@@ -82,15 +86,20 @@ class BiEncoder(nn.Module):
         query_prefix: str | None = None,
         document_prefix: str | None = None,
         dropout: float | None = None,
+        dtype: str = "auto",
+        attn_implementation: str = "sdpa",
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
     ) -> "BiEncoder":
         """Load a twinfold, sentence-transformers or plain Hugging Face folder (or hub id).
 
-        Explicit arguments override what the folder stores. Weights load from safetensors only unless
-        `allow_pickle`; custom model code runs only with `trust_remote_code`.
+        Explicit arguments override what the folder stores. `dtype` (`models.families.DTYPES`): the weights' dtype,
+        auto keeping the checkpoint's, as sentence-transformers does. `attn_implementation`: sdpa, flash_attention_2
+        or eager (sdpa runs eager on a model without an SDPA kernel). T5-like checkpoints load their encoder alone.
+        Weights load from safetensors only unless `allow_pickle`; custom model code runs only with
+        `trust_remote_code`.
         """
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         path = resolve_model_path(name_or_path)
         stored: dict = {}
@@ -110,13 +119,18 @@ class BiEncoder(nn.Module):
         settings = EncoderSettings(**stored)
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            stored_dtype = checkpoint_dtype(config)
             if dropout is not None:
-                for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+                for attr in DROPOUT_KEYS:
                     if hasattr(config, attr):
                         setattr(config, attr, dropout)
-            encoder = AutoModel.from_pretrained(
+            if hasattr(config, "use_cache"):  # a decoder's key/value cache is of no use to embedding
+                config.use_cache = False
+            model_class = encoder_class(config)
+            encoder = model_class.from_pretrained(
                 path, config=config, use_safetensors=not allow_pickle or None,
-                trust_remote_code=trust_remote_code, dtype=torch.float32,
+                trust_remote_code=trust_remote_code, dtype=torch_dtype(dtype, config),
+                attn_implementation=resolve_attn_implementation(attn_implementation, model_class, config),
             )
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
@@ -131,7 +145,8 @@ class BiEncoder(nn.Module):
             if after.in_features != before.out_features:
                 raise ModelLoadError(f"{folder}: in_features {after.in_features} does not match the previous "
                                      f"Dense layer's out_features {before.out_features}")
-        model = cls(encoder, tokenizer, settings, info, head)
+        # the head computes in the encoder's dtype, as sentence-transformers' does
+        model = cls(encoder, tokenizer, settings, info, head.to(encoder.dtype), stored_dtype)
         if (Path(path) / ONNX_DIR).is_dir():  # ONNX compute runs these files while the weights are these
             model.__dict__["_source"] = (Path(path), model._weights_digest())
         return model
@@ -294,7 +309,9 @@ class BiEncoder(nn.Module):
             else:
                 source, loaded = self.__dict__.get("_source", (None, None))
                 encoder = onnx_encoder(self, compute, source if loaded == digest else None)
-            runners[compute] = (digest, BiEncoder(encoder, self.tokenizer, self.settings, head=self.head))
+            head = float32_module(self.head)  # these computes give float32 token states
+            runners[compute] = (digest, BiEncoder(encoder, self.tokenizer, self.settings, head=head,
+                                                  checkpoint_dtype=self.checkpoint_dtype))
         return runners[compute][1]
 
     # --- export ---------------------------------------------------------------------------------------

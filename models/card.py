@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from twinfold.models.families import ENCODER_ONLY
 from twinfold.models.quantize import format_megabytes
 
 CARD_FILE = "README.md"
@@ -88,6 +89,7 @@ def _usage(model) -> str:
     pooling = {"mean": "(out * mask).sum(1) / mask.sum(1)", "cls": "out[:, 0]",
                "max": "out.masked_fill(mask == 0, -1e9).max(1).values"}.get(s.pooling)
     plain = pooling is not None and not len(model.head)  # other poolings and Dense heads: not a one-liner
+    model_class = ENCODER_ONLY.get(model.encoder.config.model_type, "AutoModel")  # T5-likes: their encoder alone
     lines = [
         "## Usage", "", prefixes + f" Texts are truncated at {s.max_length} tokens.", "",
         "sentence-transformers:", "", "```python", "from sentence_transformers import SentenceTransformer", "",
@@ -95,9 +97,10 @@ def _usage(model) -> str:
         f'query = model.encode(["a question"]{st_query})',
         f'docs = model.encode(["a document", "another"]{st_doc})',
         "scores = model.similarity(query, docs)", "```", "",
-        *(["transformers:", "", "```python", "import torch", "from transformers import AutoModel, AutoTokenizer", "",
+        *(["transformers:", "", "```python", "import torch", f"from transformers import {model_class}, AutoTokenizer",
+           "",
            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/model")',
-           'model = AutoModel.from_pretrained("path/to/this/model")',
+           f'model = {model_class}.from_pretrained("path/to/this/model")',
            f"batch = tokenizer([{q + 'a question'!r}], padding=True, truncation=True, max_length={s.max_length}, "
            "return_tensors=\"pt\")" + (f"  # documents: {d!r} + text" if d else ""),
            "with torch.no_grad():", "    out = model(**batch).last_hidden_state",

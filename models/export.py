@@ -1,12 +1,13 @@
 """Export a model folder that twinfold and sentence-transformers both load.
 
-    python -m twinfold.models.export SRC DST [--onnx | --onnx-int8]
+    python -m twinfold.models.export SRC DST [--dtype float32|bfloat16|float16] [--onnx | --onnx-int8]
 
 SRC: a training checkpoint (its `model/` folder is used) or any model folder; DST gets `model.safetensors`,
 `config.json`, tokenizer files, `twinfold.json`, the sentence-transformers layout and `README.md` (the model
 card, see models.card). `--onnx` adds `onnx/model.onnx` (the encoder, for `SentenceTransformer(DST,
-backend="onnx")` and `compute="onnx"`), `--onnx-int8` that and its int8 copy (see models.onnx). DST must be new,
-empty or an earlier twinfold export (`--overwrite` replaces anything else).
+backend="onnx")` and `compute="onnx"`), `--onnx-int8` that and its int8 copy (see models.onnx). The weights keep
+SRC's dtype unless `--dtype` names another. DST must be new, empty or an earlier twinfold export (`--overwrite`
+replaces anything else).
 """
 import argparse
 import json
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from twinfold.models.card import write_model_card
+from twinfold.models.families import DTYPES
 from twinfold.models.head import save_dense
 from twinfold.models.loading import POOLING_KEYS
 from twinfold.models.onnx import export_onnx
@@ -77,14 +79,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.e
     parser.add_argument("--overwrite", action="store_true", help="replace DST even if twinfold did not write it")
     parser.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin weights")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model's own code")
+    parser.add_argument("--dtype", choices=DTYPES[1:], help="dtype of the exported weights (default: SRC's)")
     parser.add_argument("--onnx", action="store_true", help="add onnx/model.onnx (needs the onnx extra)")
     parser.add_argument("--onnx-int8", action="store_true", help="add onnx/model.onnx and its int8 copy")
     args = parser.parse_args(argv)
     try:
         # before loading anything
         check_replaceable(args.dst, args.overwrite, "Choose another folder or pass --overwrite to replace it")
-        model = BiEncoder.from_pretrained(model_folder_of(args.src), allow_pickle=args.allow_pickle,
-                                          trust_remote_code=args.trust_remote_code)
+        model = BiEncoder.from_pretrained(model_folder_of(args.src), dtype=args.dtype or "auto",
+                                          allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
         model.save_pretrained(args.dst, overwrite=args.overwrite, onnx=args.onnx, onnx_int8=args.onnx_int8)
     except (ModelLoadError, OverwriteRefused, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from twinfold.models.quantize import float32_module
+
 ONNX_DIR = "onnx"
 # compute -> file under ONNX_DIR. The int8 file is sentence-transformers' `avx512_vnni` (= `arm64`) dynamic
 # quantisation: int8 weights per output channel, uint8 activations quantised per batch, full range.
@@ -45,7 +47,7 @@ def export_onnx(model, folder: str | Path, int8: bool = False) -> None:
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise ImportError(f"ONNX export needs the onnx extra (pip install 'twinfold[onnx]'): {e}") from None
-    encoder = model.encoder
+    encoder = float32_module(model.encoder)  # ONNX Runtime's CPU kernels are float32: half weights are upcast
     sample = model.padder(model.token_ids(["an example", "a longer example text"]))  # batch 2: not specialised
     names = list(sample)
     axes = {0: torch.export.Dim("batch_size"), 1: torch.export.Dim("sequence_length")}

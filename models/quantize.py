@@ -64,12 +64,19 @@ def format_megabytes(mb: float) -> str:
     return f"{mb / 1000:.2f} GB" if mb >= 1000 else f"{mb:.0f} MB" if mb >= 10 else f"{mb:.1f} MB"
 
 
+def float32_module(module: nn.Module) -> nn.Module:
+    """`module` itself when its weights are float32, else a float32 copy (int8 and ONNX compute in float32)."""
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        return module
+    return copy.deepcopy(module).float()
+
+
 def int8_linear_copy(encoder: nn.Module) -> nn.Module:
     """A CPU inference copy of `encoder` whose linear layers run in int8 (PyTorch dynamic quantisation).
 
     Weights are quantised once per output channel; each batch's activations are quantised on the fly with
-    their own range. Attention, norms and activations stay float32. The speed-up needs int8 dot-product
-    instructions (AVX-512 VNNI / AMX, ARM dot-product); without them it is about none.
+    their own range. Attention, norms and activations stay float32 (half-precision weights are upcast first). The
+    speed-up needs int8 dot-product instructions (AVX-512 VNNI / AMX, ARM dot-product); without them it is about none.
     """
     try:
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
@@ -78,5 +85,5 @@ def int8_linear_copy(encoder: nn.Module) -> nn.Module:
                            f"lacks: {e}") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
-        return quantize_dynamic(copy.deepcopy(encoder).cpu().eval(), {nn.Linear: per_channel_dynamic_qconfig},
+        return quantize_dynamic(copy.deepcopy(encoder).cpu().float().eval(), {nn.Linear: per_channel_dynamic_qconfig},
                                 dtype=torch.qint8)

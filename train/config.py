@@ -16,6 +16,8 @@ from pathlib import Path
 import yaml
 
 from twinfold.losses import DEFAULT_TEMPERATURE, MIN_TEMPERATURE, ROLES, SIMILARITIES, check_dims
+from twinfold.models.families import ATTN_IMPLEMENTATIONS, DTYPES, check_attn_implementation
+from twinfold.models.loading import ModelLoadError
 from twinfold.models.pooling import POOLING_MODES
 from twinfold.models.quantize import COMPUTES, PRECISIONS
 from twinfold.train.eval.bm25 import settings_from
@@ -39,6 +41,10 @@ class ModelConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    # auto: float32 master weights for training (under train.mixed_precision), the checkpoint's dtype for the export;
+    # bfloat16: the weights and AdamW's moments in bf16 (less memory, less exact); see docs/models.md
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 (needs flash-attn) | eager
 
 
 @dataclass
@@ -155,7 +161,8 @@ class Config:
 
 _CHOICES = {"data.mixing": ("proportional", "round_robin"), "train.scheduler": ("linear", "cosine"),
             "train.mixed_precision": (None, "no", "bf16", "fp16"), "model.pooling": (None, *POOLING_MODES),
-            "model.similarity": (None, *SIMILARITIES), "eval.compute": COMPUTES,
+            "model.similarity": (None, *SIMILARITIES), "eval.compute": COMPUTES, "model.dtype": DTYPES,
+            "model.attn_implementation": ATTN_IMPLEMENTATIONS,
             "log.wandb_mode": (None, "online", "offline", "disabled"), "eval.bm25_preset": ("bm25s", "anserini")}
 
 
@@ -311,6 +318,13 @@ def validate(c: Config) -> None:
         raise ConfigError(f"train.weight_decay: {t.weight_decay} must not be negative")
     if c.model.dropout is not None and not 0 <= c.model.dropout < 1:
         raise ConfigError(f"model.dropout: {c.model.dropout} must be in [0, 1)")
+    if c.model.dtype == "float16":
+        raise ConfigError("model.dtype: float16 weights cannot be trained directly (no loss scaling); use bfloat16, "
+                          "or auto (float32 weights) with train.mixed_precision: fp16")
+    try:
+        check_attn_implementation(c.model.attn_implementation)
+    except ModelLoadError as e:
+        raise ConfigError(f"model.attn_implementation: {e}") from None
     if loss.matryoshka_dims or loss.matryoshka_weights is not None:
         try:
             check_dims(loss.matryoshka_dims, loss.matryoshka_weights)

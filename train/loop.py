@@ -38,10 +38,12 @@ class TrainingError(RuntimeError):
 
 
 def build_model(cfg: Config) -> BiEncoder:
+    """The model to train: float32 master weights unless `model.dtype` names the weights' dtype."""
     m = cfg.model
     model = BiEncoder.from_pretrained(
         m.name_or_path, pooling=m.pooling, normalize=m.normalize, similarity=m.similarity, max_length=m.max_length,
         dropout=m.dropout, query_prefix=m.query_prefix, document_prefix=m.document_prefix,
+        dtype="float32" if m.dtype == "auto" else m.dtype, attn_implementation=m.attn_implementation,
         allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code,
     )
     for key, dims in (("loss.matryoshka_dims", cfg.loss.matryoshka_dims), ("eval.dims", cfg.eval.dims or [])):
@@ -54,8 +56,16 @@ def build_model(cfg: Config) -> BiEncoder:
     dims = cfg.loss.matryoshka_dims
     model.settings.matryoshka_dims = list(dims)
     if m.gradient_checkpointing:
-        model.encoder.gradient_checkpointing_enable()
+        if not model.encoder.supports_gradient_checkpointing:
+            raise ConfigError(f"model.gradient_checkpointing: {type(model.encoder).__name__} ({m.name_or_path}) does "
+                              "not support gradient checkpointing in transformers; set it to false")
+        model.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def export_dtype(cfg: Config, model: BiEncoder) -> torch.dtype:
+    """The dtype of the trained model's export: `model.dtype`, and for auto the base checkpoint's."""
+    return getattr(torch, model.checkpoint_dtype if cfg.model.dtype == "auto" else cfg.model.dtype)
 
 
 def build_loss(cfg: Config, similarity: str = "cosine") -> torch.nn.Module:
@@ -346,9 +356,13 @@ def finish(run: Run) -> Path:
     accelerator.wait_for_everyone()
     final = out / "final"
     if accelerator.is_main_process:
+        dtype = export_dtype(cfg, run.model)
+        if dtype != run.model.encoder.dtype:  # training is over: the export is in the base's dtype (or model.dtype's)
+            run.model.to(dtype)
+            state.last_rows = None  # the final rows measure the export itself
         rows = []
         if run.evaluator is not None:
-            if state.last_rows is None:  # resumed after the last checkpoint
+            if state.last_rows is None:  # resumed after the last checkpoint, or converted
                 state.last_rows = run.evaluator(run.model, f"step-{state.step}")
             final_rows = [dict(r, model="final") for r in state.last_rows]
             rows = state.base + final_rows + (run.evaluator.bm25_rows() if cfg.eval.bm25 else [])

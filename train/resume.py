@@ -6,7 +6,7 @@ from accelerate.utils import broadcast_object_list
 
 from twinfold.models.files.atomic import OverwriteRefused, check_output_folder, check_replaceable, verify_manifest
 from twinfold.train.checkpoint import checkpoint_config, checkpoint_processes, complete_checkpoints
-from twinfold.train.config import ConfigError
+from twinfold.train.config import Config, ConfigError
 from twinfold.train.lock import LOCK_FILE, RunLock
 
 log = logging.getLogger("twinfold")
@@ -52,11 +52,12 @@ def newest_intact_checkpoint(out: Path) -> Path | None:
 
 
 def recipe_changes(old: dict, new: dict, old_processes: int, new_processes: int) -> tuple[list[str], list[str]]:
-    """(changes that break exact resumption, harmless ones), each as `key: old -> new`."""
-    before, after = _flatten(old), _flatten(new)
+    """(changes that break exact resumption, harmless ones), each as `key: old -> new`. A key `old` lacks (a recipe
+    saved before the key existed) counts as its default."""
+    before, after, defaults = _flatten(old), _flatten(new), _flatten(Config().to_dict())
     breaking, harmless = [], []
     for key in sorted(before.keys() | after.keys()):
-        a, b = before.get(key), after.get(key)
+        a, b = before.get(key, defaults.get(key)), after.get(key)
         if a == b or key == "train.resume":  # the instruction to resume, not part of the recipe
             continue
         grows = key in GROWING and isinstance(a, int) and isinstance(b, int) and b > a

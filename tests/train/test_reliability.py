@@ -41,6 +41,14 @@ def records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_a_key_the_checkpoints_recipe_lacks_counts_as_its_default():
+    old = {"model": {"name_or_path": "m"}, "train": {"batch_size": 8}}
+    new = {"model": {"name_or_path": "m", "dtype": "auto"}, "train": {"batch_size": 8}}
+    assert recipe_changes(old, new, 1, 1) == ([], [])
+    new["model"]["dtype"] = "bfloat16"
+    assert recipe_changes(old, new, 1, 1) == (["model.dtype: 'auto' -> 'bfloat16'"], [])
+
+
 def test_recipe_changes_are_split_into_breaking_and_harmless():
     old = {"model": {"name_or_path": "m", "allow_pickle": False}, "loss": {"temperature": 0.05},
            "train": {"batch_size": 8, "seed": 42, "max_steps": 10, "epochs": 1, "resume": False, "save_steps": 2},
