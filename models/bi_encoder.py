@@ -14,8 +14,8 @@ from twinfold.models.atomic import atomic_directory
 from twinfold.models.head import load_dense
 from twinfold.models.loading import (SIMILARITIES, ModelLoadError, check_model_folder, has_tokenizer,
                                     read_sentence_transformers_layout)
-from twinfold.models.lora import (adapter_base, check_adapter_folder, has_lora, is_adapter_folder, load_lora,
-                                 merged_encoder)
+from twinfold.models.lora import (UNUSED_PREFIXES, adapter_base, check_adapter_folder, has_lora, is_adapter_folder,
+                                 load_lora, merged_encoder)
 from twinfold.models.onnx import ONNX_DIR, onnx_encoder
 from twinfold.models.pooling import POOLING_MODES, pool
 from twinfold.models.quantize import (COMPUTES, PRECISIONS, Int8Calibration, calibrate_int8, int8_linear_copy,
@@ -340,7 +340,7 @@ def freeze_unused(encoder: nn.Module) -> None:
     """Freeze the parameters the pooled embedding never uses (BERT's pooler head): they get no gradient, and
     DDP would wait for one."""
     for name, param in encoder.named_parameters():
-        if name.startswith("pooler."):
+        if name.startswith(UNUSED_PREFIXES):
             param.requires_grad_(False)
 
 

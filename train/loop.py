@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 
 from twinfold.losses import InfoNCE, Matryoshka, cached_backward, uncached_backward
 from twinfold.models import BiEncoder
+from twinfold.models.bi_encoder import freeze_unused
+from twinfold.models.lora import LoraSettings, add_lora, check_same_adapter, has_lora, make_trainable, merged_encoder
 from twinfold.models.runtime import cpu_has_bf16, default_token_budget, keep_freed_memory, loader_settings
 from twinfold.train.batches import StepBatches, step_loader, stream_loader
 from twinfold.train.checkpoint import checkpoint_streams, load_checkpoint, prune_checkpoints, save_checkpoint
@@ -47,9 +49,30 @@ def build_model(cfg: Config) -> BiEncoder:
     if dims and dims[0] > model.dim:
         raise ConfigError(f"loss.matryoshka_dims: {dims[0]} is larger than the model's dimension {model.dim}")
     model.settings.matryoshka_dims = list(dims)
+    try:
+        use_lora(model, m.lora, m.name_or_path)
+    except ValueError as e:
+        raise ConfigError(f"model.lora.{e}") from None
     if m.gradient_checkpointing:
         model.encoder.gradient_checkpointing_enable()
     return model
+
+
+def use_lora(model: BiEncoder, lora: LoraSettings | None, base_name: str) -> None:
+    """Train only a LoRA adapter (`lora` set: a new one, or the loaded one of an adapter folder), or the whole
+    encoder (`lora` null: a loaded adapter is merged into it first). ValueError names the `lora` setting at fault."""
+    if has_lora(model.encoder) and lora is None:
+        model.encoder = merged_encoder(model.encoder).requires_grad_(True)
+        freeze_unused(model.encoder)
+        return
+    if lora is None:
+        return
+    if has_lora(model.encoder):
+        check_same_adapter(model.encoder, lora)
+        make_trainable(model.encoder)
+    else:
+        model.encoder = add_lora(model.encoder, lora, base_name)
+    model.head.requires_grad_(False)  # the adapter alone trains
 
 
 def build_loss(cfg: Config, similarity: str = "cosine") -> torch.nn.Module:
@@ -152,9 +175,10 @@ def train(cfg: Config) -> Path:
     model = build_model(cfg)
     lock = claim_run_folder(out, t.resume) if main else None
     if main:
-        # a checkpoint holds the weights and AdamW's two moments; keep_last + best + the final export
+        # a checkpoint holds the trained weights and AdamW's two moments (keep_last + best); the export all weights
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        check_output_dir(out, weight_bytes * (3 * (t.save_total_limit + 1) + 1))
+        trained_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        check_output_dir(out, 3 * trained_bytes * (t.save_total_limit + 1) + weight_bytes)
         save_config(cfg, out / "config.yaml")
     log.info("preparing %d training datasets", len(cfg.data.train))
     datasets, data_report = prepare_data(cfg, model, out, accelerator)  # mining, eval-overlap and duplicate checks
