@@ -95,20 +95,20 @@ class BiEncoder(nn.Module):
         if adapter is not None:
             check_adapter_folder(adapter, allow_pickle=allow_pickle)
             path = resolve_model_path(adapter_base(adapter))
-        if Path(path).is_dir():
-            check_model_folder(Path(path), allow_pickle=allow_pickle)
         # settings, head and tokenizer: the adapter folder's where it has them, else the base's
         described = adapter if adapter is not None and (adapter / "modules.json").exists() else Path(path)
         stored: dict = {}
         info: dict = {}
         dense_folders: list[Path] = []
         if described.is_dir():
-            stored, dense_folders = read_sentence_transformers_layout(described)  # names unsupported layouts
+            stored, dense_folders = read_sentence_transformers_layout(described)  # first: names unsupported layouts
             twinfold_file = described / TWINFOLD_FILE
             if twinfold_file.exists():
                 saved = json.loads(twinfold_file.read_text())
                 stored = {k: saved[k] for k in EncoderSettings.__dataclass_fields__ if k in saved}
                 info = {k: v for k, v in saved.items() if k not in stored and k not in ("format", "fingerprint")}
+        if Path(path).is_dir():
+            check_model_folder(Path(path), allow_pickle=allow_pickle)
         tokenizer_path = adapter if adapter is not None and has_tokenizer(adapter) else path
         overrides = dict(pooling=pooling, normalize=normalize, similarity=similarity, max_length=max_length,
                          query_prefix=query_prefix, document_prefix=document_prefix)
@@ -140,7 +140,8 @@ class BiEncoder(nn.Module):
                 raise ModelLoadError(f"{folder}: in_features {after.in_features} does not match the previous "
                                      f"Dense layer's out_features {before.out_features}")
         model = cls(encoder, tokenizer, settings, info, head)
-        if (Path(path) / ONNX_DIR).is_dir():  # ONNX compute runs these files while the weights are these
+        # ONNX compute runs the folder's files while the weights are those (not the base's files under an adapter)
+        if adapter is None and (Path(path) / ONNX_DIR).is_dir():
             model.__dict__["_source"] = (Path(path), model._weights_digest())
         return model
 

@@ -82,10 +82,9 @@ def check_same_adapter(encoder: nn.Module, settings: LoraSettings) -> None:
         if getattr(settings, key) != value:
             raise ValueError(f"{key}: {getattr(settings, key)} differs from the loaded adapter's {value}; set it "
                              f"to {value} to go on training that adapter, or merge it into a model folder first")
-    wanted = set(target_layers(encoder.get_base_model(), settings.target_modules)) if settings.target_modules else None
-    if wanted is not None and wanted != set(config.target_modules):
-        raise ValueError("target_modules: differ from the loaded adapter's layers; leave it unset to go on "
-                         "training that adapter")
+    if settings.target_modules is not None:
+        raise ValueError("target_modules: the loaded adapter's layers train; leave it unset to go on training that "
+                         "adapter")
 
 
 def make_trainable(encoder: nn.Module) -> None:
