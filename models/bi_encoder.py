@@ -305,15 +305,20 @@ class BiEncoder(nn.Module):
         digest = self._weights_digest()
         runners = self.__dict__.setdefault("_runners", {})  # plain attributes, not registered submodules
         if compute not in runners or runners[compute][0] != digest:
-            plain = merged_encoder(self.encoder) if has_lora(self.encoder) else self.encoder
+            plain = self.merged()
             if compute == "int8":
-                encoder = int8_linear_copy(plain)
+                encoder = int8_linear_copy(plain.encoder)
             else:
                 source, loaded = self.__dict__.get("_source", (None, None))
-                plain_model = BiEncoder(plain, self.tokenizer, self.settings, head=self.head)
-                encoder = onnx_encoder(plain_model, compute, source if loaded == digest else None)
+                encoder = onnx_encoder(plain, compute, source if loaded == digest else None)
             runners[compute] = (digest, BiEncoder(encoder, self.tokenizer, self.settings, head=self.head))
         return runners[compute][1]
+
+    def merged(self) -> "BiEncoder":
+        """This model with its LoRA adapter added into a copy of the weights (itself when it has none)."""
+        if not has_lora(self.encoder):
+            return self
+        return BiEncoder(merged_encoder(self.encoder), self.tokenizer, self.settings, self.info, self.head)
 
     # --- export ---------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, info: dict | None = None, overwrite: bool = False,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from twinfold.models.card import write_model_card
 from twinfold.models.head import save_dense
-from twinfold.models.lora import ADAPTER_CONFIG, has_lora, merged_encoder
+from twinfold.models.lora import ADAPTER_CONFIG, has_lora
 from twinfold.models.loading import POOLING_KEYS
 from twinfold.models.onnx import export_onnx
 
@@ -32,8 +32,8 @@ def write_model_folder(model, folder: Path, onnx: bool = False, onnx_int8: bool 
     folder = Path(folder)
     if adapter and not has_lora(model.encoder):
         raise ValueError("the model has no LoRA adapter to export; export it without --adapter")
-    if has_lora(model.encoder) and not adapter:
-        model = type(model)(merged_encoder(model.encoder), model.tokenizer, model.settings, model.info, model.head)
+    if not adapter:
+        model = model.merged()
     if onnx or onnx_int8:
         export_onnx(model, folder, int8=onnx_int8)
     model.encoder.save_pretrained(folder, safe_serialization=True)  # a PeftModel writes its adapter only

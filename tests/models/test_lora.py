@@ -83,11 +83,15 @@ def test_merged_and_adapter_exports_embed_as_the_training_forward(family, tiny_b
     merged = BiEncoder.from_pretrained(tmp_path / "merged")
     assert not has_lora(merged.encoder)
     assert abs(merged.encode(TEXTS) - unmerged).max() < 1e-5
+    assert (merged.encode(TEXTS, compute="int8") == model.encode(TEXTS, compute="int8")).all()  # of merged weights
     assert abs(SentenceTransformer(str(tmp_path / "merged"), device="cpu").encode(TEXTS) - unmerged).max() < 1e-5
 
     loaded = BiEncoder.from_pretrained(tmp_path / "adapter")
     assert has_lora(loaded.encoder) and not any(p.requires_grad for p in loaded.parameters())
     assert (loaded.encode(TEXTS) == unmerged).all()
+    assert loaded.fingerprint() == model.fingerprint() == json.loads(
+        (tmp_path / "adapter" / "twinfold.json").read_text())["fingerprint"]
+    assert merged.fingerprint() == json.loads((tmp_path / "merged" / "twinfold.json").read_text())["fingerprint"]
     assert abs(SentenceTransformer(str(tmp_path / "adapter"), device="cpu").encode(TEXTS) - unmerged).max() < 1e-6
     # peft itself, over the base as transformers loads it: the same token states
     features = model.tokenize(TEXTS)

@@ -1,13 +1,12 @@
 """LoRA training: `model.lora` validated like every key; only the adapter trains and has optimizer state; the cached
 mode, gradient checkpointing and two processes compute the step of one plain process; checkpoints hold the adapter
 and resume exactly."""
-import random
 import re
 
 import pytest
 import torch
 
-from tests.train.test_train import REPO, kill_after, max_diff, run_train, weights
+from tests.train.test_train import REPO, killed_then_resumed_is_uninterrupted, max_diff, run_train, weights
 from twinfold.losses import cached_backward, chunked, uncached_backward
 from twinfold.models import BiEncoder
 from twinfold.models.export import main as export_main
@@ -87,16 +86,10 @@ def test_cached_mode_and_gradient_checkpointing_give_the_plain_gradients(tiny_be
 
 
 def test_a_killed_lora_run_resumes_to_identical_weights_from_small_checkpoints(tmp_path, tiny_bert_path):
-    overrides = ("model.lora.r=4", "model.lora.dropout=0.1", "model.dropout=0.1", "train.max_steps=8",
-                 "train.save_steps=2", "train.lr=1e-3", "train.log_steps=1")  # a row per step to kill after
-    full = run_train(tmp_path, "full", *overrides, tiny=tiny_bert_path)
-    out, proc = run_train(tmp_path, "killed", *overrides, tiny=tiny_bert_path, wait=False)
-    at = random.randint(2, 6)
-    kill_after(out, proc, at)
-    run_train(tmp_path, "killed", *overrides, "train.resume=true", tiny=tiny_bert_path)
-    final = weights(out / "final")
-    assert max_diff(weights(full / "final"), final) == 0.0, f"killed after step {at}"
-    assert max_diff(final, weights(tiny_bert_path)) > 1e-4  # the merged adapter moved the weights
+    out = killed_then_resumed_is_uninterrupted(tmp_path, tiny_bert_path, (
+        "model.lora.r=4", "model.lora.dropout=0.1", "model.dropout=0.1", "train.max_steps=8", "train.save_steps=2",
+        "train.lr=1e-3"), kill_steps=(2, 6))
+    assert max_diff(weights(out / "final"), weights(tiny_bert_path)) > 1e-4  # the merged adapter moved the weights
 
     last = out / "checkpoints" / "step-8"
     assert not (last / "model" / "model.safetensors").exists()
@@ -116,3 +109,20 @@ def test_two_processes_train_the_adapter_of_one(tmp_path, tiny_bert_path):
     w1, w2 = weights(one / "final"), weights(two / "final")
     assert max_diff(w1, weights(tiny_bert_path)) > 1e-4
     assert max_diff(w1, w2) < 1e-5
+
+
+def test_training_from_an_adapter_folder_merges_it_or_goes_on_training_it(tiny_bert_path, tmp_path):
+    adapter_folder = tmp_path / "adapter"
+    trained, _ = adapter_step(tiny_lora(tiny_bert_path, "model.lora.alpha=8"))
+    trained.save_pretrained(adapter_folder, adapter=True)
+    expected = trained.encode(TEXTS["anchor"])
+    full = build_model(smoke(f"model.name_or_path={adapter_folder}", "loss.matryoshka_dims=[128,64]"))
+    assert not hasattr(full.encoder, "peft_config")  # merged: every weight trains but BERT's unused pooler
+    assert {n for n, p in full.named_parameters() if not p.requires_grad} == {"encoder.pooler.dense.weight",
+                                                                              "encoder.pooler.dense.bias"}
+    assert abs(full.encode(TEXTS["anchor"]) - expected).max() < 1e-5
+    going_on = build_model(tiny_lora(adapter_folder, "model.lora.alpha=8"))
+    assert {n for n, p in going_on.named_parameters() if p.requires_grad} == set(adapter(going_on))
+    assert (going_on.encode(TEXTS["anchor"]) == expected).all()
+    with pytest.raises(ConfigError, match=r"^model\.lora\.alpha: 32\.0 differs from the loaded adapter's 8"):
+        build_model(tiny_lora(adapter_folder))
