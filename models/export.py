@@ -36,7 +36,9 @@ def write_model_folder(model, folder: Path, onnx: bool = False, onnx_int8: bool 
         model = model.merged()
     if onnx or onnx_int8:
         export_onnx(model, folder, int8=onnx_int8)
-    model.encoder.save_pretrained(folder, safe_serialization=True)  # a PeftModel writes its adapter only
+    # a PeftModel writes its adapter only; the embeddings never train (and peft would ask the hub whether they did)
+    extra = {"save_embedding_layers": False} if adapter else {}
+    model.encoder.save_pretrained(folder, safe_serialization=True, **extra)
     model.tokenizer.save_pretrained(folder)
     s = model.settings
     meta = {"format": EXPORT_FORMAT, **model.settings_dict(), "fingerprint": model.fingerprint(), **model.info}
