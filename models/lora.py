@@ -17,12 +17,14 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # per config.model_type: the attention projections LoRA adapts by default (suffixes of linear layers' names)
 TARGETS = {
-    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert", "modernbert"),
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert"),
                     ("query", "key", "value", "attention.output.dense")),
+    "modernbert": ("attn.Wqkv", "attn.Wo"),
     "mpnet": ("attn.q", "attn.k", "attn.v", "attn.o"),
     "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin"),
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2"),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2"),
                     ("q_proj", "k_proj", "v_proj", "o_proj")),
+    "phi3": ("qkv_proj", "o_proj"),
 }
 UNUSED_PREFIXES = ("pooler.",)  # layers the pooled embedding never uses: no adapter (it would get no gradient)
 

@@ -8,7 +8,7 @@ import torch
 from twinfold.models import BiEncoder
 from twinfold.models.export import main as export_main
 from twinfold.models.loading import ModelLoadError
-from twinfold.models.lora import LoraSettings, add_lora, has_lora, target_layers
+from twinfold.models.lora import TARGETS, LoraSettings, add_lora, has_lora, target_layers
 
 TEXTS = ["a claim about cells", "proteins fold in water", "short"]
 
@@ -55,6 +55,20 @@ def test_the_attention_projections_of_each_family_are_adapted_and_counted_as_pef
     # q and o: 64 -> 64; k and v: 64 -> 2 heads x 16 = 32
     trainable = sum(p.numel() for p in qwen.parameters() if p.requires_grad)
     assert trainable == 2 * 4 * (2 * (64 + 64) + 2 * (64 + 32)) == qwen.encoder.get_nb_trainable_parameters()[0]
+
+
+@pytest.mark.parametrize("model_type", sorted(TARGETS))
+def test_each_familys_defaults_name_its_attention_projections(model_type):
+    from transformers import AutoConfig, AutoModel
+
+    sizes = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                 intermediate_size=64, vocab_size=128, pad_token_id=0, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    encoder = AutoModel.from_config(AutoConfig.for_model(model_type, **sizes))
+    adapted = target_layers(encoder)
+    fused = len(TARGETS[model_type]) == 2  # query, key and value in one layer
+    assert len(adapted) == len(TARGETS[model_type]) and all(".0." in name for name in adapted)  # one layer's
+    assert all(".attn" in name or ".attention." in name or "self_attn" in name for name in adapted), adapted
+    assert fused == any("qkv" in name.lower() for name in adapted)
 
 
 def test_target_modules_that_match_nothing_name_the_setting_and_the_layers_there_are(tiny_bert_path):
