@@ -147,6 +147,14 @@ def make_accelerator(mixed_precision: str | None = None) -> Accelerator:
     return accelerator
 
 
+def disk_needed(model: BiEncoder, save_total_limit: int) -> int:
+    """Bytes a run writes at most: `save_total_limit` checkpoints and the best one, each with the trained weights
+    and AdamW's two moments (of a LoRA model: its adapter), and the export with all weights."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    trained_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return 3 * trained_bytes * (save_total_limit + 1) + weight_bytes
+
+
 def check_output_dir(path: Path, need_bytes: int) -> None:
     """Fail before training if the output folder cannot be written or lacks room for the checkpoints."""
     try:
@@ -175,10 +183,7 @@ def train(cfg: Config) -> Path:
     model = build_model(cfg)
     lock = claim_run_folder(out, t.resume) if main else None
     if main:
-        # a checkpoint holds the trained weights and AdamW's two moments (keep_last + best); the export all weights
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        trained_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        check_output_dir(out, 3 * trained_bytes * (t.save_total_limit + 1) + weight_bytes)
+        check_output_dir(out, disk_needed(model, t.save_total_limit))
         save_config(cfg, out / "config.yaml")
     log.info("preparing %d training datasets", len(cfg.data.train))
     datasets, data_report = prepare_data(cfg, model, out, accelerator)  # mining, eval-overlap and duplicate checks

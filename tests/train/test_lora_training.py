@@ -12,7 +12,7 @@ from twinfold.models import BiEncoder
 from twinfold.models.export import main as export_main
 from twinfold.models.lora import LoraSettings
 from twinfold.train.config import ConfigError, load_config
-from twinfold.train.loop import build_loss, build_model, build_optimizer
+from twinfold.train.loop import build_loss, build_model, build_optimizer, disk_needed
 
 TEXTS = {"anchor": ["what do cells eat", "how do proteins fold", "why is the sky blue", "when did it rain"],
          "positive": ["cells take in sugar", "folding follows energy", "light scatters off air", "on monday"]}
@@ -73,6 +73,13 @@ def test_only_the_adapter_trains_and_has_optimizer_state(tiny_bert_path):
     optimizer.step()
     assert {id(p) for p in optimizer.state} == {id(p) for p in trained.values()}
     assert {name for name, param in model.named_parameters() if not torch.equal(param, before[name])} == set(trained)
+
+
+def test_the_disk_check_counts_checkpoints_of_the_adapter_and_one_full_export(tiny_bert_path):
+    model = build_model(tiny_lora(tiny_bert_path))
+    adapter_bytes = 4 * 2 * 4 * 4 * (128 + 128)  # float32 A and B (r 4) of 4 projections 128 -> 128 in 2 layers
+    all_bytes = 4 * sum(p.numel() for p in BiEncoder.from_pretrained(tiny_bert_path).parameters()) + adapter_bytes
+    assert disk_needed(model, save_total_limit=2) == 3 * adapter_bytes * 3 + all_bytes
 
 
 def test_cached_mode_and_gradient_checkpointing_give_the_plain_gradients(tiny_bert_path):
