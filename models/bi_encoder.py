@@ -15,7 +15,10 @@ from twinfold.models.families import (DROPOUT_KEYS, checkpoint_dtype, encoder_cl
                                        torch_dtype)
 from twinfold.models.files.atomic import atomic_directory
 from twinfold.models.head import load_dense
-from twinfold.models.loading import SIMILARITIES, ModelLoadError, check_model_folder, read_sentence_transformers_layout
+from twinfold.models.loading import (SIMILARITIES, ModelLoadError, check_model_folder, has_tokenizer,
+                                    read_sentence_transformers_layout)
+from twinfold.models.lora import (UNUSED_PREFIXES, adapter_base, check_adapter_folder, has_lora, is_adapter_folder,
+                                 load_lora, merged_encoder)
 from twinfold.models.onnx import ONNX_DIR, onnx_encoder
 from twinfold.models.pooling import POOLING_MODES, pool
 from twinfold.models.quantize import (COMPUTES, PRECISIONS, Int8Calibration, calibrate_int8, float32_module,
@@ -67,11 +70,7 @@ class BiEncoder(nn.Module):
             limits = [tokenizer.model_max_length, getattr(encoder.config, "max_position_embeddings", None)]
             self.settings.max_length = min(int(x) for x in limits if x is not None and x < 1e9)
         self.info = dict(info or {})
-        # Parameters the pooled embedding never uses (BERT's pooler head) get no gradient; freezing them
-        # keeps DDP from waiting for one.
-        for name, param in encoder.named_parameters():
-            if name.startswith("pooler."):
-                param.requires_grad_(False)
+        freeze_unused(encoder)
 
     # --- construction -------------------------------------------------------------------------------
     @classmethod
@@ -102,17 +101,25 @@ class BiEncoder(nn.Module):
         from transformers import AutoConfig, AutoTokenizer
 
         path = resolve_model_path(name_or_path)
+        adapter = Path(path) if is_adapter_folder(path) else None  # a LoRA adapter: the base's weights + its own
+        if adapter is not None:
+            check_adapter_folder(adapter, allow_pickle=allow_pickle)
+            path = resolve_model_path(adapter_base(adapter))
+        # settings, head and tokenizer: the adapter folder's where it has them, else the base's
+        described = adapter if adapter is not None and (adapter / "modules.json").exists() else Path(path)
         stored: dict = {}
         info: dict = {}
         dense_folders: list[Path] = []
-        if Path(path).is_dir():
-            stored, dense_folders = read_sentence_transformers_layout(Path(path))  # first: names unsupported layouts
-            check_model_folder(Path(path), allow_pickle=allow_pickle)
-            twinfold_file = Path(path) / TWINFOLD_FILE
+        if described.is_dir():
+            stored, dense_folders = read_sentence_transformers_layout(described)  # first: names unsupported layouts
+            twinfold_file = described / TWINFOLD_FILE
             if twinfold_file.exists():
                 saved = json.loads(twinfold_file.read_text())
                 stored = {k: saved[k] for k in EncoderSettings.__dataclass_fields__ if k in saved}
                 info = {k: v for k, v in saved.items() if k not in stored and k not in ("format", "fingerprint")}
+        if Path(path).is_dir():
+            check_model_folder(Path(path), allow_pickle=allow_pickle)
+        tokenizer_path = adapter if adapter is not None and has_tokenizer(adapter) else path
         overrides = dict(pooling=pooling, normalize=normalize, similarity=similarity, max_length=max_length,
                          query_prefix=query_prefix, document_prefix=document_prefix)
         stored.update({k: v for k, v in overrides.items() if v is not None})
@@ -132,7 +139,9 @@ class BiEncoder(nn.Module):
                 trust_remote_code=trust_remote_code, dtype=torch_dtype(dtype, config),
                 attn_implementation=resolve_attn_implementation(attn_implementation, model_class, config),
             )
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
+            if adapter is not None:
+                encoder = load_lora(encoder, adapter)
         except (OSError, ValueError) as e:
             if Path(path).is_dir():
                 raise ModelLoadError(f"cannot load model from {path}: {e}") from e
@@ -147,7 +156,8 @@ class BiEncoder(nn.Module):
                                      f"Dense layer's out_features {before.out_features}")
         # the head computes in the encoder's dtype, as sentence-transformers' does
         model = cls(encoder, tokenizer, settings, info, head.to(encoder.dtype), stored_dtype)
-        if (Path(path) / ONNX_DIR).is_dir():  # ONNX compute runs these files while the weights are these
+        # ONNX compute runs the folder's files while the weights are those (not the base's files under an adapter)
+        if adapter is None and (Path(path) / ONNX_DIR).is_dir():
             model.__dict__["_source"] = (Path(path), model._weights_digest())
         return model
 
@@ -304,35 +314,52 @@ class BiEncoder(nn.Module):
         digest = self._weights_digest()
         runners = self.__dict__.setdefault("_runners", {})  # plain attributes, not registered submodules
         if compute not in runners or runners[compute][0] != digest:
+            plain = self.merged()
             if compute == "int8":
-                encoder = int8_linear_copy(self.encoder)
+                encoder = int8_linear_copy(plain.encoder)
             else:
                 source, loaded = self.__dict__.get("_source", (None, None))
-                encoder = onnx_encoder(self, compute, source if loaded == digest else None)
-            head = float32_module(self.head)  # these computes give float32 token states
+                encoder = onnx_encoder(plain, compute, source if loaded == digest else None)
+            head = float32_module(plain.head)  # these computes give float32 token states
             runners[compute] = (digest, BiEncoder(encoder, self.tokenizer, self.settings, head=head,
                                                   checkpoint_dtype=self.checkpoint_dtype))
         return runners[compute][1]
 
+    def merged(self) -> "BiEncoder":
+        """This model with its LoRA adapter added into a copy of the weights (itself when it has none)."""
+        if not has_lora(self.encoder):
+            return self
+        return BiEncoder(merged_encoder(self.encoder), self.tokenizer, self.settings, self.info, self.head,
+                         self.checkpoint_dtype)
+
     # --- export ---------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, info: dict | None = None, overwrite: bool = False,
-                        onnx: bool = False, onnx_int8: bool = False) -> Path:
+                        onnx: bool = False, onnx_int8: bool = False, adapter: bool = False) -> Path:
         """Write the model atomically in twinfold and sentence-transformers layouts (see models.export).
 
         `directory` may be missing, empty or a folder twinfold wrote; anything else is refused
         (`models.atomic.OverwriteRefused`) unless `overwrite`. `onnx` adds `onnx/model.onnx`, `onnx_int8` also
-        its int8 copy (see models.onnx).
+        its int8 copy (see models.onnx). A LoRA model is written merged into ordinary weights, or with `adapter`
+        as its adapter alone (see models.lora).
         """
         from twinfold.models.export import write_model_folder
 
         if info:
             self.info.update(info)
         with atomic_directory(directory, overwrite) as tmp:
-            write_model_folder(self, tmp, onnx=onnx, onnx_int8=onnx_int8)
+            write_model_folder(self, tmp, onnx=onnx, onnx_int8=onnx_int8, adapter=adapter)
         return Path(directory)
 
     def settings_dict(self) -> dict:
         return asdict(self.settings)
+
+
+def freeze_unused(encoder: nn.Module) -> None:
+    """Freeze the parameters the pooled embedding never uses (BERT's pooler head): they get no gradient, and
+    DDP would wait for one."""
+    for name, param in encoder.named_parameters():
+        if name.startswith(UNUSED_PREFIXES):
+            param.requires_grad_(False)
 
 
 def check_kind(kind: str) -> str:

@@ -1,13 +1,14 @@
 """Export a model folder that twinfold and sentence-transformers both load.
 
-    python -m twinfold.models.export SRC DST [--dtype float32|bfloat16|float16] [--onnx | --onnx-int8]
+    python -m twinfold.models.export SRC DST [--dtype float32|bfloat16|float16] [--onnx | --onnx-int8 | --adapter]
 
 SRC: a training checkpoint (its `model/` folder is used) or any model folder; DST gets `model.safetensors`,
 `config.json`, tokenizer files, `twinfold.json`, the sentence-transformers layout and `README.md` (the model
 card, see models.card). `--onnx` adds `onnx/model.onnx` (the encoder, for `SentenceTransformer(DST,
 backend="onnx")` and `compute="onnx"`), `--onnx-int8` that and its int8 copy (see models.onnx). The weights keep
-SRC's dtype unless `--dtype` names another. DST must be new, empty or an earlier twinfold export (`--overwrite`
-replaces anything else).
+SRC's dtype unless `--dtype` names another. A LoRA model is written merged into ordinary weights; with
+`--adapter`, as its adapter alone, which peft, sentence-transformers and twinfold load over the base model (see
+models.lora). DST must be new, empty or an earlier twinfold export (`--overwrite` replaces anything else).
 """
 import argparse
 import json
@@ -17,19 +18,28 @@ from pathlib import Path
 from twinfold.models.card import write_model_card
 from twinfold.models.families import DTYPES
 from twinfold.models.head import save_dense
+from twinfold.models.lora import ADAPTER_CONFIG, has_lora
 from twinfold.models.loading import POOLING_KEYS
 from twinfold.models.onnx import export_onnx
 
 EXPORT_FORMAT = 1
 
 
-def write_model_folder(model, folder: Path, onnx: bool = False, onnx_int8: bool = False) -> None:
+def write_model_folder(model, folder: Path, onnx: bool = False, onnx_int8: bool = False,
+                       adapter: bool = False) -> None:
     """Write `model` (a BiEncoder) into an existing empty `folder`; `onnx` adds the encoder as ONNX, `onnx_int8`
-    that and its int8 copy (see `models.onnx`)."""
+    that and its int8 copy (see `models.onnx`). A LoRA model is written with its adapter merged into the weights,
+    or with `adapter` as its adapter alone (`adapter_config.json`, `adapter_model.safetensors`; models.lora)."""
     folder = Path(folder)
+    if adapter and not has_lora(model.encoder):
+        raise ValueError("the model has no LoRA adapter to export; export it without --adapter")
+    if not adapter:
+        model = model.merged()
     if onnx or onnx_int8:
         export_onnx(model, folder, int8=onnx_int8)
-    model.encoder.save_pretrained(folder, safe_serialization=True)
+    # a PeftModel writes its adapter only; the embeddings never train (and peft would ask the hub whether they did)
+    extra = {"save_embedding_layers": False} if adapter else {}
+    model.encoder.save_pretrained(folder, safe_serialization=True, **extra)
     model.tokenizer.save_pretrained(folder)
     s = model.settings
     meta = {"format": EXPORT_FORMAT, **model.settings_dict(), "fingerprint": model.fingerprint(), **model.info}
@@ -64,8 +74,9 @@ def _write_json(path: Path, obj) -> None:
 
 
 def model_folder_of(src: Path) -> Path:
-    """The model folder inside a training checkpoint, or `src` itself."""
-    return src / "model" if (src / "model" / "config.json").exists() else src
+    """The model folder inside a training checkpoint (a model or LoRA adapter folder), or `src` itself."""
+    inner = src / "model"
+    return inner if (inner / "config.json").exists() or (inner / ADAPTER_CONFIG).exists() else src
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.export") -> int:
@@ -82,14 +93,19 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.e
     parser.add_argument("--dtype", choices=DTYPES[1:], help="dtype of the exported weights (default: SRC's)")
     parser.add_argument("--onnx", action="store_true", help="add onnx/model.onnx (needs the onnx extra)")
     parser.add_argument("--onnx-int8", action="store_true", help="add onnx/model.onnx and its int8 copy")
+    parser.add_argument("--adapter", action="store_true",
+                        help="SRC has a LoRA adapter: write the adapter alone (loads over its base), not merged")
     args = parser.parse_args(argv)
+    if args.adapter and (args.onnx or args.onnx_int8):
+        parser.error("--adapter writes no weights of the base: not with --onnx or --onnx-int8")
     try:
         # before loading anything
         check_replaceable(args.dst, args.overwrite, "Choose another folder or pass --overwrite to replace it")
         model = BiEncoder.from_pretrained(model_folder_of(args.src), dtype=args.dtype or "auto",
                                           allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
-        model.save_pretrained(args.dst, overwrite=args.overwrite, onnx=args.onnx, onnx_int8=args.onnx_int8)
-    except (ModelLoadError, OverwriteRefused, ImportError) as e:
+        model.save_pretrained(args.dst, overwrite=args.overwrite, onnx=args.onnx, onnx_int8=args.onnx_int8,
+                              adapter=args.adapter)
+    except (ModelLoadError, OverwriteRefused, ImportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.src} -> {args.dst} (fingerprint {model.fingerprint()})")

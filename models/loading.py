@@ -36,11 +36,15 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> None:
             )
     else:
         raise ModelLoadError(f"{path}: no weights (model.safetensors) found")
-    if not any((path / name).exists() for name in TOKENIZER_FILES):
+    if not has_tokenizer(path):
         raise ModelLoadError(
             f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer into the folder "
             "with tokenizer.save_pretrained(folder)"
         )
+
+
+def has_tokenizer(path: Path) -> bool:
+    return any((path / name).exists() for name in TOKENIZER_FILES)
 
 
 def check_safetensors_file(file: Path) -> None:

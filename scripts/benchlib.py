@@ -34,6 +34,17 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak RSS (`peak_rss_since_reset`) again from its current RSS (Linux)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_since_reset() -> int:
+    """Peak RSS since `reset_peak_rss` (the kernel's high-water mark, VmHWM)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+
+
 def cpu_seconds() -> tuple[float, float]:
     """(user, system) CPU seconds of this process so far."""
     r = resource.getrusage(resource.RUSAGE_SELF)

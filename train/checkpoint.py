@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from twinfold.models.files.atomic import atomic_directory
 from twinfold.models.export import write_model_folder
 from twinfold.models.head import read_head
+from twinfold.models.lora import has_lora, load_adapter_weights
 
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
@@ -29,12 +30,13 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
 
     It holds the resolved `config` it was trained with, the mixed-precision `scaler`'s state (fp16), in streamed
     runs each process's stream position (`train.streams`), and a manifest of checksums of all its files
-    (`models.atomic`).
+    (`models.atomic`). Its `model/` holds the weights, or of a LoRA model the adapter alone (the base is loaded
+    again on resume).
     """
     folder = checkpoints_dir(output_dir) / f"step-{step}"
     with atomic_directory(folder, overwrite=True) as tmp:  # checkpoints/ belongs to the run
         (tmp / "model").mkdir()
-        write_model_folder(model, tmp / "model")
+        write_model_folder(model, tmp / "model", adapter=has_lora(model.encoder))  # LoRA: the adapter alone
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(loss_module.state_dict(), tmp / "loss.pt")
@@ -63,7 +65,10 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, loss_module, scal
     Everything is read onto the CPU first (a checkpoint written on any GPU loads on any machine); each state
     then moves to the device of what it belongs to (the optimizer's to its parameters', the rest by copy).
     """
-    model.encoder.load_state_dict(load_file(folder / "model" / "model.safetensors", device="cpu"))
+    if has_lora(model.encoder):
+        load_adapter_weights(model.encoder, folder / "model")
+    else:
+        model.encoder.load_state_dict(load_file(folder / "model" / "model.safetensors", device="cpu"))
     model.head.load_state_dict(read_head(folder / "model").state_dict())
     optimizer.load_state_dict(_load(folder / "optimizer.pt"))
     scheduler.load_state_dict(_load(folder / "scheduler.pt"))

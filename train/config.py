@@ -18,6 +18,7 @@ import yaml
 from twinfold.losses import DEFAULT_TEMPERATURE, MIN_TEMPERATURE, ROLES, SIMILARITIES, check_dims
 from twinfold.models.families import ATTN_IMPLEMENTATIONS, DTYPES, check_attn_implementation
 from twinfold.models.loading import ModelLoadError
+from twinfold.models.lora import LoraSettings
 from twinfold.models.pooling import POOLING_MODES
 from twinfold.models.quantize import COMPUTES, PRECISIONS
 from twinfold.train.eval.bm25 import settings_from
@@ -45,6 +46,7 @@ class ModelConfig:
     # bfloat16: the weights and AdamW's moments in bf16 (less memory, less exact); see docs/models.md
     dtype: str = "auto"
     attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 (needs flash-attn) | eager
+    lora: LoraSettings | None = None  # set (e.g. {r: 16}): train a LoRA adapter only (models.lora)
 
 
 @dataclass
@@ -239,22 +241,30 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
             raise ConfigError(f"override {item!r}: write it as section.key=value, e.g. train.lr=3e-5")
-        section, name = key.split(".", 1)
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ConfigError(f"override {item!r}: section {section!r} is not a mapping")
-        raw[section][name] = _parse_override(value, _field_type(section, name), key)
+        *path, name = key.split(".")
+        target = raw
+        for i, part in enumerate(path):  # model.lora.r=8 creates model.lora where it is missing or null
+            if target.get(part) is None:
+                target[part] = {}
+            if not isinstance(target[part], dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(path[:i + 1])!r} is not a mapping")
+            target = target[part]
+        target[name] = _parse_override(value, _field_type(key), key)
     config = _build(Config, _expand_env(raw, ""), "")
     validate(config)
     return config
 
 
-def _field_type(section: str, name: str):
-    """The declared type of `section.name`, or None for keys the schema lacks (`_build` names them)."""
-    section_type = typing.get_type_hints(Config).get(section)
-    if not dataclasses.is_dataclass(section_type):
-        return None
-    return typing.get_type_hints(section_type).get(name)
+def _field_type(key: str):
+    """The declared type of the dotted `key`, or None for keys the schema lacks (`_build` names them)."""
+    hint = Config
+    for part in key.split("."):
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # an optional section: its dataclass
+            hint = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hint = typing.get_type_hints(hint).get(part)
+    return hint
 
 
 def _parse_override(text: str, hint, key: str):
@@ -325,6 +335,8 @@ def validate(c: Config) -> None:
         check_attn_implementation(c.model.attn_implementation)
     except ModelLoadError as e:
         raise ConfigError(f"model.attn_implementation: {e}") from None
+    if c.model.lora is not None:
+        check_lora(c.model.lora)
     if loss.matryoshka_dims or loss.matryoshka_weights is not None:
         try:
             check_dims(loss.matryoshka_dims, loss.matryoshka_weights)
@@ -367,6 +379,16 @@ def validate(c: Config) -> None:
     check_streaming(c)
     if c.eval.data is not None and not Path(c.eval.data).is_dir():
         raise ConfigError(f"eval.data: {c.eval.data} is not a folder (a BEIR folder with corpus.jsonl, queries.jsonl, qrels/)")
+
+
+def check_lora(lora: LoraSettings) -> None:
+    _positive("model.lora.r", lora.r)
+    _positive("model.lora.alpha", lora.alpha)
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"model.lora.dropout: {lora.dropout} must be in [0, 1)")
+    if lora.target_modules is not None and not lora.target_modules:
+        raise ConfigError("model.lora.target_modules: empty; list layer names (e.g. [q_proj, v_proj]) or leave it "
+                          "null for the model family's attention projections")
 
 
 def check_streaming(c: Config) -> None:

@@ -18,7 +18,9 @@ from tqdm.auto import tqdm
 
 from twinfold.losses import InfoNCE, Matryoshka, cached_backward, uncached_backward
 from twinfold.models import BiEncoder
+from twinfold.models.bi_encoder import freeze_unused
 from twinfold.models.files.atomic import atomic_write_bytes
+from twinfold.models.lora import LoraSettings, add_lora, check_same_adapter, has_lora, make_trainable, merged_encoder
 from twinfold.models.runtime import cpu_has_bf16, keep_freed_memory
 from twinfold.train.checkpoint import checkpoint_streams, load_checkpoint, prune_checkpoints, save_checkpoint
 from twinfold.train.config import Config, ConfigError, save_config
@@ -53,8 +55,11 @@ def build_model(cfg: Config) -> BiEncoder:
     if m.max_length and positions and m.max_length > positions:
         raise ConfigError(f"model.max_length: {m.max_length} is more than the {positions} positions "
                           f"{m.name_or_path} has")
-    dims = cfg.loss.matryoshka_dims
-    model.settings.matryoshka_dims = list(dims)
+    model.settings.matryoshka_dims = list(cfg.loss.matryoshka_dims)
+    try:
+        use_lora(model, m.lora, m.name_or_path)
+    except ValueError as e:
+        raise ConfigError(f"model.lora.{e}") from None
     if m.gradient_checkpointing:
         if not model.encoder.supports_gradient_checkpointing:
             raise ConfigError(f"model.gradient_checkpointing: {type(model.encoder).__name__} ({m.name_or_path}) does "
@@ -66,6 +71,23 @@ def build_model(cfg: Config) -> BiEncoder:
 def export_dtype(cfg: Config, model: BiEncoder) -> torch.dtype:
     """The dtype of the trained model's export: `model.dtype`, and for auto the base checkpoint's."""
     return getattr(torch, model.checkpoint_dtype if cfg.model.dtype == "auto" else cfg.model.dtype)
+
+
+def use_lora(model: BiEncoder, lora: LoraSettings | None, base_name: str) -> None:
+    """Train only a LoRA adapter (`lora` set: a new one, or the loaded one of an adapter folder), or the whole
+    encoder (`lora` null: a loaded adapter is merged into it first). ValueError names the `lora` setting at fault."""
+    if has_lora(model.encoder) and lora is None:
+        model.encoder = merged_encoder(model.encoder).requires_grad_(True)
+        freeze_unused(model.encoder)
+        return
+    if lora is None:
+        return
+    if has_lora(model.encoder):
+        check_same_adapter(model.encoder, lora)
+        make_trainable(model.encoder)
+    else:
+        model.encoder = add_lora(model.encoder, lora, base_name)
+    model.head.requires_grad_(False)  # the adapter alone trains
 
 
 def build_loss(cfg: Config, similarity: str = "cosine") -> torch.nn.Module:
@@ -126,6 +148,14 @@ def make_accelerator(mixed_precision: str | None = None) -> Accelerator:
         log.warning("train.mixed_precision: %s overrides the launcher's mixed_precision %s (leave "
                     "train.mixed_precision unset to follow the launcher)", mixed_precision, launcher)
     return accelerator
+
+
+def disk_needed(model: BiEncoder, save_total_limit: int) -> int:
+    """Bytes a run writes at most: `save_total_limit` checkpoints and the best one, each with the trained weights
+    and AdamW's two moments (of a LoRA model: its adapter), and the export with all weights."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    trained_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return 3 * trained_bytes * (save_total_limit + 1) + weight_bytes
 
 
 def check_output_dir(path: Path, need_bytes: int) -> None:
@@ -221,9 +251,7 @@ def set_up(cfg: Config) -> Run:
     model = build_model(cfg)
     lock = claim_run_folder(out, t.resume) if main else None
     if main:
-        # a checkpoint holds the weights and AdamW's two moments; keep_last + best + the final export
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        check_output_dir(out, weight_bytes * (3 * (t.save_total_limit + 1) + 1))
+        check_output_dir(out, disk_needed(model, t.save_total_limit))
         save_config(cfg, out / "config.yaml")
     log.info("preparing %d training datasets", len(cfg.data.train))
     datasets, data_report = prepare_data(cfg, model, out, accelerator)  # mining, eval-overlap and duplicate checks

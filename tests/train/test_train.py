@@ -104,18 +104,26 @@ def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(tmp_pa
 
 
 def test_resume_after_sigkill_ends_with_identical_weights(tmp_path, tiny_bert_path):
-    overrides = ("train.max_steps=12", "train.save_steps=3", "model.dropout=0.1", "train.lr=1e-3",
-                 "train.batch_size=16", "model.max_length=64", "train.log_steps=1")  # a row per step to kill after
-    full = run_train(tmp_path, "full", *overrides, tiny=tiny_bert_path)
-    out, proc = run_train(tmp_path, "killed", *overrides, tiny=tiny_bert_path, wait=False)
-    at = random.randint(3, 8)
-    kill_after(out, proc, at)
-    run_train(tmp_path, "killed", *overrides, "train.resume=true", tiny=tiny_bert_path)
-    assert max_diff(weights(full / "final"), weights(out / "final")) == 0.0, f"killed after step {at}"
+    out = killed_then_resumed_is_uninterrupted(tmp_path, tiny_bert_path, (
+        "train.max_steps=12", "train.save_steps=3", "model.dropout=0.1", "train.lr=1e-3", "train.batch_size=16",
+        "model.max_length=64"), kill_steps=(3, 8))
     state = json.loads((out / "checkpoints" / "step-12" / "trainer_state.json").read_text())
     assert state["step"] == 12
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
+
+
+def killed_then_resumed_is_uninterrupted(tmp_path, tiny, overrides: tuple, kill_steps: tuple[int, int]):
+    """Run `overrides` uninterrupted, and again SIGKILLed after a random step in `kill_steps` then resumed; assert
+    identical final weights; return the resumed run's folder."""
+    overrides = (*overrides, "train.log_steps=1")  # a row per step to kill after
+    full = run_train(tmp_path, "full", *overrides, tiny=tiny)
+    out, proc = run_train(tmp_path, "killed", *overrides, tiny=tiny, wait=False)
+    at = random.randint(*kill_steps)
+    kill_after(out, proc, at)
+    run_train(tmp_path, "killed", *overrides, "train.resume=true", tiny=tiny)
+    assert max_diff(weights(full / "final"), weights(out / "final")) == 0.0, f"killed after step {at}"
+    return out
 
 
 def kill_after(out, proc, at: int) -> None:
