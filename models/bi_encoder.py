@@ -309,11 +309,12 @@ class BiEncoder(nn.Module):
         """Write the model atomically in twinfold and sentence-transformers layouts (see models.export).
 
         `directory` may be missing, empty or a folder twinfold wrote; anything else is refused
-        (`models.atomic.OverwriteRefused`) unless `overwrite`. `onnx` adds `onnx/model.onnx`, `onnx_int8` also
+        (`models.atomic.OverwriteRefused`) unless `overwrite`; a training checkpoint always is. `onnx` adds `onnx/model.onnx`, `onnx_int8` also
         its int8 copy (see models.onnx).
         """
-        from twinfold.models.export import write_model_folder
+        from twinfold.models.export import check_not_a_checkpoint, write_model_folder
 
+        check_not_a_checkpoint(directory)
         if info:
             self.info.update(info)
         with atomic_directory(directory, overwrite) as tmp:
