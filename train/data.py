@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from twinfold.losses import text_keys
+from twinfold.models.atomic import remove_tree, verify_manifest, write_manifest
 from twinfold.models.jsonl import iter_json_lines
 from twinfold.models.tokens import TextTokenizer
 from twinfold.train.config import DatasetConfig
@@ -291,13 +292,18 @@ def tokenize_pairs(ds: PairDataset, tokenizer: TextTokenizer, cache_dir: Path) -
     """Token ids of every text, computed once (in parallel processes for large data) and cached on disk.
 
     The cache key is the data's content, the tokenizer (vocabulary, rules, prefixes, `max_length`) and the
-    columns; another run, or another process of this run, with the same key reads the cache instead.
+    columns; another run, or another process of this run, with the same key reads the cache instead. The size
+    and SHA-256 of each cache file are kept with it (`models.atomic.write_manifest`) and checked before it is
+    reused: a damaged cache is rebuilt, with a warning.
     """
     import datasets
 
     key = hashlib.sha256(json.dumps([_CACHE_FORMAT, ds.fingerprint, tokenizer.fingerprint(), ds.roles]).encode())
     folder = cache_dir / "tokens" / key.hexdigest()[:24]
     manifest = folder / "manifest.json"
+    if folder.exists() and (problem := verify_manifest(folder)):
+        log.warning("%s: token cache %s is damaged (%s); it is rebuilt", ds.name, folder, problem)
+        _discard(folder)
     if not manifest.exists():
         tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -315,6 +321,7 @@ def tokenize_pairs(ds: PairDataset, tokenizer: TextTokenizer, cache_dir: Path) -
         files = [Path(f["filename"]).name for f in mapped.cache_files]
         (tmp / "manifest.json").write_text(json.dumps({"files": files, "rows": len(ds), "truncated": truncated}))
         del mapped
+        write_manifest(tmp)
         try:
             tmp.rename(folder)
         except OSError:  # another process finished the same cache first
@@ -325,6 +332,16 @@ def tokenize_pairs(ds: PairDataset, tokenizer: TextTokenizer, cache_dir: Path) -
     saved = json.loads(manifest.read_text())
     table = datasets.concatenate_datasets([datasets.Dataset.from_file(str(folder / f)) for f in saved["files"]])
     return TokenizedPairs(ds.name, table, ds.weight, ds.num_negatives, saved["truncated"])
+
+
+def _discard(folder: Path) -> None:
+    """Move a damaged cache folder aside (one rename: a process reading it keeps its files) and delete it."""
+    aside = folder.with_name(f".old-{folder.name}-{os.getpid()}")
+    try:
+        folder.rename(aside)
+    except OSError:  # another process moved it first
+        return
+    remove_tree(aside, aside.parent)
 
 
 def _tokenize_batch(batch: dict[str, list[str]], tokenizer: TextTokenizer) -> dict[str, list]:

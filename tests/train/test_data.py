@@ -197,3 +197,29 @@ def test_the_token_cache_is_keyed_by_the_columns_read(tmp_path, tiny_bert_path):
     assert first.table["positive_ids"] == tokenizer.ids([f"abstract {i}" for i in range(6)], "document")
     assert second.table["positive_ids"] == tokenizer.ids([f"unrelated text {i}" for i in range(6)], "document")
     assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 2
+
+
+def test_a_damaged_token_cache_is_rebuilt_with_a_warning(tmp_path, tiny_bert_path, caplog):
+    rows = [{"anchor": f"claim number {i}", "positive": f"abstract {i} about cells"} for i in range(8)]
+    cfg = DatasetConfig(path=str(jsonl(tmp_path, rows)))
+    tokenizer = BiEncoder.from_pretrained(tiny_bert_path).text_tokenizer
+    expected = tokenizer.ids([r["anchor"] for r in rows], "query")
+    tokenize_pairs(load_pairs(cfg), tokenizer, tmp_path / "cache")
+    (folder,) = (tmp_path / "cache" / "tokens").iterdir()
+    (arrow,) = folder.glob("*.arrow")
+    first_ids = np.array(expected[0], dtype=np.int32).tobytes()
+    for damage in ("altered", "truncated"):
+        data = arrow.read_bytes()
+        if damage == "altered":  # one token id of the first anchor changed: same size, other ids
+            at = data.index(first_ids) + 4
+            data = data[:at] + np.array([7], dtype=np.int32).tobytes() + data[at + 4:]
+        arrow.write_bytes(data if damage == "altered" else data[:len(data) // 2])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="twinfold"):
+            tokens = tokenize_pairs(load_pairs(cfg), tokenizer, tmp_path / "cache")
+        problem = "does not match its checksum" if damage == "altered" else f"has {len(data) // 2} bytes, expected"
+        (warning,) = [r.message for r in caplog.records]
+        assert warning.startswith(f"pairs: token cache {folder} is damaged ({arrow.name} {problem}")
+        assert warning.endswith("); it is rebuilt")
+        assert tokens.table["anchor_ids"] == expected
+    assert [p.name for p in (tmp_path / "cache" / "tokens").iterdir()] == [folder.name]
