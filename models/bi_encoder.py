@@ -1,6 +1,7 @@
 """The Siamese bi-encoder: one shared Hugging Face encoder, pooling, L2 normalisation."""
 import hashlib
 import json
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -118,6 +119,10 @@ class BiEncoder(nn.Module):
                 trust_remote_code=trust_remote_code, dtype=torch.float32,
             )
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except pickle.UnpicklingError as e:  # torch's weights-only loader met something other than tensors
+            reason = next((line for line in str(e).splitlines() if "unsupported" in line), "not only tensors")
+            raise ModelLoadError(f"{path}: its pickle weights were refused by the safe loader, which reads tensors "
+                                 f"only ({reason.strip()}); do not load this file") from e
         except (OSError, ValueError) as e:
             if Path(path).is_dir():
                 raise ModelLoadError(f"cannot load model from {path}: {e}") from e

@@ -28,6 +28,7 @@ import torch
 
 from twinfold.models import BiEncoder, ModelLoadError
 from twinfold.models.atomic import OverwriteRefused, atomic_write_bytes, check_writable, file_sha256
+from twinfold.models.encode import non_positive_option
 from twinfold.train.beir import BeirFormatError, load_beir, load_corpus
 from twinfold.train.bm25 import BM25Index
 from twinfold.train.config import ConfigError, DatasetConfig, HardNegativesConfig
@@ -287,6 +288,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.mi
                                    None if args.no_guard else args.max_score_ratio, args.candidates, args.sampling,
                                    args.corpus, args.seed)
     ds = DatasetConfig(path=args.data, columns=args.columns, split=args.split, hard_negatives=settings)
+    if problem := non_positive_option({"--batch-size": args.batch_size}):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         check_hard_negatives(ds, "options")
         check_mined_output(args.out, args.data, args.overwrite)
