@@ -1,6 +1,7 @@
 """The Siamese bi-encoder: one shared Hugging Face encoder, pooling, L2 normalisation."""
 import hashlib
 import json
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -142,6 +143,10 @@ class BiEncoder(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
             if adapter is not None:
                 encoder = load_lora(encoder, adapter)
+        except pickle.UnpicklingError as e:  # torch's weights-only loader met something other than tensors
+            reason = next((line for line in str(e).splitlines() if "unsupported" in line), "not only tensors")
+            raise ModelLoadError(f"{path}: its pickle weights were refused by the safe loader, which reads tensors "
+                                 f"only ({reason.strip()}); do not load this file") from e
         except (OSError, ValueError) as e:
             if Path(path).is_dir():
                 raise ModelLoadError(f"cannot load model from {path}: {e}") from e
@@ -338,12 +343,13 @@ class BiEncoder(nn.Module):
         """Write the model atomically in twinfold and sentence-transformers layouts (see models.export).
 
         `directory` may be missing, empty or a folder twinfold wrote; anything else is refused
-        (`models.atomic.OverwriteRefused`) unless `overwrite`. `onnx` adds `onnx/model.onnx`, `onnx_int8` also
-        its int8 copy (see models.onnx). A LoRA model is written merged into ordinary weights, or with `adapter`
-        as its adapter alone (see models.lora).
+        (`models.atomic.OverwriteRefused`) unless `overwrite`; a training checkpoint always is. `onnx` adds
+        `onnx/model.onnx`, `onnx_int8` also its int8 copy (see models.onnx). A LoRA model is written merged into
+        ordinary weights, or with `adapter` as its adapter alone (see models.lora).
         """
-        from twinfold.models.export import write_model_folder
+        from twinfold.models.export import check_not_a_checkpoint, write_model_folder
 
+        check_not_a_checkpoint(directory)
         if info:
             self.info.update(info)
         with atomic_directory(directory, overwrite) as tmp:

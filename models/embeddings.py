@@ -101,6 +101,7 @@ class EmbeddingSet:
             table = pq.read_table(path)
             meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
             _check_fingerprint(path, meta)
+            _require(path, [*meta, *table.column_names], ["precision", "dim", "id", "embedding"])
             column = table.column("embedding").combine_chunks()
             embeddings = column.values.to_numpy().reshape(len(table), column.type.list_size)
             ids = table.column("id").to_pylist()
@@ -116,10 +117,14 @@ class EmbeddingSet:
                                  f"{e})") from None
             _check_fingerprint(path, meta)
             tensors = load_file(str(path))
+            _require(path, [*meta, *tensors], ["precision", "dim", "ids", "embeddings"])
             embeddings, ids = tensors["embeddings"], json.loads(meta["ids"])
             hashes = json.loads(meta["hashes"]) if "hashes" in meta else None
             starts, steps = tensors.get("int8_starts"), tensors.get("int8_steps")
-        calibration = Int8Calibration(starts, steps) if starts is not None else None
+        try:
+            calibration = Int8Calibration(starts, steps) if starts is not None else None
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         return cls(embeddings, ids, meta["fingerprint"], meta["precision"], int(meta["dim"]), calibration,
                    meta.get("similarity", "dot"), hashes, meta.get("kind"), meta.get("compute", "float32"))
 
@@ -128,6 +133,12 @@ def file_format(path: str | Path) -> str:
     """"parquet" for a file that starts with Parquet's magic bytes, else "safetensors"."""
     with open(path, "rb") as f:
         return "parquet" if f.read(4) == PARQUET_MAGIC else "safetensors"
+
+
+def _require(path: str | Path, present: list[str], needed: list[str]) -> None:
+    if missing := [key for key in needed if key not in present]:
+        raise ValueError(f"{path}: an incomplete twinfold embedding file (no {', '.join(map(repr, missing))} in it); "
+                         "write it again with `twinfold encode`")
 
 
 def _check_fingerprint(path: str | Path, meta: dict) -> None:

@@ -20,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from twinfold.models.files.atomic import check_writable
 from twinfold.models.bi_encoder import BiEncoder
 from twinfold.models.embeddings import FORMATS, EmbeddingSet, check_embedding_output, content_hash, file_format
 from twinfold.models.files.jsonl import iter_json_lines
 from twinfold.models.loading import ModelLoadError
-from twinfold.models.quantize import COMPUTE_HELP, COMPUTES, PRECISIONS, calibrate_int8, quantize_binary, quantize_int8
+from twinfold.models.quantize import COMPUTE_HELP, COMPUTES, MIN_CALIBRATION_ROWS, PRECISIONS, calibrate_int8, \
+    quantize_binary, quantize_int8
 from twinfold.models.runtime import keep_freed_memory
 
 
@@ -95,6 +97,12 @@ def check_updatable(old: EmbeddingSet, path: Path, model: BiEncoder, model_name:
                          f"it, so rebuild it: {rebuild}")
 
 
+def non_positive_option(values: dict[str, int | None]) -> str | None:
+    """`OPTION: VALUE must be a positive integer` for the first given option below 1 (checked before any work)."""
+    return next((f"{option}: {value} must be a positive integer" for option, value in values.items()
+                 if value is not None and value < 1), None)
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.encode") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -116,12 +124,23 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.e
     args = p.parse_args(argv)
     if not args.check and (args.input is None or (args.output or args.update) is None):
         p.error("give --input and --output (or --update EXISTING), or --check FILE")
+    if problem := non_positive_option({"--dim": args.dim, "--batch-size": args.batch_size}):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
-        if args.output:
-            check_embedding_output(args.output, args.overwrite)  # before the work, not after it
+        if args.output:  # before the work, not after it
+            check_embedding_output(args.output, args.overwrite)
+        if args.output or args.update:
+            check_writable(args.output or args.update, "--output" if args.output else "--update")
         old = EmbeddingSet.load(args.check or args.update) if args.check or args.update else None
-        texts, ids = read_texts(args.input, args.field, args.id_field) if args.input else ([], [])
         model = BiEncoder.from_pretrained(args.model, allow_pickle=args.allow_pickle)
+        if args.dim is not None and args.dim > model.dim and not (args.check or args.update):
+            raise ValueError(f"--dim: {args.dim} is larger than the model's dimension {model.dim}")
+        texts, ids = read_texts(args.input, args.field, args.id_field) if args.input else ([], [])
+        if args.precision == "int8" and not args.update and len(texts) < MIN_CALIBRATION_ROWS:
+            raise InputError(f"{args.input}: int8 embeddings are calibrated on the documents encoded, and "
+                             f"{len(texts)} cannot give each dimension a range: encode at least "
+                             f"{MIN_CALIBRATION_ROWS} documents together, or use --precision float32")
         if args.update:
             rebuild = (f"{prog} --model {args.model} --input {args.input} --output {args.update} "
                        f"--precision {old.precision} --dim {old.dim} --kind {old.kind} "

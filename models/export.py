@@ -2,13 +2,16 @@
 
     python -m twinfold.models.export SRC DST [--dtype float32|bfloat16|float16] [--onnx | --onnx-int8 | --adapter]
 
-SRC: a training checkpoint (its `model/` folder is used) or any model folder; DST gets `model.safetensors`,
+SRC: a training checkpoint (its `model/` folder is used) or any model folder; a folder twinfold wrote is checked
+against its manifest first (a damaged file is named, nothing is exported). DST gets `model.safetensors`,
 `config.json`, tokenizer files, `twinfold.json`, the sentence-transformers layout and `README.md` (the model
 card, see models.card). `--onnx` adds `onnx/model.onnx` (the encoder, for `SentenceTransformer(DST,
 backend="onnx")` and `compute="onnx"`), `--onnx-int8` that and its int8 copy (see models.onnx). The weights keep
 SRC's dtype unless `--dtype` names another. A LoRA model is written merged into ordinary weights; with
 `--adapter`, as its adapter alone, which peft, sentence-transformers and twinfold load over the base model (see
-models.lora). DST must be new, empty or an earlier twinfold export (`--overwrite` replaces anything else).
+models.lora). DST must be new, empty or an earlier twinfold export (`--overwrite` replaces anything else), and
+never a training checkpoint or a folder inside a run's `checkpoints/` (SRC and DST swapped, say), whatever the
+options.
 """
 import argparse
 import json
@@ -23,6 +26,7 @@ from twinfold.models.loading import POOLING_KEYS
 from twinfold.models.onnx import export_onnx
 
 EXPORT_FORMAT = 1
+CHECKPOINT_STATE = "trainer_state.json"  # written last into every complete training checkpoint (train.checkpoint)
 
 
 def write_model_folder(model, folder: Path, onnx: bool = False, onnx_int8: bool = False,
@@ -79,8 +83,35 @@ def model_folder_of(src: Path) -> Path:
     return inner if (inner / "config.json").exists() or (inner / ADAPTER_CONFIG).exists() else src
 
 
+def check_intact(src: Path) -> None:
+    """Raise `ModelLoadError` naming the damaged file if a checkpoint, or a folder carrying a manifest, does not
+    match its manifest (`models.atomic.verify_manifest`)."""
+    from twinfold.models.files.atomic import MANIFEST, verify_manifest
+    from twinfold.models.loading import ModelLoadError
+
+    for folder in dict.fromkeys((src, model_folder_of(src))):
+        if (folder / CHECKPOINT_STATE).exists() or (folder / MANIFEST).exists():
+            if problem := verify_manifest(folder):
+                raise ModelLoadError(f"{folder} is damaged: {problem}; nothing was exported (export an intact "
+                                     "checkpoint, e.g. an earlier step)")
+
+
+def check_not_a_checkpoint(dst: Path) -> None:
+    """Raise `OverwriteRefused` if `dst` is, or is inside, a training checkpoint or a run's `checkpoints/` folder."""
+    from twinfold.models.files.atomic import OverwriteRefused
+
+    dst = Path(dst).resolve()
+    for folder in (dst, *dst.parents):
+        checkpoint = (folder / CHECKPOINT_STATE).is_file()
+        if checkpoint or (folder.name == "checkpoints" and folder.is_dir()
+                          and any((c / CHECKPOINT_STATE).is_file() for c in folder.iterdir())):
+            kind = "a training checkpoint" if checkpoint else "a run's checkpoints folder"
+            raise OverwriteRefused(f"{dst} is {'' if folder == dst else 'inside '}{kind} ({folder}); an export "
+                                   "never goes there (are SRC and DST swapped?); choose another folder")
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.export") -> int:
-    from twinfold.models.files.atomic import OverwriteRefused, check_replaceable
+    from twinfold.models.files.atomic import check_replaceable, check_writable
     from twinfold.models.bi_encoder import BiEncoder
     from twinfold.models.loading import ModelLoadError
 
@@ -100,12 +131,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.e
         parser.error("--adapter writes no weights of the base: not with --onnx or --onnx-int8")
     try:
         # before loading anything
+        check_not_a_checkpoint(args.dst)
         check_replaceable(args.dst, args.overwrite, "Choose another folder or pass --overwrite to replace it")
+        check_writable(args.dst, "DST")
+        check_intact(args.src)
         model = BiEncoder.from_pretrained(model_folder_of(args.src), dtype=args.dtype or "auto",
                                           allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
         model.save_pretrained(args.dst, overwrite=args.overwrite, onnx=args.onnx, onnx_int8=args.onnx_int8,
                               adapter=args.adapter)
-    except (ModelLoadError, OverwriteRefused, ImportError, ValueError) as e:
+    except (ModelLoadError, OSError, ImportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.src} -> {args.dst} (fingerprint {model.fingerprint()})")

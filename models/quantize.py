@@ -14,16 +14,35 @@ COMPUTE_HELP = ("bf16: autocast (GPUs, CPUs with bf16 units); int8: int8 linear 
                 "ONNX Runtime, float32 or int8 (CPU; the model folder's onnx/ files, see models.export --onnx)")
 
 
+MIN_CALIBRATION_ROWS = 2  # the fewest embeddings whose per-dimension range can give every dimension a step
+
+
 @dataclass
 class Int8Calibration:
-    """Per-dimension ranges: value v maps to clip(floor((v - start) / step), 0, 255) - 128."""
+    """Per-dimension ranges: value v maps to clip(floor((v - start) / step), 0, 255) - 128.
+
+    A dimension whose calibration values were all equal has step 0: every value maps back to its start (right
+    for a dimension the model keeps constant). At least one dimension must have a range, else every embedding
+    quantised with it would be alike.
+    """
 
     starts: np.ndarray
     steps: np.ndarray
 
+    def __post_init__(self):
+        steps = np.asarray(self.steps)
+        if not np.all(np.isfinite(steps) & (steps >= 0)) or not np.any(steps > 0):
+            raise ValueError("int8 calibration: no dimension has a range (every step is 0 or invalid), so every "
+                             "embedding quantised with it would be alike: it was computed from one embedding (or "
+                             "identical ones); encode it again from more documents")
+
 
 def calibrate_int8(embeddings: np.ndarray, sample_size: int | None = None, seed: int = 0) -> Int8Calibration:
-    """Per-dimension min/max over `embeddings` (or a random sample of `sample_size` rows)."""
+    """Per-dimension min/max over `embeddings` (or a random sample of `sample_size` rows); ValueError for fewer
+    than `MIN_CALIBRATION_ROWS` rows, or rows that are all alike."""
+    if len(embeddings) < MIN_CALIBRATION_ROWS:
+        raise ValueError(f"int8 calibration needs at least {MIN_CALIBRATION_ROWS} embeddings (per-dimension "
+                         f"ranges), got {len(embeddings)}; encode more documents or use float32")
     if sample_size is not None and sample_size < len(embeddings):
         rows = np.random.default_rng(seed).choice(len(embeddings), sample_size, replace=False)
         embeddings = embeddings[rows]

@@ -1,23 +1,24 @@
 """Checkpoints: an atomic folder per step holding all a run needs to continue exactly."""
 import json
+import logging
 import re
-import shutil
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from twinfold.models.files.atomic import atomic_directory
-from twinfold.models.export import write_model_folder
+from twinfold.models.files.atomic import atomic_directory, remove_tree
+from twinfold.models.export import CHECKPOINT_STATE, write_model_folder
 from twinfold.models.head import read_head
 from twinfold.models.lora import has_lora, load_adapter_weights
 
-STATE_FILE = "trainer_state.json"
+STATE_FILE = CHECKPOINT_STATE
 CONFIG_FILE = "config.yaml"
 SCALER_FILE = "scaler.pt"
 STREAMS_FILE = "streams.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+log = logging.getLogger("twinfold")
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -100,10 +101,11 @@ def _load(path: Path):
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last: int, keep: Path | None = None) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints, and never `keep` (the best one)."""
+    """Delete all but the newest `keep_last` complete checkpoints, and never `keep` (the best one); nothing
+    reached through a symbolic link is deleted (`models.atomic.remove_tree`)."""
     complete = complete_checkpoints(output_dir)
-    for folder in complete[:-keep_last] if keep_last > 0 else complete:
-        if keep is None or folder.resolve() != Path(keep).resolve():
-            shutil.rmtree(folder, ignore_errors=True)
-    for tmp in checkpoints_dir(output_dir).glob(".tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    doomed = [f for f in (complete[:-keep_last] if keep_last > 0 else complete)
+              if keep is None or f.resolve() != Path(keep).resolve()]
+    for folder in doomed + sorted(checkpoints_dir(output_dir).glob(".tmp-*")):
+        if not remove_tree(folder, output_dir):
+            log.warning("%s is reached through a symbolic link; it is not deleted", folder)

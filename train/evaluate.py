@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from twinfold.models import BiEncoder, ModelLoadError, truncate
 from twinfold.models.files.atomic import check_output_folder
+from twinfold.models.encode import non_positive_option
 from twinfold.models.quantize import COMPUTE_HELP, COMPUTES, PRECISIONS, bytes_per_vector, calibrate_int8, quantize_binary, quantize_int8
 from twinfold.models.runtime import keep_freed_memory
 from twinfold.models.search import RESCORE_MULTIPLIER, binary_search, exact_search, int8_search
@@ -278,6 +279,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.ev
         transformers_logging.disable_progress_bar()
     if len(set(args.model)) != len(args.model):
         print("error: the same --model is given twice", file=sys.stderr)
+        return 2
+    if problem := non_positive_option({"--batch-size": args.batch_size,
+                                       "--rescore-multiplier": args.rescore_multiplier}):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         if args.out and not args.overwrite:

@@ -10,13 +10,16 @@ Never mined for an anchor: any positive of a row with the same anchor, the ancho
 compared after whitespace/case normalisation). Ranks count the remaining documents only. The guard drops
 candidates whose cosine with the anchor exceeds `max_score_ratio` x the row's positive's. Rows with fewer
 eligible candidates than `num_negatives` are dropped. The output has `anchor`, `positive` and `negative`
-(`negative_1..k` for k > 1) and sits beside `OUT.provenance.json` (model fingerprint, settings, inputs, counts).
+(`negative_1..k` for k > 1) and sits beside `OUT.provenance.json` (model fingerprint, settings, inputs, counts,
+the file's SHA-256). An existing OUT is replaced only if it is such a mined file, unchanged (`--overwrite` replaces
+anything else); OUT is never the `--data` file.
 """
 import argparse
 import dataclasses
 import hashlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -24,10 +27,11 @@ import numpy as np
 import torch
 
 from twinfold.models import BiEncoder, ModelLoadError
-from twinfold.models.files.atomic import atomic_write_bytes
+from twinfold.models.files.atomic import OverwriteRefused, atomic_write_bytes, check_writable, file_sha256
+from twinfold.models.encode import non_positive_option
 from twinfold.train.eval.beir import BeirFormatError, load_beir, load_corpus
 from twinfold.train.eval.bm25 import BM25Index
-from twinfold.train.config import DatasetConfig, HardNegativesConfig
+from twinfold.train.config import ConfigError, DatasetConfig, HardNegativesConfig
 from twinfold.train.data.pairs import DataError, PairDataset, load_pairs
 
 log = logging.getLogger("twinfold")
@@ -164,8 +168,9 @@ def write_mined(path: str | Path, mined: MinedPairs, provenance: dict) -> dict[s
     names = ["negative"] if k == 1 else [f"negative_{j + 1}" for j in range(k)]
     lines = [json.dumps({"anchor": a, "positive": p, **dict(zip(names, n))}, ensure_ascii=False)
              for a, p, n in zip(mined.anchor, mined.positive, mined.negatives)]
-    atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
-    provenance = {**provenance, **mined.counts,
+    data = "".join(line + "\n" for line in lines).encode()
+    atomic_write_bytes(path, data)
+    provenance = {**provenance, **mined.counts, "sha256": hashlib.sha256(data).hexdigest(),
                   "mean_positive_score": float(np.mean(mined.positive_scores)) if mined.positive_scores else None,
                   "mean_negative_score": float(np.mean(mined.negative_scores)) if mined.negative_scores else None,
                   "columns": {"anchor": "anchor", "positive": "positive", **{n: "negative" for n in names}}}
@@ -175,6 +180,25 @@ def write_mined(path: str | Path, mined: MinedPairs, provenance: dict) -> dict[s
 
 def provenance_path(path: str | Path) -> Path:
     return Path(f"{path}.provenance.json")
+
+
+def check_mined_output(out: Path, data: str, overwrite: bool) -> None:
+    """Raise `OverwriteRefused` if `out` is the `data` file (always), or if it or its provenance file exists and
+    `out` is not a pair file twinfold mined, unchanged since (its provenance's SHA-256), unless `overwrite`."""
+    out = Path(out)
+    if out.exists() and Path(data).exists() and os.path.samefile(out, data):
+        raise OverwriteRefused(f"--out: {out} is the --data file; mined pairs never replace their input. Choose "
+                               "another --out")
+    provenance = provenance_path(out)
+    if overwrite or not (out.exists() or out.is_symlink() or provenance.exists() or provenance.is_symlink()):
+        return
+    try:
+        ours = json.loads(provenance.read_text())["sha256"] == file_sha256(out)
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = False
+    if not ours:
+        raise OverwriteRefused(f"--out: {out} (or {provenance.name}) exists and is not a pair file twinfold mined; "
+                               "nothing was changed. Choose another path or pass --overwrite to replace it")
 
 
 def mining_inputs(ds: DatasetConfig) -> tuple[PairDataset, list[str] | None, dict[str, set[str]]]:
@@ -192,9 +216,17 @@ def provenance_of(ds: DatasetConfig, model_name: str, fingerprint: str) -> dict:
             "data": ds.path, "corpus": h.corpus or "the positives of the data"}
 
 
-def mine_dataset(ds: DatasetConfig, encoder: MemoEncoder, out_dir: Path, model_name: str) -> DatasetConfig:
+def mine_dataset(ds: DatasetConfig, encoder: MemoEncoder, out_dir: Path, model_name: str,
+                 key_name: str = "data.train[i]") -> DatasetConfig:
     """Mine `ds` (cached in `out_dir` by a hash of the model, the data, the corpus and the settings); return the
-    config of the mined pair file, which `train.data.load_pairs` reads like any other."""
+    config of the mined pair file, which `train.data.load_pairs` reads like any other.
+
+    `ds.name` names the mined file, so it must be a plain file name (`key_name`: its config key, for the error).
+    """
+    if ds.name is not None and (not ds.name.strip() or ds.name in (".", "..") or
+                                any(sep in ds.name for sep in ("/", "\\", os.sep))):
+        raise ConfigError(f"{key_name}.name: {ds.name!r} names the mined pair file in {out_dir}; use a plain name "
+                          "(no path separators, not '.' or '..')")
     h = ds.hard_negatives
     pairs, corpus, judged = mining_inputs(ds)
     provenance = provenance_of(ds, model_name, encoder.model.fingerprint())
@@ -247,16 +279,22 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.mi
     p.add_argument("--candidates", choices=("dense", "bm25"), default=defaults.candidates)
     p.add_argument("--sampling", choices=("top", "random"), default=defaults.sampling)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if twinfold did not mine it")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from twinfold.train.config import ConfigError, check_hard_negatives
+    from twinfold.train.config import check_hard_negatives
 
     settings = HardNegativesConfig(args.num_negatives, args.range_min, args.range_max,
                                    None if args.no_guard else args.max_score_ratio, args.candidates, args.sampling,
                                    args.corpus, args.seed)
     ds = DatasetConfig(path=args.data, columns=args.columns, split=args.split, hard_negatives=settings)
+    if problem := non_positive_option({"--batch-size": args.batch_size}):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         check_hard_negatives(ds, "options")
+        check_mined_output(args.out, args.data, args.overwrite)
+        check_writable(args.out, "--out")
         model = BiEncoder.from_pretrained(args.model)
         encoder = MemoEncoder(model, args.batch_size, show_progress_bar=not args.no_progress)
         pairs, corpus, judged = mining_inputs(ds)

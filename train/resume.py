@@ -12,7 +12,8 @@ from twinfold.train.lock import LOCK_FILE, RunLock
 log = logging.getLogger("twinfold")
 
 # everything a run writes into train.output_dir (train.loop); anything else there belongs to someone else
-RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "final", "eval", "wandb", LOCK_FILE}
+RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "final", "eval", "mined", "wandb", LOCK_FILE}
+OTHERS_WRITE = frozenset({"wandb"})  # filled by wandb (which links its latest run); only the folder itself is checked
 # keys (or key prefixes) whose changes leave a resumed run exact; any other change breaks exactness
 HARMLESS = ("eval.", "log.", "train.output_dir", "train.resume", "train.save_steps", "train.save_total_limit",
             "train.eval_steps", "train.log_steps", "model.allow_pickle", "model.trust_remote_code", "data.cache_dir")
@@ -20,10 +21,11 @@ GROWING = ("train.max_steps", "train.epochs")  # harmless when they grow: the ru
 
 
 def claim_run_folder(out: Path, resume: bool) -> RunLock:
-    """Lock the run folder for this run, refusing one that holds other files, is in use, or holds a previous
-    run that a new (not resumed) run would mix with."""
+    """Lock the run folder for this run, refusing one that holds other files or a symbolic link where the run
+    writes, is in use, or holds a previous run that a new (not resumed) run would mix with."""
     try:
-        check_output_folder(out, RUN_ENTRIES, "choose a new or empty train.output_dir (it holds a run's files only)")
+        check_output_folder(out, RUN_ENTRIES, "choose a new or empty train.output_dir (it holds a run's files only)",
+                            unscanned=OTHERS_WRITE)
         check_replaceable(out / "final", remedy="Move it away or choose another train.output_dir")
     except OverwriteRefused as e:
         raise ConfigError(f"train.output_dir: {e}") from None

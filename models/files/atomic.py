@@ -20,6 +20,10 @@ class OverwriteRefused(FileExistsError):
     """An output path holds data twinfold did not write; nothing was changed."""
 
 
+class UnwritableOutput(PermissionError):
+    """An output's folder cannot be written; found before any work."""
+
+
 @contextlib.contextmanager
 def atomic_directory(dst: str | Path, overwrite: bool = False):
     """Yield a fresh temporary folder beside `dst`; on success it replaces `dst` in one rename.
@@ -66,11 +70,13 @@ def check_replaceable(dst: str | Path, overwrite: bool = False,
             f"{remedy}")
 
 
-def check_output_folder(folder: str | Path, owned: set[str], remedy: str) -> None:
-    """Raise `OverwriteRefused` (ending with `remedy`) if `folder` holds entries other than the `owned` names.
+def check_output_folder(folder: str | Path, owned: set[str], remedy: str, unscanned: frozenset = frozenset()) -> None:
+    """Raise `OverwriteRefused` (ending with `remedy`) if `folder` holds entries other than the `owned` names, or
+    a symbolic link among them or anywhere below them (`unscanned`: owned folders another library fills).
 
     For folders twinfold fills file by file (a run folder, an evaluation report): its own files there are
-    replaced and nothing else is touched, but a folder holding anything else is refused up front.
+    replaced and nothing else is touched, but a folder holding anything else is refused up front; a link would
+    make a write or a deletion there land outside the folder.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -79,6 +85,48 @@ def check_output_folder(folder: str | Path, owned: set[str], remedy: str) -> Non
     if foreign:
         raise OverwriteRefused(
             f"{folder} holds {len(foreign)} entries twinfold did not write (e.g. {foreign[0]!r}); {remedy}")
+    for name in sorted(owned):
+        if link := first_symlink(folder / name, scan=name not in unscanned):
+            raise OverwriteRefused(f"{link} is a symbolic link; twinfold does not write or delete through links "
+                                   f"(it could change files outside {folder}); remove the link or {remedy}")
+
+
+def first_symlink(path: Path, scan: bool = True) -> Path | None:
+    """`path` if it is a symbolic link, else (`scan`) the first link below it, found without following links."""
+    if path.is_symlink():
+        return path
+    if scan and path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for name in sorted(dirs + files):
+                if (Path(root) / name).is_symlink():
+                    return Path(root) / name
+    return None
+
+
+def remove_tree(path: Path, root: Path) -> bool:
+    """Delete the folder `path` under `root` unless a symbolic link is on the way (`path` or a folder between
+    `root` and it): a deletion never goes through a link. True if it was deleted."""
+    rel = Path(path).relative_to(root)
+    if any((Path(root) / p).is_symlink() for p in (rel, *rel.parents) if p != Path(".")):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
+def check_writable(dst: str | Path, what: str) -> None:
+    """Raise `UnwritableOutput` naming `what` (an option) unless a file can be created where `dst` will be.
+
+    The probe goes into `dst`'s folder, or its nearest existing ancestor when folders are still to be made.
+    """
+    folder = Path(dst).absolute().parent
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tmp-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UnwritableOutput(f"{what}: cannot write {dst} ({folder}: {e.strerror or e}); nothing was done") from None
 
 
 def foreign_files(folder: Path) -> list[str]:

@@ -1,11 +1,20 @@
 """Incremental re-indexing (`models.encode --update`) and the drift guard (`--check`), on SciFact-nano documents."""
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from twinfold.models import BiEncoder, EmbeddingSet
+from twinfold.models.files.atomic import MANIFEST
 from twinfold.models.encode import main
+from twinfold.models.export import main as export_main
+from twinfold.models.quantize import Int8Calibration, calibrate_int8
+from twinfold.train.mine import main as mine_main
 
 
 @pytest.fixture
@@ -17,6 +26,13 @@ def docs(data_dir):
 def write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def errors(capsys) -> list[str]:
+    """The `error:` lines of stderr (progress bars aside); never a traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("error")]
 
 
 def encode_spy(monkeypatch):
@@ -143,3 +159,87 @@ def test_a_file_that_is_no_embedding_file_is_a_one_line_error(tiny_bert_path, tm
     notes.write_text('{"text": "not embeddings"}\n')
     assert main(["--model", str(tiny_bert_path), "--check", str(notes)]) == 2
     assert f"error: {notes}: not a twinfold embedding file (neither Parquet nor safetensors" in capsys.readouterr().err
+
+
+def test_int8_needs_two_documents_and_a_file_calibrated_on_one_is_refused(tiny_bert_path, docs, tmp_path, capsys):
+    one = write(tmp_path / "one.jsonl", docs[:1])
+    model = ["--model", str(tiny_bert_path), "--no-progress", "--precision", "int8"]
+    assert main([*model, "--input", str(one), "--output", str(tmp_path / "one.safetensors")]) == 2
+    assert errors(capsys) == [
+        f"error: {one}: int8 embeddings are calibrated on the documents encoded, and 1 cannot give each dimension a "
+        "range: encode at least 2 documents together, or use --precision float32"]
+    with pytest.raises(ValueError, match="needs at least 2 embeddings"):
+        calibrate_int8(np.ones((1, 4), np.float32))
+    # a file calibrated on one document (every step 0) cannot be updated: its documents would all be alike
+    collapsed = tmp_path / "collapsed.safetensors"
+    EmbeddingSet(np.zeros((1, 128), np.int8), ["d0"], BiEncoder.from_pretrained(tiny_bert_path).fingerprint(),
+                 "int8", 128, Int8Calibration(np.zeros(128, np.float32), np.ones(128, np.float32)),
+                 hashes=["h"], kind="document").save(collapsed)
+    raw = load_file(str(collapsed))
+    raw["int8_steps"] = np.zeros(128, np.float32)
+    with safe_open(str(collapsed), "np") as f:
+        meta = f.metadata()
+    save_file(raw, str(collapsed), metadata=meta)
+    assert main(["--model", str(tiny_bert_path), "--no-progress", "--input", str(write(tmp_path / "v2.jsonl", docs[:5])),
+                 "--update", str(collapsed)]) == 2
+    assert errors(capsys) == [
+        f"error: {collapsed}: int8 calibration: no dimension has a range (every step is 0 or invalid), so every "
+        "embedding quantised with it would be alike: it was computed from one embedding (or identical ones); "
+        "encode it again from more documents"]
+    two = tmp_path / "two.safetensors"  # two documents calibrate every dimension: they stay apart
+    assert main([*model, "--input", str(write(tmp_path / "two.jsonl", docs[:2])), "--output", str(two)]) == 0
+    vectors = EmbeddingSet.load(two).embeddings
+    assert not np.array_equal(vectors[0], vectors[1])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dim", "0"], "--dim: 0 must be a positive integer"),
+    (["--dim", "1000"], "--dim: 1000 is larger than the model's dimension 128"),
+    (["--batch-size", "0"], "--batch-size: 0 must be a positive integer"),
+    (["--batch-size", "-1"], "--batch-size: -1 must be a positive integer"),
+])
+def test_bad_options_are_one_line_errors_before_the_data_is_read(tiny_bert_path, tmp_path, capsys, args, message):
+    missing = tmp_path / "not-read.jsonl"  # the option is named before the input is opened
+    assert main(["--model", str(tiny_bert_path), "--input", str(missing), "--output", str(tmp_path / "e.safetensors"),
+                 *args]) == 2
+    assert errors(capsys) == [f"error: {message}"]
+
+
+def test_incomplete_files_unwritable_outputs_and_malicious_pickles_are_one_line_errors(tiny_bert_path, tmp_path,
+                                                                                        capsys):
+    only_fingerprint = tmp_path / "fp.safetensors"
+    save_file({"x": np.zeros(1, np.float32)}, str(only_fingerprint), metadata={"fingerprint": "abc"})
+    assert main(["--model", str(tiny_bert_path), "--check", str(only_fingerprint)]) == 2
+    assert errors(capsys) == [
+        f"error: {only_fingerprint}: an incomplete twinfold embedding file (no 'precision', 'dim', 'ids', "
+        "'embeddings' in it); write it again with `twinfold encode`"]
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    docs = write(tmp_path / "docs.jsonl", [{"_id": "1", "text": "a cell"}, {"_id": "2", "text": "a gene"}])
+    for command, args in ((main, ["--model", "no/such-model", "--input", str(docs), "--output"]),
+                          (export_main, [str(tiny_bert_path)]),
+                          (mine_main, ["--model", "no/such-model", "--data", str(docs), "--out"])):
+        option = {main: "--output", export_main: "DST", mine_main: "--out"}[command]
+        assert command([*args, str(blocker / "sub" / "out")]) == 2  # checked before the model loads
+        assert errors(capsys) == [
+            f"error: {option}: cannot write {blocker / 'sub' / 'out'} ({blocker}: Not a directory); nothing was done"]
+
+    evil = tmp_path / "evil"
+    shutil.copytree(tiny_bert_path, evil)
+    (evil / "model.safetensors").unlink()
+    (evil / MANIFEST).unlink(missing_ok=True)
+    torch.save({"weight": Payload()}, evil / "pytorch_model.bin")
+    assert main(["--model", str(evil), "--allow-pickle", "--input", str(docs),
+                 "--output", str(tmp_path / "e.safetensors")]) == 2
+    assert errors(capsys) == [
+        f"error: {evil}: its pickle weights were refused by the safe loader, which reads tensors only (Trying to load "
+        "unsupported GLOBAL posix.system whose module posix is blocked.); do not load this file"]
+    assert not (tmp_path / "ran").exists()
+
+
+class Payload:
+    """Pickles as a call to os.system: what a malicious pytorch_model.bin holds."""
+
+    def __reduce__(self):
+        return os.system, ("touch ran",)

@@ -72,3 +72,24 @@ def test_shared_scifact_nano(data_dir):
     data = load_beir(data_dir / "scifact-nano")
     assert (len(data.corpus_ids), len(data.query_ids)) == (1000, 50)
     assert all(grade > 0 for judged in data.qrels.values() for grade in judged.values())
+
+
+def test_all_zero_grades_null_ids_and_empty_texts_are_refused(tmp_path):
+    qrels = tmp_path / "qrels" / "test.tsv"
+    with pytest.raises(BeirFormatError) as e:
+        load_beir(_folder(tmp_path, qrels="query-id\tcorpus-id\tscore\nq1\td1\t0\nq2\td2\t0\n"))
+    assert str(e.value) == (f"{qrels}: no judgment has a grade above 0, so no query has a relevant document and "
+                            "every metric would be 0; check the score column (relevant: 1 or more)")
+    for name, corpus, queries, line, problem in [
+        ("corpus", CORPUS + '{"_id": null, "text": "third"}\n', QUERIES, 3,
+         "'_id' is null; an id is a string or an integer"),
+        ("queries", CORPUS, '{"_id": "q1", "text": "one"}\n{"_id": ["q2"], "text": "two"}\n', 2,
+         "'_id' is [\"q2\"]; an id is a string or an integer"),
+        ("corpus", CORPUS + '{"_id": "d3", "title": " ", "text": "\\u200b"}\n', QUERIES, 3,
+         "the text (with its title) is empty; give it a text or remove the line"),
+        ("queries", CORPUS, QUERIES + '{"_id": "q4", "text": "  "}\n', 4,
+         "the text is empty; give it a text or remove the line"),
+    ]:
+        with pytest.raises(BeirFormatError) as e:
+            load_beir(_folder(tmp_path, corpus=corpus, queries=queries))
+        assert str(e.value) == f"{tmp_path / (name + '.jsonl')}:{line}: {problem}"

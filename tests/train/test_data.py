@@ -198,3 +198,88 @@ def test_the_token_cache_is_keyed_by_the_columns_read(tmp_path, tiny_bert_path):
     assert first.table["positive_ids"] == tokenizer.ids([f"abstract {i}" for i in range(6)], "document")
     assert second.table["positive_ids"] == tokenizer.ids([f"unrelated text {i}" for i in range(6)], "document")
     assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 2
+
+
+def test_a_damaged_token_cache_is_rebuilt_with_a_warning(tmp_path, tiny_bert_path, caplog):
+    rows = [{"anchor": f"claim number {i}", "positive": f"abstract {i} about cells"} for i in range(8)]
+    cfg = DatasetConfig(path=str(jsonl(tmp_path, rows)))
+    tokenizer = BiEncoder.from_pretrained(tiny_bert_path).text_tokenizer
+    expected = tokenizer.ids([r["anchor"] for r in rows], "query")
+    tokenize_pairs(load_pairs(cfg), tokenizer, tmp_path / "cache")
+    (folder,) = (tmp_path / "cache" / "tokens").iterdir()
+    (arrow,) = folder.glob("*.arrow")
+    first_ids = np.array(expected[0], dtype=np.int32).tobytes()
+    for damage in ("altered", "truncated"):
+        data = arrow.read_bytes()
+        if damage == "altered":  # one token id of the first anchor changed: same size, other ids
+            at = data.index(first_ids) + 4
+            data = data[:at] + np.array([7], dtype=np.int32).tobytes() + data[at + 4:]
+        arrow.write_bytes(data if damage == "altered" else data[:len(data) // 2])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="twinfold"):
+            tokens = tokenize_pairs(load_pairs(cfg), tokenizer, tmp_path / "cache")
+        problem = "does not match its checksum" if damage == "altered" else f"has {len(data) // 2} bytes, expected"
+        (warning,) = [r.message for r in caplog.records]
+        assert warning.startswith(f"pairs: token cache {folder} is damaged ({arrow.name} {problem}")
+        assert warning.endswith("); it is rebuilt")
+        assert tokens.table["anchor_ids"] == expected
+    assert [p.name for p in (tmp_path / "cache" / "tokens").iterdir()] == [folder.name]
+
+
+def test_a_tsv_quote_running_over_lines_is_named_where_it_opens(tmp_path):
+    lines = [f"claim {i}\tabstract {i}" for i in range(15)]
+    lines[2] = 'claim 2\t"abstract 2 with a quote that never closes'
+    path = tmp_path / "pairs.tsv"
+    path.write_text("anchor\tpositive\n" + "\n".join(lines) + "\n")
+    with pytest.raises(DataError) as e:
+        load_pairs(DatasetConfig(path=str(path)))
+    assert str(e.value) == (f'{path}:4: a quote (") opens a field that runs on to line 16; a TSV field holds no '
+                            "line break: close the quote on line 4 or remove it")
+    lines[2] = 'claim 2\t"abstract 2, quoted"'  # a quote closed on its line is read as before
+    path.write_text("anchor\tpositive\n" + "\n".join(lines) + "\n")
+    ds = load_pairs(DatasetConfig(path=str(path)))
+    assert len(ds) == 15 and ds.positive[2] == "abstract 2, quoted"
+
+
+def test_two_columns_for_one_role_and_a_repeated_header_are_refused(tmp_path):
+    path = jsonl(tmp_path, [{"q": "claim", "doc": "title", "p": "abstract"}, {"q": "c2", "doc": "t2", "p": "a2"}])
+    with pytest.raises(DataError) as e:
+        load_pairs(DatasetConfig(path=str(path), columns={"q": "anchor", "doc": "anchor", "p": "positive"}))
+    assert str(e.value) == (f"{path}: columns 'q' and 'doc' are all mapped to 'anchor'; map one column to 'anchor' "
+                            "(only 'negative' takes several)")
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_text("anchor,positive,anchor\nfirst,p1,second\nf2,p2,s2\n")
+    with pytest.raises(DataError) as e:
+        load_pairs(DatasetConfig(path=str(csv_path)))
+    assert str(e.value) == (f"{csv_path}:1: the header names column 'anchor' more than once; give each column its "
+                            "own name")
+
+
+def test_cells_are_text_as_written_and_invisible_text_is_empty(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("anchor,positive\nNA,None\nnull,n/a\nNaN,#N/A\n")
+    assert load_pairs(DatasetConfig(path=str(path))).table.to_dict() == {
+        "anchor": ["NA", "null", "NaN"], "positive": ["None", "n/a", "#N/A"]}
+    path.write_text("anchor,positive\nNA,None\nclaim,\n")
+    with pytest.raises(DataError) as e:
+        load_pairs(DatasetConfig(path=str(path)))
+    assert str(e.value) == f"{path}:3 field 'positive': text is empty"
+    for invisible in ("\u200b\u200b", " \ufeff\u200d ", "\u2060"):
+        path = jsonl(tmp_path, [{"anchor": "claim", "positive": "abstract"}, {"anchor": invisible, "positive": "x"}])
+        with pytest.raises(DataError) as e:
+            load_pairs(DatasetConfig(path=str(path)))
+        assert str(e.value) == f"{path}:2 field 'anchor': text is empty"
+    path = jsonl(tmp_path, [{"anchor": "\u200bclaim", "positive": "abstract"}])  # visible text after it: kept
+    assert load_pairs(DatasetConfig(path=str(path))).anchor == ["\u200bclaim"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"anchor": NaN, "positive": "c"}', "field 'anchor': nan is not a JSON number"),
+    ('{"anchor": 1, "positive": "c"}', "field 'anchor': a number where line 3 has a string"),
+    ('{"anchor": "x", "positive": {"text": "c"}}', "field 'positive': a JSON object where line 3 has a string"),
+])
+def test_a_jsonl_row_that_datasets_cannot_read_is_named_by_line(tmp_path, bad, message):
+    path = jsonl(tmp_path, ["", "", '{"anchor": "a", "positive": "b"}', bad])  # leading blank lines
+    with pytest.raises(DataError) as e:
+        load_pairs(DatasetConfig(path=str(path)))
+    assert str(e.value).startswith(f"{path}:4 {message}")

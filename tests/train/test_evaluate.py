@@ -240,6 +240,7 @@ def test_command_line_writes_the_report(hand_folder, tiny_bert_path, tmp_path, c
     (["--data", "{hand}", "--dims", "256"], "exceed the model's dimension 128"),
     (["--data", "{hand}", "--split", "dev"], "qrels/dev.tsv: not found"),
     (["--data", "{hand}", "--sts", "{missing}"], "STS file not found"),
+    (["--data", "{hand}", "--batch-size", "0"], "--batch-size: 0 must be a positive integer"),
 ])
 def test_command_line_errors_are_one_line_with_exit_code_2(args, message, hand_folder, tiny_bert_path, tmp_path,
                                                            capsys):

@@ -225,3 +225,42 @@ def test_cli_errors_are_one_line(tmp_path, tiny_bert_path, data_dir, capsys):
     # a guard at 1% of the positive's score leaves no candidate
     assert main([*args, "--max-score-ratio", "0.01", "--range-max", "3"]) == 2
     assert "error: no row kept" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
+
+
+def test_out_never_replaces_the_input_nor_a_file_twinfold_did_not_mine(tmp_path, tiny_bert_path, data_dir, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(open(data_dir / "scifact-train-pairs" / "train.jsonl").readlines()[:30]))
+    original = pairs.read_bytes()
+    args = ["--model", str(tiny_bert_path), "--data", str(pairs), "--range-max", "5", "--no-guard", "--no-progress"]
+    for extra in ([], ["--overwrite"]):
+        assert main([*args, "--out", str(pairs), *extra]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: --out: {pairs} is the --data file; mined pairs never replace their input. Choose another --out"]
+    assert pairs.read_bytes() == original
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("my notes\n")
+    assert main([*args, "--out", str(notes)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --out: {notes} (or notes.jsonl.provenance.json) exists and is not a pair file twinfold mined; "
+        "nothing was changed. Choose another path or pass --overwrite to replace it"]
+    assert notes.read_text() == "my notes\n"
+    out = tmp_path / "mined.jsonl"
+    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--out", str(out)]) == 0  # its own, unchanged mined file is replaced
+    with open(out, "a") as f:
+        f.write('{"anchor": "added", "positive": "by hand", "negative": "later"}\n')
+    assert main([*args, "--out", str(out)]) == 2 and "is not a pair file twinfold mined" in capsys.readouterr().err
+    assert main([*args, "--out", str(notes), "--overwrite"]) == 0
+    assert len(load_pairs(DatasetConfig(path=str(notes), columns={"anchor": "anchor", "positive": "positive"}))) == 30
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/tmp/escaped", "sub/dir", "..", "a\\b"])
+def test_a_dataset_name_that_is_a_path_is_refused_before_mining(tmp_path, tiny_bert_path, data_dir, name):
+    ds = DatasetConfig(path=str(data_dir / "scifact-train-pairs" / "train.jsonl"), name=name,
+                       hard_negatives=HardNegativesConfig())
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"^data\.train\[2\]\.name: .* names the mined pair file in .*; use a plain "
+                                          r"name \(no path separators, not '\.' or '\.\.'\)$"):
+        mine_dataset(ds, MemoEncoder(BiEncoder.from_pretrained(tiny_bert_path)), run / "mined", "tiny",
+                     "data.train[2]")
+    assert not any(tmp_path.rglob("*.jsonl")) and not list(Path("/tmp").glob("escaped*"))

@@ -1,4 +1,4 @@
-"""Reliability: run folders and locks, checksummed checkpoints, recipe changes on resume, SIGTERM/SIGINT,
+"""Reliability: run folders (no symbolic links) and locks, checksummed checkpoints (export checks them too), recipe changes on resume, SIGTERM/SIGINT,
 checkpoints across devices, and throughput that counts training time only."""
 import json
 import os
@@ -13,9 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from twinfold.models import BiEncoder
+from twinfold.models.files.atomic import OverwriteRefused
+from twinfold.models.export import main as export_main
+from twinfold.train.checkpoint import complete_checkpoints, prune_checkpoints, save_checkpoint
 from twinfold.train.config import ConfigError
 from twinfold.train.lock import RunLock
-from twinfold.train.resume import recipe_changes
+from twinfold.train.resume import claim_run_folder, recipe_changes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -266,3 +270,64 @@ def test_the_first_signal_is_recorded_and_a_second_one_acts_as_usual():
         stop.uninstall()
         after = signal.signal(signal.SIGINT, original)
     assert after is signal.default_int_handler and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_symbolic_links_in_a_run_folder_are_refused_and_nothing_is_deleted_through_one(tmp_path):
+    user = tmp_path / "user"
+    (user / "step-1").mkdir(parents=True)
+    (user / "step-1" / "trainer_state.json").write_text("{}")  # looks like a checkpoint, belongs to the user
+    (user / "notes.txt").write_text("mine")
+    for entry, target in (("config.yaml", user / "notes.txt"), ("run.lock", user / "notes.txt"), ("eval", user),
+                          ("checkpoints", user), ("checkpoints/step-2", user / "step-1")):
+        out = tmp_path / entry.replace("/", "-")
+        (out / entry).parent.mkdir(parents=True)
+        (out / entry).symlink_to(target)
+        with pytest.raises(ConfigError, match=f"^train.output_dir: {out / entry} is a symbolic link; twinfold "
+                                              "does not write or delete through links"):
+            claim_run_folder(out, resume=True)
+        assert not (out / "run.lock").exists() or (out / "run.lock").is_symlink()
+    assert (user / "notes.txt").read_text() == "mine"
+
+    for keep_last in (1, 0):  # pruning through a linked checkpoints folder or a linked step deletes nothing
+        prune_checkpoints(tmp_path / "checkpoints", keep_last)
+        prune_checkpoints(tmp_path / "checkpoints-step-2", keep_last)
+    assert (user / "step-1" / "trainer_state.json").exists() and (user / "notes.txt").exists()
+    run = tmp_path / "run"
+    for step in (1, 2):
+        (run / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (run / "checkpoints" / f"step-{step}" / "trainer_state.json").write_text("{}")
+    prune_checkpoints(run, 1)  # a real folder is still pruned
+    assert [p.name for p in complete_checkpoints(run)] == ["step-2"]
+
+
+def test_export_refuses_a_damaged_checkpoint_and_never_writes_into_one(tmp_path, tiny_bert_path, capsys):
+    model = BiEncoder.from_pretrained(tiny_bert_path)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    step = save_checkpoint(tmp_path / "run", 3, model, optimizer, scheduler, torch.nn.Linear(1, 1), [],
+                           {"step": 3}, {})
+    before = {p: p.read_bytes() for p in step.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    for dst in (step, step / "model", step.parent / "step-9"):  # SRC and DST swapped, or a new folder among them
+        assert export_main([str(tiny_bert_path), str(dst), "--overwrite"]) == 2
+        kind = "a training checkpoint" if dst != step.parent / "step-9" else "a run's checkpoints folder"
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: {dst.resolve()} is {'' if dst == step else 'inside '}{kind} "
+            f"({step if dst != step.parent / 'step-9' else step.parent}); an export never goes there (are SRC and "
+            "DST swapped?); choose another folder"]
+    assert {p: p.read_bytes() for p in step.rglob("*") if p.is_file()} == before
+    assert not (step.parent / "step-9").exists()
+    with pytest.raises(OverwriteRefused, match="is a training checkpoint"):
+        model.save_pretrained(step, overwrite=True)
+
+    assert export_main([str(step), str(tmp_path / "good")]) == 0
+    capsys.readouterr()
+    weights_file = step / "model" / "model.safetensors"
+    damaged = bytearray(weights_file.read_bytes())
+    damaged[-1] ^= 1  # one bit of one weight: the file still loads
+    weights_file.write_bytes(bytes(damaged))
+    assert export_main([str(step), str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {step} is damaged: model/model.safetensors does not match its checksum; nothing was exported "
+        "(export an intact checkpoint, e.g. an earlier step)"]
+    assert not (tmp_path / "bad").exists()

@@ -1,11 +1,14 @@
 """Training pairs: load with Hugging Face `datasets` (Arrow, memory-mapped), map source columns to named roles,
 validate every text, and tokenize once into an on-disk cache shared by later runs and every process of a run.
 """
+import csv
 import hashlib
 import json
 import logging
 import os
 import shutil
+import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -13,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from twinfold.losses import text_keys
-from twinfold.models.files.atomic import file_sha256
+from twinfold.models.files.atomic import file_sha256, remove_tree, verify_manifest, write_manifest
 from twinfold.models.files.jsonl import iter_json_lines
 from twinfold.models.tokens import TextTokenizer
 from twinfold.train.config import DatasetConfig
@@ -98,8 +101,13 @@ def dataset_name(cfg: DatasetConfig) -> str:
 
 
 def role_columns(cfg: DatasetConfig, column_names: list[str]) -> dict[str, str]:
-    """Source column -> role column (`anchor`, `positive`, `negative_0` ...), checked against the data's columns."""
+    """Source column -> role column (`anchor`, `positive`, `negative_0` ...), checked against the data's columns;
+    `anchor` and `positive` each take one column (several may be `negative`)."""
     columns = cfg.columns or {c: c for c in column_names if c in ("anchor", "positive", "negative")}
+    for role in ("anchor", "positive"):
+        if len(sources := [source for source, r in columns.items() if r == role]) > 1:
+            raise DataError(f"{cfg.path}: columns {' and '.join(map(repr, sources))} are all mapped to {role!r}; "
+                            f"map one column to {role!r} (only 'negative' takes several)")
     if not cfg.columns and not {"anchor", "positive"} <= set(columns):
         raise DataError(
             f"{cfg.path}: columns {column_names}: map them to roles in the config, e.g. "
@@ -131,12 +139,16 @@ def _validate(table, shown: str, path: Path | None) -> None:
 
 
 def text_problem(text) -> str | None:
-    """What is wrong with a field meant to hold a text (None: a non-empty string)."""
+    """What is wrong with a field meant to hold a text (None: a string with a visible character; whitespace and
+    invisible format characters such as U+200B ZERO WIDTH SPACE alone are empty)."""
     if text is None:
         return "missing (null)"
     if not isinstance(text, str):
         return f"not a string ({type(text).__name__})"
-    return None if text.strip() else "empty"
+    stripped = text.strip()
+    if stripped and unicodedata.category(stripped[0]) != "Cf":  # the common case, without a scan
+        return None
+    return None if any(not c.isspace() and unicodedata.category(c) != "Cf" for c in stripped) else "empty"
 
 
 def row_place(cfg: DatasetConfig, row: int, rank: int = 0, world: int = 1, shards: int = 1) -> str:
@@ -181,7 +193,13 @@ def _load_table(cfg: DatasetConfig, path: Path, streaming: bool = False):
         raise DataError(f"{path}: the file is empty")
     if builder == "json" and not streaming:
         _check_json_lines(path)
-    kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+    kwargs = {}
+    if builder == "csv":  # every cell is text as written: `NA`, `None`, `null` stay strings, an empty cell is ""
+        kwargs = {"keep_default_na": False, "na_filter": False}
+        if path.suffix == ".tsv":
+            kwargs["delimiter"] = "\t"
+        if not streaming:
+            _check_csv(path)
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming, **kwargs)
     except Exception as e:  # datasets wraps parser errors in many types; name the file at least
@@ -193,6 +211,7 @@ def read_error(path: Path, e: Exception) -> DataError:
     builder = _BUILDERS[path.suffix]
     if builder == "json":
         _check_json_lines(path)  # raises at the first line that is not UTF-8, not JSON or not an object
+        _check_json_types(path)  # ... or whose field's type differs from an earlier line's
     cause = e.__cause__ or e
     return DataError(f"{path}: cannot be read as {builder}: {type(cause).__name__}: {cause}")
 
@@ -210,10 +229,48 @@ def _load_repo(cfg: DatasetConfig, streaming: bool = False):
         raise DataError(f"{cfg.path}: {where} (split {cfg.split!r}): {e}") from e
 
 
+def _check_csv(path: Path) -> None:
+    """Name a header given twice, and the line where a quote opens a TSV field that runs over a line break.
+
+    TSV fields cannot hold line breaks, so such a field is a stray quote that would merge the following lines into
+    one text (CSV fields may hold quoted line breaks; a CSV quote that never closes is the parser's error).
+    """
+    tsv = path.suffix == ".tsv"
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        reader = csv.reader(f, delimiter="\t" if tsv else ",")
+        start = 1
+        for fields in reader:
+            if start == 1 and (repeated := [name for name, k in Counter(fields).items() if k > 1]):
+                raise DataError(f"{path}:1: the header names column {repeated[0]!r} more than once; give each "
+                                "column its own name")
+            if tsv and reader.line_num > start:
+                raise DataError(f"{path}:{start}: a quote (\") opens a field that runs on to line {reader.line_num}; "
+                                f"a TSV field holds no line break: close the quote on line {start} or remove it")
+            start = reader.line_num + 1
+
+
 def _check_json_lines(path: Path) -> None:
     """Name the first line that is not valid UTF-8 or not a JSON object."""
     for _ in iter_json_lines(path, DataError):
         pass
+
+
+def _check_json_types(path: Path) -> None:
+    """Name the first line holding NaN or Infinity (not JSON to Arrow), or a field whose type differs from the
+    one an earlier line gave it (a column holds one type); null goes with any type."""
+    first: dict[str, tuple[str, int]] = {}
+    for n, row in iter_json_lines(path, DataError):
+        for field, value in row.items():
+            if isinstance(value, float) and not np.isfinite(value):
+                raise DataError(f"{path}:{n} field {field!r}: {value} is not a JSON number")
+            if value is None:
+                continue
+            kind = {bool: "boolean", int: "number", float: "number", str: "string", list: "list"}.get(
+                type(value), "JSON object")
+            seen, line = first.setdefault(field, (kind, n))
+            if seen != kind:
+                raise DataError(f"{path}:{n} field {field!r}: a {kind} where line {line} has a {seen}; a field "
+                                "holds one type in every line")
 
 
 # --- tokenized once ---------------------------------------------------------------------------------------
@@ -272,13 +329,18 @@ def tokenize_pairs(ds: PairDataset, tokenizer: TextTokenizer, cache_dir: Path) -
     """Token ids of every text, computed once (in parallel processes for large data) and cached on disk.
 
     The cache key is the data's content, the tokenizer (vocabulary, rules, prefixes, `max_length`) and the
-    columns; another run, or another process of this run, with the same key reads the cache instead.
+    columns; another run, or another process of this run, with the same key reads the cache instead. The size
+    and SHA-256 of each cache file are kept with it (`models.atomic.write_manifest`) and checked before it is
+    reused: a damaged cache is rebuilt, with a warning.
     """
     import datasets
 
     key = hashlib.sha256(json.dumps([_CACHE_FORMAT, ds.fingerprint, tokenizer.fingerprint(), ds.roles]).encode())
     folder = cache_dir / "tokens" / key.hexdigest()[:24]
     manifest = folder / "manifest.json"
+    if folder.exists() and (problem := verify_manifest(folder)):
+        log.warning("%s: token cache %s is damaged (%s); it is rebuilt", ds.name, folder, problem)
+        _discard(folder)
     if not manifest.exists():
         tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -300,6 +362,7 @@ def tokenize_pairs(ds: PairDataset, tokenizer: TextTokenizer, cache_dir: Path) -
         files = [Path(f["filename"]).name for f in mapped.cache_files]
         (tmp / "manifest.json").write_text(json.dumps({"files": files, "rows": len(ds), "truncated": truncated}))
         del mapped
+        write_manifest(tmp)
         try:
             tmp.rename(folder)
         except OSError:  # another process finished the same cache first
@@ -310,6 +373,16 @@ def tokenize_pairs(ds: PairDataset, tokenizer: TextTokenizer, cache_dir: Path) -
     saved = json.loads(manifest.read_text())
     table = datasets.concatenate_datasets([datasets.Dataset.from_file(str(folder / f)) for f in saved["files"]])
     return TokenizedPairs(ds.name, table, ds.weight, ds.num_negatives, saved["truncated"])
+
+
+def _discard(folder: Path) -> None:
+    """Move a damaged cache folder aside (one rename: a process reading it keeps its files) and delete it."""
+    aside = folder.with_name(f".old-{folder.name}-{os.getpid()}")
+    try:
+        folder.rename(aside)
+    except OSError:  # another process moved it first
+        return
+    remove_tree(aside, aside.parent)
 
 
 def _tokenize_batch(batch: dict[str, list[str]], tokenizer: TextTokenizer) -> dict[str, list]:

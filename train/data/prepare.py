@@ -28,8 +28,8 @@ def prepare_data(cfg: Config, model: BiEncoder, out: Path,
     configs, keep, report = list(cfg.data.train), None, {}
     if accelerator.is_main_process:
         encoder = MemoEncoder(model.to(accelerator.device), cfg.eval.batch_size)
-        configs = [mine_dataset(d, encoder, Path(d.hard_negatives.cache_dir or out / "mined"), cfg.model.name_or_path)
-                   if d.hard_negatives else d for d in configs]
+        configs = [mine_dataset(d, encoder, Path(d.hard_negatives.cache_dir or out / "mined"), cfg.model.name_or_path,
+                                f"data.train[{i}]") if d.hard_negatives else d for i, d in enumerate(configs)]
         datasets = [load_pairs(d) for d in configs if not d.streaming]
         for d in configs:
             if d.streaming:

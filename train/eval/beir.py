@@ -1,5 +1,6 @@
 """Load a retrieval set in the BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
 import csv
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,9 @@ def load_beir(folder: str | Path, split: str = "test", strict: bool = False,
     if not qrels:
         raise BeirFormatError(f"{qrels_file}: no judgment names a query of queries.jsonl and a document of "
                               "corpus.jsonl, so there is nothing to evaluate")
+    if not any(grade > 0 for judged in qrels.values() for grade in judged.values()):
+        raise BeirFormatError(f"{qrels_file}: no judgment has a grade above 0, so no query has a relevant document "
+                              "and every metric would be 0; check the score column (relevant: 1 or more)")
     query_ids = [qid for qid in queries if qid in qrels]
     return BeirData(list(corpus), list(corpus.values()), query_ids, [queries[q] for q in query_ids], qrels,
                     folder, split, ignore_identical_ids, warnings)
@@ -81,7 +85,10 @@ def load_corpus(path: str | Path) -> dict[str, str]:
 
 
 def _read_jsonl(path: Path, title: bool) -> dict[str, str]:
-    """id -> text of a BEIR JSONL file (`_id`, `text`, and for the corpus an optional `title`)."""
+    """id -> text of a BEIR JSONL file (`_id`, `text`, and for the corpus an optional `title`); an id must be a
+    string or a number, a text (with its title) must not be empty."""
+    from twinfold.train.data.pairs import text_problem
+
     if not path.exists():
         raise BeirFormatError(f"{path}: not found (a BEIR folder holds corpus.jsonl and queries.jsonl)")
     texts: dict[str, str] = {}
@@ -92,8 +99,13 @@ def _read_jsonl(path: Path, title: bool) -> dict[str, str]:
         text = row.get("text")
         if not isinstance(text, str):
             raise BeirFormatError(f"{path}:{n}: field 'text' is missing or not a string")
+        if not isinstance(row["_id"], str | int) or isinstance(row["_id"], bool):
+            raise BeirFormatError(f"{path}:{n}: '_id' is {json.dumps(row['_id'])}; an id is a string or an integer")
         if title:
             text = (str(row.get("title") or "") + " " + text).strip()
+        if text_problem(text):
+            raise BeirFormatError(f"{path}:{n}: the text{' (with its title)' if title else ''} is empty; give it "
+                                  "a text or remove the line")
         doc_id = str(row["_id"])
         if doc_id in texts:
             raise BeirFormatError(f"{path}:{n}: duplicate _id {doc_id!r} (first at line {first_line[doc_id]}); "
