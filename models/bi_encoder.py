@@ -30,6 +30,7 @@ from twinfold.models.tokens import Padder, TextTokenizer
 
 TWINFOLD_FILE = "twinfold.json"
 KINDS = ("query", "document")
+DOCUMENT_PROMPTS = ("document", "passage", "corpus")  # the names sentence-transformers' encode_document tries
 
 
 @dataclass
@@ -40,8 +41,10 @@ class EncoderSettings:
     normalize: bool = True
     similarity: str = "cosine"  # what the loss trains and search ranks by: cosine, or dot (inner product)
     max_length: int | None = None
-    query_prefix: str = ""
-    document_prefix: str = ""
+    # named prompts (sentence-transformers' `prompts` and `default_prompt_name`): query and document prefixes
+    # are picked from them as sentence-transformers' encode_query / encode_document pick them
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
     matryoshka_dims: list[int] = field(default_factory=list)
 
     def __post_init__(self):
@@ -49,6 +52,37 @@ class EncoderSettings:
             raise ValueError(f"pooling {self.pooling!r} is not one of {', '.join(POOLING_MODES)}")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity {self.similarity!r} is not one of {', '.join(SIMILARITIES)}")
+        if self.default_prompt_name is not None and self.default_prompt_name not in self.prompts:
+            raise ValueError(f"default_prompt_name {self.default_prompt_name!r} is not one of the prompts "
+                             f"({', '.join(self.prompts) or 'none'})")
+
+    @property
+    def query_prefix(self) -> str:
+        """The prompt queries take: `prompts["query"]`, else the default prompt, else none."""
+        return self.prompts.get("query", self.prompts.get(self.default_prompt_name, ""))
+
+    @query_prefix.setter
+    def query_prefix(self, text: str) -> None:
+        if text != self.query_prefix:
+            self.prompts["query"] = text
+
+    @property
+    def document_prefix(self) -> str:
+        """The prompt documents take: `prompts` "document", "passage" or "corpus", else the default prompt."""
+        name = next((n for n in DOCUMENT_PROMPTS if n in self.prompts), self.default_prompt_name)
+        return self.prompts.get(name, "")
+
+    @document_prefix.setter
+    def document_prefix(self, text: str) -> None:
+        if text != self.document_prefix:
+            self.prompts[next((n for n in DOCUMENT_PROMPTS if n in self.prompts), "document")] = text
+
+    def prompt(self, name: str) -> str:
+        """The named prompt's text; a ValueError names the prompts there are."""
+        if name not in self.prompts:
+            raise ValueError(f"prompt {name!r} is not one of the model's prompts "
+                             f"({', '.join(map(repr, self.prompts)) or 'it has none'})")
+        return self.prompts[name]
 
 
 class BiEncoder(nn.Module):
@@ -116,15 +150,21 @@ class BiEncoder(nn.Module):
             twinfold_file = described / TWINFOLD_FILE
             if twinfold_file.exists():
                 saved = json.loads(twinfold_file.read_text())
+                if "prompts" not in saved:  # written before named prompts: a query and a document prefix
+                    prefixes = {kind: saved.pop(f"{kind}_prefix", "") for kind in KINDS}
+                    saved["prompts"] = {kind: text for kind, text in prefixes.items() if text}
                 stored = {k: saved[k] for k in EncoderSettings.__dataclass_fields__ if k in saved}
                 info = {k: v for k, v in saved.items() if k not in stored and k not in ("format", "fingerprint")}
         if Path(path).is_dir():
             check_model_folder(Path(path), allow_pickle=allow_pickle)
         tokenizer_path = adapter if adapter is not None and has_tokenizer(adapter) else path
-        overrides = dict(pooling=pooling, normalize=normalize, similarity=similarity, max_length=max_length,
-                         query_prefix=query_prefix, document_prefix=document_prefix)
+        overrides = dict(pooling=pooling, normalize=normalize, similarity=similarity, max_length=max_length)
         stored.update({k: v for k, v in overrides.items() if v is not None})
         settings = EncoderSettings(**stored)
+        if query_prefix is not None:
+            settings.query_prefix = query_prefix
+        if document_prefix is not None:
+            settings.document_prefix = document_prefix
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
             stored_dtype = checkpoint_dtype(config)

@@ -2,7 +2,7 @@
 
 The front matter has base_model, library_name, pipeline_tag, tags, datasets and, when the model carries a final
 evaluation (`info["eval"]`, written by training), a model-index with every dim x precision of it. The body says
-what the model is for, how to use it (sentence-transformers, transformers, twinfold; prefixes included), the
+what the model is for, how to use it (sentence-transformers, transformers, twinfold; prompts included), the
 evaluation (Matryoshka dims x precisions, storage per million documents, base vs fine-tuned vs BM25), the
 training recipe, data and checks, and the fingerprint.
 """
@@ -81,8 +81,6 @@ def _purpose(model, training: dict) -> str:
 def _usage(model) -> str:
     s = model.settings
     q, d = s.query_prefix, s.document_prefix
-    st_query = ', prompt_name="query"' if q else ""
-    st_doc = ', prompt_name="document"' if d else ""
     small = s.matryoshka_dims[-1] if len(s.matryoshka_dims) > 1 else None
     prefixes = (f"Queries take the prefix {q!r}" if q else "Queries take no prefix") + \
         (f" and documents {d!r}." if d else "; documents take none.")
@@ -91,11 +89,11 @@ def _usage(model) -> str:
     plain = pooling is not None and not len(model.head)  # other poolings and Dense heads: not a one-liner
     model_class = ENCODER_ONLY.get(model.encoder.config.model_type, "AutoModel")  # T5-likes: their encoder alone
     lines = [
-        "## Usage", "", prefixes + f" Texts are truncated at {s.max_length} tokens.", "",
+        "## Usage", "", prefixes + f" Texts are truncated at {s.max_length} tokens.", "", *_prompts(s),
         "sentence-transformers:", "", "```python", "from sentence_transformers import SentenceTransformer", "",
         f'model = SentenceTransformer("path/to/this/model"{f", truncate_dim={small}" if small else ""})',
-        f'query = model.encode(["a question"]{st_query})',
-        f'docs = model.encode(["a document", "another"]{st_doc})',
+        'query = model.encode_query(["a question"])',
+        'docs = model.encode_document(["a document", "another"])',
         "scores = model.similarity(query, docs)", "```", "",
         *(["transformers:", "", "```python", "import torch", f"from transformers import {model_class}, AutoTokenizer",
            "",
@@ -120,6 +118,19 @@ def _usage(model) -> str:
         "change.",
     ]
     return "\n".join(lines)
+
+
+def _prompts(s) -> list[str]:
+    """The named prompts, and how to encode with one."""
+    if not s.prompts:
+        return []
+    default = f" The default prompt (sentence-transformers' `encode` without a name) is `{s.default_prompt_name}`." \
+        if s.default_prompt_name else ""
+    name = next(iter(s.prompts))
+    cells = [(n.replace("|", "\\|"), repr(text).replace("|", "\\|")) for n, text in s.prompts.items()]
+    return ["Named prompts:", "", "| name | prompt |", "|---|---|", *(f"| `{n}` | `{t}` |" for n, t in cells), "",
+            f'Encode with one by name: `model.encode(texts, prompt_name="{name}")` (sentence-transformers and '
+            f"twinfold), `twinfold encode --prompt-name {name}`.{default}", ""]
 
 
 def _evaluation(results: list[dict], evaluation: dict) -> str:

@@ -67,9 +67,8 @@ def write_model_folder(model, folder: Path, onnx: bool = False, onnx_int8: bool 
         "include_prompt": True,
     })
     _write_json(folder / "sentence_bert_config.json", {"max_seq_length": s.max_length, "do_lower_case": False})
-    prompts = {name: p for name, p in (("query", s.query_prefix), ("document", s.document_prefix)) if p}
-    _write_json(folder / "config_sentence_transformers.json",
-                {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": s.similarity})
+    _write_json(folder / "config_sentence_transformers.json", {
+        "prompts": s.prompts, "default_prompt_name": s.default_prompt_name, "similarity_fn_name": s.similarity})
     write_model_card(model, folder)
 
 

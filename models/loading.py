@@ -73,7 +73,7 @@ POOLING_KEYS = {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens
 
 
 def read_sentence_transformers_layout(path: Path) -> tuple[dict, list[Path]]:
-    """Settings (pooling, normalize, similarity, max_length, prefixes) and the Dense module folders of a
+    """Settings (pooling, normalize, similarity, max_length, prompts) and the Dense module folders of a
     sentence-transformers layout; ({}, []) without `modules.json`.
 
     twinfold computes Transformer -> Pooling -> Dense* -> Normalize? exactly as sentence-transformers does;
@@ -111,8 +111,7 @@ def read_sentence_transformers_layout(path: Path) -> tuple[dict, list[Path]]:
     st_config = path / "config_sentence_transformers.json"
     if st_config.exists():
         settings.update(_prompt_settings(_read_json(st_config), st_config))
-    prompted = settings.get("query_prefix") or settings.get("document_prefix")
-    if pooling_config.get("include_prompt", True) is False and prompted:
+    if pooling_config.get("include_prompt", True) is False and any(settings.get("prompts", {}).values()):
         raise ModelLoadError(f"{pooling_file}: include_prompt false (prompt tokens left out of pooling) is not "
                              "supported; twinfold pools over the prompt too")
     return settings, [path / m["path"] for m, kind in zip(modules, kinds) if kind == "Dense"]
@@ -148,22 +147,19 @@ def _transformer_settings(config: dict, where: Path) -> dict:
 
 
 def _prompt_settings(config: dict, where: Path) -> dict:
-    """Query/document prefixes as sentence-transformers' encode_query/encode_document pick them, and similarity."""
-    settings: dict = {}
+    """Every named prompt, the default prompt's name and the similarity, checked."""
     similarity = config.get("similarity_fn_name") or "cosine"
     if similarity not in SIMILARITIES:
         raise ModelLoadError(f"{where}: similarity_fn_name {similarity!r} is not supported; twinfold scores by "
                              f"{' or '.join(SIMILARITIES)}")
-    settings["similarity"] = similarity
     prompts = config.get("prompts") or {}
-    default = prompts.get(config.get("default_prompt_name")) if config.get("default_prompt_name") else None
-    query = prompts["query"] if "query" in prompts else default
-    document = next((prompts[n] for n in ("document", "passage", "corpus") if n in prompts), default)
-    if query:
-        settings["query_prefix"] = query
-    if document:
-        settings["document_prefix"] = document
-    return settings
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        raise ModelLoadError(f"{where}: prompts must map names to texts, got {prompts!r}")
+    default = config.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise ModelLoadError(f"{where}: default_prompt_name {default!r} is not one of the prompts "
+                             f"({', '.join(prompts) or 'none'})")
+    return {"similarity": similarity, "prompts": dict(prompts), "default_prompt_name": default}
 
 
 def _read_json(file: Path):

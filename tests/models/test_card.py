@@ -50,7 +50,8 @@ def test_card_of_a_trained_model_parses_and_carries_the_final_metrics(tiny_bert_
     assert '| 64 | binary | – | 0.5000 | 0.4500 | 0.8000 | 8.0 MB |' in body
     assert "BM25 on the same queries: nDCG@10 0.6569 (k1 0.9, b 0.4" in body
     assert 'SentenceTransformer("path/to/this/model", truncate_dim=64)' in body
-    assert 'model.encode(["a question"], prompt_name="query")' in body and "'query: a question'" in body
+    assert 'model.encode_query(["a question"])' in body and "'query: a question'" in body
+    assert "| `query` | `'query: '` |" in body
     assert "Queries take the prefix 'query: '" in body
     assert "- data: scifact-train, 900 pairs, 1 hard negative(s) per pair" in body
     assert model.fingerprint() in body

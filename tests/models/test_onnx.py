@@ -28,7 +28,7 @@ def exported(tiny_bert_path, tmp_path_factory):
 
     torch.manual_seed(0)
     model = BiEncoder(AutoModel.from_pretrained(tiny_bert_path), AutoTokenizer.from_pretrained(tiny_bert_path),
-                      EncoderSettings(pooling="cls", query_prefix="query: "), head=nn.Sequential(Dense(128, 64)))
+                      EncoderSettings(pooling="cls", prompts={"query": "query: "}), head=nn.Sequential(Dense(128, 64)))
     src, dst = tmp_path_factory.mktemp("onnx-src") / "model", tmp_path_factory.mktemp("onnx") / "model"
     model.save_pretrained(src)
     assert main([str(src), str(dst), "--onnx-int8"]) == 0
