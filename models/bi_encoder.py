@@ -246,6 +246,14 @@ class BiEncoder(nn.Module):
         """Token ids of each text with the kind's prefix and special tokens, truncated at `max_length`, unpadded."""
         return self.text_tokenizer.ids(texts, check_kind(kind))
 
+    def prompt_text(self, prompt_name: str | None = None, prompt: str | None = None) -> str | None:
+        """The text that `prompt_name` (one of `settings.prompts`) or `prompt` (a literal text) stands for; None for
+        neither."""
+        if prompt_name is not None and prompt is not None:
+            raise ValueError(f"give a prompt name or a prompt text, not both (prompt_name {prompt_name!r}, "
+                             f"prompt {prompt!r})")
+        return self.settings.prompt(prompt_name) if prompt_name is not None else prompt
+
     @property
     def text_tokenizer(self) -> TextTokenizer:
         """Tokenization with this model's prefixes and `max_length` (picklable, for worker processes)."""
@@ -285,6 +293,8 @@ class BiEncoder(nn.Module):
         batch_size: int = 32,
         *,
         kind: str = "document",
+        prompt_name: str | None = None,
+        prompt: str | None = None,
         dim: int | None = None,
         precision: str = "float32",
         calibration: Int8Calibration | None = None,
@@ -292,7 +302,8 @@ class BiEncoder(nn.Module):
         convert_to_tensor: bool = False,
         compute: str = "float32",
     ):
-        """Embed `texts` in input order.
+        """Embed `texts` in input order, with the `kind`'s prefix; `prompt_name` (one of `settings.prompts`) or
+        `prompt` (a literal text) replaces it, as in sentence-transformers' `encode(prompt_name=...)`.
 
         Texts are sorted by length in characters (no tokenization pass just to sort) and batched; batches are
         tokenized in background workers on a GPU and stay on the device until the end. `dim` keeps a Matryoshka
@@ -312,9 +323,9 @@ class BiEncoder(nn.Module):
         runner = self._compute_runner(compute)
         device = self.device
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute == "bf16")
-        check_kind(kind)
+        tokenizer = self.text_tokenizer.with_prompt(check_kind(kind), self.prompt_text(prompt_name, prompt))
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        batches = TextBatches([texts[i] for i in order], kind, batch_size, self.text_tokenizer, self.padder)
+        batches = TextBatches([texts[i] for i in order], kind, batch_size, tokenizer, self.padder)
         settings = loader_settings(device)
         loader = DataLoader(batches, batch_size=None, generator=torch.Generator(), **settings)  # global RNG untouched
         in_order = torch.empty(len(texts), self.dim, pin_memory=settings["pin_memory"])

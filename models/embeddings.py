@@ -38,8 +38,8 @@ class EmbeddingSet:
     """Embeddings with their ids, the producing model's fingerprint and their precision.
 
     `dim`: the vectors' dimension (default: the width of float32 and int8 rows; binary rows pack `dim` sign
-    bits, so it must be given). `hashes` (content hashes of the embedded texts, in `ids` order), `kind` and
-    `compute` let `python -m twinfold.models.encode --update` keep the rows whose text is unchanged.
+    bits, so it must be given). `hashes` (content hashes of the embedded texts, in `ids` order), `kind`, `compute`
+    and `prompt` let `python -m twinfold.models.encode --update` keep the rows whose text is unchanged.
     """
 
     embeddings: np.ndarray
@@ -52,6 +52,7 @@ class EmbeddingSet:
     hashes: list[str] | None = None
     kind: str | None = None
     compute: str = "float32"
+    prompt: str | None = None  # the prompt text used instead of the kind's prefix (`BiEncoder.encode(prompt=...)`)
 
     def __post_init__(self):
         if self.dim is None:
@@ -69,6 +70,8 @@ class EmbeddingSet:
                 "dim": str(self.dim), "similarity": self.similarity, "compute": self.compute}
         if self.kind is not None:
             meta["kind"] = self.kind
+        if self.prompt is not None:
+            meta["prompt"] = self.prompt
         if format == "parquet":
             atomic_write_bytes(path, self._parquet_bytes(meta))
             return
@@ -126,7 +129,8 @@ class EmbeddingSet:
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         return cls(embeddings, ids, meta["fingerprint"], meta["precision"], int(meta["dim"]), calibration,
-                   meta.get("similarity", "dot"), hashes, meta.get("kind"), meta.get("compute", "float32"))
+                   meta.get("similarity", "dot"), hashes, meta.get("kind"), meta.get("compute", "float32"),
+                   meta.get("prompt"))
 
 
 def file_format(path: str | Path) -> str:

@@ -2,19 +2,22 @@
 
     python -m twinfold.models.encode --model DIR --input FILE.jsonl [--field text] [--id-field _id]
         --output FILE.safetensors [--dim N] [--precision int8|binary] [--kind query|document]
-        [--compute {float32,bf16,int8,onnx,onnx-int8}] [--format parquet] [--overwrite]
+        [--prompt-name NAME | --prompt TEXT] [--compute {float32,bf16,int8,onnx,onnx-int8}] [--format parquet] [--overwrite]
     python -m twinfold.models.encode --model DIR --input FILE.jsonl --update EXISTING.safetensors [--output NEW]
     python -m twinfold.models.encode --model DIR --check FILE.safetensors
 
 `--update` re-embeds only the documents that are new or whose text changed (the file stores a content hash
-per id), drops ids no longer in the input and keeps the other rows; dim, precision, kind and compute are the
-file's, and int8 rows use the file's calibration. It refuses a file made by another model (fingerprint).
+per id), drops ids no longer in the input and keeps the other rows; dim, precision, kind, prompt and compute are
+the file's, and int8 rows use the file's calibration. It refuses a file made by another model (fingerprint).
+`--prompt-name NAME` (one of the model's named prompts) or `--prompt TEXT` replaces the kind's prefix, as
+sentence-transformers' `encode(prompt_name=...)` does; the file records the prompt text.
 `--check` exits 0 when the file's fingerprint is the model's, 1 when it is not.
 `--format parquet` writes ids, vectors and content hashes as Parquet columns, the fingerprint and settings as
 its schema metadata (see `models.embeddings`); `--update` and `--check` read either format, and an update
 writes the format of the file it updates unless `--format` says otherwise.
 """
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -53,9 +56,11 @@ def read_texts(path: Path, field: str, id_field: str) -> tuple[list[str], list[s
 
 
 def encode_texts(model: BiEncoder, texts: list[str], kind: str, dim: int | None, precision: str, compute: str,
-                 batch_size: int, calibration=None, show_progress_bar: bool = False):
-    """Embeddings of `texts` in `precision` (int8: with `calibration`, or calibrated on them) and the calibration."""
-    emb = model.encode(texts, batch_size, kind=kind, dim=dim, compute=compute, show_progress_bar=show_progress_bar)
+                 batch_size: int, calibration=None, show_progress_bar: bool = False, prompt: str | None = None):
+    """Embeddings of `texts` in `precision` (int8: with `calibration`, or calibrated on them) and the calibration;
+    `prompt`: a text in place of the kind's prefix."""
+    emb = model.encode(texts, batch_size, kind=kind, prompt=prompt, dim=dim, compute=compute,
+                       show_progress_bar=show_progress_bar)
     if precision == "int8":
         calibration = calibration or calibrate_int8(emb)
         return quantize_int8(emb, calibration), calibration
@@ -81,9 +86,9 @@ def update(old: EmbeddingSet, model: BiEncoder, texts: list[str], ids: list[str]
     emb[keep_rows] = old.embeddings[[kept[ids[n]][0] for n in keep_rows]]
     if redo:
         emb[redo], _ = encode_texts(model, [texts[n] for n in redo], old.kind, old.dim, old.precision, old.compute,
-                                    batch_size, old.calibration, show_progress_bar)
+                                    batch_size, old.calibration, show_progress_bar, old.prompt)
     return EmbeddingSet(emb, ids, old.fingerprint, old.precision, old.dim, old.calibration, old.similarity, hashes,
-                        old.kind, old.compute), counts
+                        old.kind, old.compute, old.prompt), counts
 
 
 def check_updatable(old: EmbeddingSet, path: Path, model: BiEncoder, model_name: str, rebuild: str) -> None:
@@ -115,6 +120,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.e
     p.add_argument("--dim", type=int)
     p.add_argument("--precision", default="float32", choices=PRECISIONS)
     p.add_argument("--kind", default="document", choices=["query", "document"])
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt-name", metavar="NAME", help="a named prompt of the model in place of the kind's prefix")
+    prompt.add_argument("--prompt", metavar="TEXT", help="a prompt text in place of the kind's prefix")
     p.add_argument("--compute", default="float32", choices=COMPUTES, help=COMPUTE_HELP)
     p.add_argument("--format", choices=FORMATS, help="file format (default: safetensors; with --update: the file's)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -136,6 +144,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.e
         model = BiEncoder.from_pretrained(args.model, allow_pickle=args.allow_pickle)
         if args.dim is not None and args.dim > model.dim and not (args.check or args.update):
             raise ValueError(f"--dim: {args.dim} is larger than the model's dimension {model.dim}")
+        prompt = model.prompt_text(args.prompt_name, args.prompt)
         texts, ids = read_texts(args.input, args.field, args.id_field) if args.input else ([], [])
         if args.precision == "int8" and not args.update and len(texts) < MIN_CALIBRATION_ROWS:
             raise InputError(f"{args.input}: int8 embeddings are calibrated on the documents encoded, and "
@@ -144,7 +153,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.e
         if args.update:
             rebuild = (f"{prog} --model {args.model} --input {args.input} --output {args.update} "
                        f"--precision {old.precision} --dim {old.dim} --kind {old.kind} "
-                       f"--format {file_format(args.update)}")
+                       f"--format {file_format(args.update)}"
+                       + (f" --prompt {shlex.quote(old.prompt)}" if old.prompt is not None else ""))
             check_updatable(old, args.update, model, args.model, rebuild)
     except (InputError, ModelLoadError, OSError, UnicodeDecodeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -166,11 +176,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.e
               f"changed), kept {counts['kept']}, removed {counts['removed']}: {args.output or args.update}")
         return 0
     emb, calibration = encode_texts(model, texts, args.kind, args.dim, args.precision, args.compute, args.batch_size,
-                                    show_progress_bar=not args.no_progress)
+                                    show_progress_bar=not args.no_progress, prompt=prompt)
     dim = args.dim or model.dim
     EmbeddingSet(emb, ids, model.fingerprint(args.compute), args.precision, dim, calibration,
                  model.settings.similarity, [content_hash(t) for t in texts], args.kind,
-                 args.compute).save(args.output, args.overwrite, args.format or "safetensors")
+                 args.compute, prompt).save(args.output, args.overwrite, args.format or "safetensors")
     print(f"wrote {len(ids)} embeddings ({args.precision}, dim {dim}) to {args.output}")
     return 0
 

@@ -1,6 +1,7 @@
 """Texts to model inputs: tokenization with the model's prefixes and `max_length`, padding a group of token id
 lists, and cutting length-sorted texts into chunks by a token budget. Small picklable objects, so DataLoader
 workers and dataset-preparation processes do this without the model."""
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -27,6 +28,10 @@ class TextTokenizer:
     max_length: int
     query_prefix: str = ""
     document_prefix: str = ""
+
+    def with_prompt(self, kind: str, prompt: str | None) -> "TextTokenizer":
+        """This tokenizer with `prompt` as the prefix of `kind` texts (itself when `prompt` is None)."""
+        return self if prompt is None else dataclasses.replace(self, **{f"{kind}_prefix": prompt})
 
     def prefixed(self, texts: Sequence[str], kind: str) -> list[str]:
         prefix = self.query_prefix if kind == "query" else self.document_prefix

@@ -73,6 +73,10 @@ class DatasetConfig:
     name: str | None = None
     hard_negatives: HardNegativesConfig | None = None  # set: mine negatives before training
     streaming: bool = False  # read the rows as they come (train.streams): data bigger than the disk cache
+    # the anchors' prompt in place of the model's query prefix (a task instruction per dataset): the name of one of
+    # the model's prompts, or a text
+    query_prompt_name: str | None = None
+    query_prompt: str | None = None
 
 
 @dataclass
@@ -138,6 +142,8 @@ class EvalConfig:
     ignore_identical_ids: bool = False
     metric: str = "ndcg@10"  # decides the best checkpoint
     compute: str = "float32"  # models.quantize.COMPUTES: how evaluation encodes
+    query_prompt_name: str | None = None  # the queries' prompt in place of the model's query prefix: a prompt name...
+    query_prompt: str | None = None  # ...or a text
 
 
 @dataclass
@@ -359,6 +365,7 @@ def validate(c: Config) -> None:
             if ds.columns and role not in ds.columns.values():
                 raise ConfigError(f"{where}.columns: no column is mapped to {role!r}")
         _positive(f"{where}.weight", ds.weight)
+        check_one_prompt(ds, where)
         if ds.hard_negatives is not None:
             check_hard_negatives(ds, f"{where}.hard_negatives")
         if _looks_local(ds.path) and not Path(ds.path).exists():
@@ -376,6 +383,7 @@ def validate(c: Config) -> None:
                       split_identifiers=e.bm25_split_identifiers)
     except ValueError as err:
         raise ConfigError(f"eval.bm25_*: {err}") from None
+    check_one_prompt(c.eval, "eval")
     check_streaming(c)
     if c.eval.data is not None and not Path(c.eval.data).is_dir():
         raise ConfigError(f"eval.data: {c.eval.data} is not a folder (a BEIR folder with corpus.jsonl, queries.jsonl, qrels/)")
@@ -411,6 +419,13 @@ def check_streaming(c: Config) -> None:
     if c.data.shuffle_buffer < c.train.batch_size:
         raise ConfigError(f"data.shuffle_buffer: {c.data.shuffle_buffer} rows cannot hold a batch of "
                           f"train.batch_size {c.train.batch_size}")
+
+
+def check_one_prompt(section, where: str) -> None:
+    """A query prompt is given by name or as a text, not both."""
+    if section.query_prompt_name is not None and section.query_prompt is not None:
+        raise ConfigError(f"{where}: query_prompt_name {section.query_prompt_name!r} and query_prompt "
+                          f"{section.query_prompt!r} both set; give the name of a model prompt or a prompt text")
 
 
 def check_hard_negatives(ds: DatasetConfig, where: str) -> None:

@@ -3,6 +3,7 @@
     python -m twinfold.train.evaluate --model M [--model M2 ...] --data BEIR_DIR [--split test] [--dims 384,256,128,64]
         [--precision float32,int8,binary] [--bm25] [--sts TSV] [--out DIR] [--k 1,3,5,10,100]
         [--batch-size 64] [--ignore-identical-ids] [--strict] [--compute {float32,bf16,int8,onnx,onnx-int8}]
+        [--query-prompt-name NAME | --query-prompt TEXT]
 
 The corpus is encoded once per model at full dimension; every dim and precision is derived from that
 encoding, and it is cached by the model's fingerprint for the evaluator's lifetime (training calls the same
@@ -52,13 +53,15 @@ class RetrievalEvaluator:
     Spearman correlation is added to the float32 rows. `out_dir`: where TREC runs are written
     (`runs/<name>.<dim>.<precision>.trec`). `cache_size`: models whose full-dim embeddings are kept.
     `compute`: "float32", "bf16" or "int8" (see `BiEncoder.encode`).
-    `bm25`: the settings of `bm25_rows`.
+    `bm25`: the settings of `bm25_rows`. `query_prompt_name` (a named prompt of each model) or `query_prompt` (a
+    text): the prompt queries take in place of the model's query prefix.
     """
 
     def __init__(self, data: BeirData, dims=None, precisions=("float32",), k_values=DEFAULT_K_VALUES,
                  batch_size: int = 64, sts: str | Path | None = None, out_dir: str | Path | None = None,
                  rescore_multiplier: int = RESCORE_MULTIPLIER, cache_size: int = 2, show_progress_bar: bool = False,
-                 compute: str = "float32", bm25: BM25Settings = BM25Settings()):
+                 compute: str = "float32", bm25: BM25Settings = BM25Settings(), query_prompt_name: str | None = None,
+                 query_prompt: str | None = None):
         unknown = [p for p in precisions if p not in PRECISIONS]
         if unknown:
             raise ValueError(f"unknown precision {', '.join(unknown)}: choose from {', '.join(PRECISIONS)}")
@@ -76,6 +79,7 @@ class RetrievalEvaluator:
         self.show_progress_bar = show_progress_bar
         self.compute = compute
         self.bm25 = bm25
+        self.query_prompt_name, self.query_prompt = query_prompt_name, query_prompt
         self._cache: OrderedDict[str, dict] = OrderedDict()
         self._bm25_rows: list[dict] | None = None
 
@@ -83,7 +87,9 @@ class RetrievalEvaluator:
         """The data and settings behind the rows, for the report."""
         return {**self.data.describe(), "k_values": list(self.k_values), "precisions": list(self.precisions),
                 "rescore_multiplier": self.rescore_multiplier, "compute": self.compute,
-                "bm25": self.bm25.to_dict(), "sts": self.sts["path"] if self.sts else None}
+                "bm25": self.bm25.to_dict(), "sts": self.sts["path"] if self.sts else None,
+                **{k: v for k, v in (("query_prompt_name", self.query_prompt_name),
+                                     ("query_prompt", self.query_prompt)) if v is not None}}
 
     def __call__(self, model: BiEncoder, name: str) -> list[dict]:
         """Encode with `model` (corpus once, at full dim) and score every dim x precision; rows named `name`."""
@@ -151,7 +157,8 @@ class RetrievalEvaluator:
         start = time.perf_counter()
         encode = dict(batch_size=self.batch_size, show_progress_bar=self.show_progress_bar, convert_to_tensor=True,
                       compute=self.compute)
-        emb = {"queries": model.encode(self.data.query_texts, kind="query", **encode),
+        prompt = model.prompt_text(self.query_prompt_name, self.query_prompt)
+        emb = {"queries": model.encode(self.data.query_texts, kind="query", prompt=prompt, **encode),
                "corpus": model.encode(self.data.corpus_texts, kind="document", **encode)}
         if self.sts:
             emb["sts"] = model.encode(self.sts["sentences"], kind="query", **encode)
@@ -268,6 +275,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.ev
     p.add_argument("--strict", action="store_true", help="judgments naming unknown ids are an error")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights")
     p.add_argument("--compute", default="float32", choices=COMPUTES, help=COMPUTE_HELP)
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--query-prompt-name", metavar="NAME", help="a named prompt of each model for the queries")
+    prompt.add_argument("--query-prompt", metavar="TEXT", help="a prompt text for the queries")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="write into --out even if it holds other files")
     args = p.parse_args(argv)
@@ -293,7 +303,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.ev
                                        args.out, args.rescore_multiplier, show_progress_bar=not args.no_progress,
                                        compute=args.compute, bm25=settings_from(
                                            args.bm25_preset, k1=args.bm25_k1, b=args.bm25_b, stemmer=args.bm25_stemmer,
-                                           split_identifiers=args.bm25_split_identifiers or None))
+                                           split_identifiers=args.bm25_split_identifiers or None),
+                                       query_prompt_name=args.query_prompt_name, query_prompt=args.query_prompt)
         rows = []
         for name in args.model:
             rows += evaluator(BiEncoder.from_pretrained(name, allow_pickle=args.allow_pickle), name)

@@ -25,7 +25,7 @@ from twinfold.models.runtime import cpu_has_bf16, keep_freed_memory
 from twinfold.train.checkpoint import checkpoint_streams, load_checkpoint, prune_checkpoints, save_checkpoint
 from twinfold.train.config import Config, ConfigError, save_config
 from twinfold.train.data.pairs import PairDataset
-from twinfold.train.data.loader import TrainingBatches
+from twinfold.train.data.loader import TrainingBatches, dataset_tokenizers
 from twinfold.train.data.prepare import prepare_data
 from twinfold.train.resume import claim_run_folder, decided_on_main, resume_point
 from twinfold.train.signals import StopOnSignal, StoppedBySignal
@@ -249,13 +249,14 @@ def set_up(cfg: Config) -> Run:
                           "processes")
     set_seed(t.seed)
     model = build_model(cfg)
+    tokenizers = dataset_tokenizers(cfg, model)
     lock = claim_run_folder(out, t.resume) if main else None
     if main:
         check_output_dir(out, disk_needed(model, t.save_total_limit))
         save_config(cfg, out / "config.yaml")
     log.info("preparing %d training datasets", len(cfg.data.train))
     datasets, data_report = prepare_data(cfg, model, out, accelerator)  # mining, eval-overlap and duplicate checks
-    batches = TrainingBatches(cfg, model, datasets, accelerator)
+    batches = TrainingBatches(cfg, model, datasets, accelerator, tokenizers)
     loss_fn = build_loss(cfg, model.settings.similarity).to(accelerator.device)
     optimizer = build_optimizer(model, loss_fn, cfg)
     total_steps = t.max_steps or batches.batches_in(t.epochs) // t.grad_accum  # streamed runs set max_steps
@@ -534,7 +535,8 @@ def build_evaluator(cfg: Config, out: Path):
     bm25 = settings_from(e.bm25_preset, k1=e.bm25_k1, b=e.bm25_b, stemmer=e.bm25_stemmer,
                          split_identifiers=e.bm25_split_identifiers)
     return RetrievalEvaluator(data, dims=dims, precisions=e.precisions, batch_size=e.batch_size, sts=e.sts,
-                              out_dir=out / "eval", show_progress_bar=True, compute=e.compute, bm25=bm25)
+                              out_dir=out / "eval", show_progress_bar=True, compute=e.compute, bm25=bm25,
+                              query_prompt_name=e.query_prompt_name, query_prompt=e.query_prompt)
 
 
 def run_info(cfg: Config, datasets, state: RunState, rows: list[dict], data_report: dict) -> dict:

@@ -2,6 +2,7 @@
 encodes as sentence-transformers' `encode(prompt_name=...)` does."""
 import json
 
+import numpy as np
 import pytest
 
 from twinfold.models import BiEncoder
@@ -78,3 +79,48 @@ def test_a_default_prompt_name_that_is_not_a_prompt_is_refused(tiny_bert_path, t
     file.write_text(json.dumps({**json.loads(file.read_text()), "default_prompt_name": "missing"}))
     with pytest.raises(ModelLoadError, match="config_sentence_transformers.json: default_prompt_name 'missing'"):
         BiEncoder.from_pretrained(tmp_path / "st")
+
+
+@pytest.mark.parametrize("name", PROMPT_SETS)
+def test_encoding_with_a_named_prompt_equals_sentence_transformers(name, tiny_bert_path, tmp_path):
+    st = st_folder(tiny_bert_path, *PROMPT_SETS[name], tmp_path / "st")
+    model = BiEncoder.from_pretrained(tmp_path / "st")
+    for prompt_name in st.prompts:
+        want = st.encode(TEXTS, prompt_name=prompt_name)
+        for kind in ("query", "document"):  # the prompt replaces the kind's prefix
+            assert np.abs(model.encode(TEXTS, kind=kind, prompt_name=prompt_name) - want).max() < 1e-5
+    literal = "Instruct: Given a claim, find documents that refute it\nQuery: "
+    assert np.abs(model.encode(TEXTS, prompt=literal) - st.encode(TEXTS, prompt=literal)).max() < 1e-5
+    with pytest.raises(ValueError, match="prompt 'nope' is not one of the model's prompts"):
+        model.encode(TEXTS, prompt_name="nope")
+    with pytest.raises(ValueError, match="not both"):
+        model.encode(TEXTS, prompt_name="query", prompt=literal)
+
+
+def test_encode_command_with_a_prompt_records_it_and_updates_with_it(tiny_bert_path, tmp_path, capsys):
+    from twinfold.models import EmbeddingSet
+    from twinfold.models.encode import main
+
+    prompts, default = PROMPT_SETS["embeddinggemma"]
+    st_folder(tiny_bert_path, prompts, default, tmp_path / "st")
+    model = BiEncoder.from_pretrained(tmp_path / "st")
+    rows = [{"_id": str(i), "text": t} for i, t in enumerate(TEXTS)]
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--model", str(tmp_path / "st"), "--no-progress"]
+    out = tmp_path / "emb.safetensors"
+    assert main([*args, "--input", str(docs), "--output", str(out), "--prompt-name", "Clustering"]) == 0
+    written = EmbeddingSet.load(out)
+    assert written.prompt == prompts["Clustering"]
+    np.testing.assert_allclose(written.embeddings, model.encode(TEXTS, prompt_name="Clustering"), atol=1e-6)
+    rows[1]["text"] = "a changed text"
+    docs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([*args, "--input", str(docs), "--update", str(out)]) == 0
+    updated = EmbeddingSet.load(out)
+    assert updated.prompt == prompts["Clustering"]
+    np.testing.assert_allclose(updated.embeddings, model.encode([r["text"] for r in rows], prompt_name="Clustering"),
+                               atol=1e-6)
+    capsys.readouterr()
+    assert main([*args, "--input", str(docs), "--output", str(out), "--prompt-name", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "error: prompt 'nope' is not one of the model's prompts (" in err and "'Clustering'" in err

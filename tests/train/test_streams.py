@@ -34,7 +34,7 @@ def source(path, **kw):
 
 
 def steps(model, sources, position=None, rank=0, world=1, batch=4, buffer=16, mixing="proportional"):
-    return StreamSteps(sources, model.text_tokenizer, model.padder, 64, None, rank, world, batch, 0, mixing, buffer,
+    return StreamSteps(sources, [model.text_tokenizer] * len(sources), model.padder, 64, None, rank, world, batch, 0, mixing, buffer,
                        position)
 
 

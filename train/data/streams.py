@@ -162,20 +162,21 @@ class StreamSteps(IterableDataset):
 
     Iterated inline, or in one DataLoader worker (a stream is read in order), which then reads, checks and
     tokenizes ahead of the training step. Each item carries `position`: where to start again after it.
+    `tokenizers`: one per source (a dataset's query prompt is its tokenizer's query prefix).
     """
 
-    def __init__(self, sources: list[StreamSource], tokenizer: TextTokenizer, padder: Padder, token_budget: int,
-                 max_texts: int | None, rank: int, world: int, batch_size: int, seed: int, mixing: str, buffer: int,
-                 position: dict | None = None):
-        self.sources, self.tokenizer, self.padder = sources, tokenizer, padder
+    def __init__(self, sources: list[StreamSource], tokenizers: list[TextTokenizer], padder: Padder,
+                 token_budget: int, max_texts: int | None, rank: int, world: int, batch_size: int, seed: int,
+                 mixing: str, buffer: int, position: dict | None = None):
+        self.sources, self.tokenizers, self.padder = sources, tokenizers, padder
         self.token_budget, self.max_texts, self.rank, self.world = token_budget, max_texts, rank, world
         self.batch_size, self.seed, self.mixing, self.buffer = batch_size, seed, mixing, buffer
         self.position = position or {"batches": 0, "taken": [0] * len(sources), "datasets": [None] * len(sources)}
 
     def __iter__(self):
-        readers = [BlockReader(d, s, self.tokenizer, self.rank, self.world, self.batch_size // self.world,
-                               self.buffer, self.seed, at) for d, (s, at) in
-                   enumerate(zip(self.sources, self.position["datasets"]))]
+        readers = [BlockReader(d, s, tokenizer, self.rank, self.world, self.batch_size // self.world,
+                               self.buffer, self.seed, at) for d, (s, tokenizer, at) in
+                   enumerate(zip(self.sources, self.tokenizers, self.position["datasets"]))]
         batches, taken = self.position["batches"], list(self.position["taken"])
         weights = [s.weight for s in self.sources]
         while True:
