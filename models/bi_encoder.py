@@ -1,6 +1,7 @@
 """The Siamese bi-encoder: one shared Hugging Face encoder, pooling, L2 normalisation."""
 import hashlib
 import json
+import logging
 import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,8 +27,9 @@ from twinfold.models.quantize import (COMPUTES, PRECISIONS, Int8Calibration, cal
                                       int8_linear_copy, quantize_binary, quantize_int8)
 from twinfold.models.resolve import describe_attempts, resolve_model_path
 from twinfold.models.runtime import attention_kernels, loader_settings, pad_multiple
-from twinfold.models.tokens import Padder, TextTokenizer
+from twinfold.models.tokens import Padder, TextTokenizer, ends_with_eos
 
+log = logging.getLogger(__name__)
 TWINFOLD_FILE = "twinfold.json"
 KINDS = ("query", "document")
 DOCUMENT_PROMPTS = ("document", "passage", "corpus")  # the names sentence-transformers' encode_document tries
@@ -46,6 +48,7 @@ class EncoderSettings:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     matryoshka_dims: list[int] = field(default_factory=list)
+    append_eos: bool = False  # end every text with the EOS token (last-token pooling of a tokenizer that does not)
 
     def __post_init__(self):
         if self.pooling not in POOLING_MODES:
@@ -119,6 +122,7 @@ class BiEncoder(nn.Module):
         max_length: int | None = None,
         query_prefix: str | None = None,
         document_prefix: str | None = None,
+        append_eos: bool | None = None,
         dropout: float | None = None,
         dtype: str = "auto",
         attn_implementation: str = "sdpa",
@@ -158,7 +162,8 @@ class BiEncoder(nn.Module):
         if Path(path).is_dir():
             check_model_folder(Path(path), allow_pickle=allow_pickle)
         tokenizer_path = adapter if adapter is not None and has_tokenizer(adapter) else path
-        overrides = dict(pooling=pooling, normalize=normalize, similarity=similarity, max_length=max_length)
+        overrides = dict(pooling=pooling, normalize=normalize, similarity=similarity, max_length=max_length,
+                         append_eos=append_eos)
         stored.update({k: v for k, v in overrides.items() if v is not None})
         settings = EncoderSettings(**stored)
         if query_prefix is not None:
@@ -199,6 +204,7 @@ class BiEncoder(nn.Module):
             if after.in_features != before.out_features:
                 raise ModelLoadError(f"{folder}: in_features {after.in_features} does not match the previous "
                                      f"Dense layer's out_features {before.out_features}")
+        check_eos(tokenizer, settings, path)
         # the head computes in the encoder's dtype, as sentence-transformers' does
         model = cls(encoder, tokenizer, settings, info, head.to(encoder.dtype), stored_dtype)
         # ONNX compute runs the folder's files while the weights are those (not the base's files under an adapter)
@@ -232,6 +238,8 @@ class BiEncoder(nn.Module):
         s = self.settings
         keyed = dict(pooling=s.pooling, normalize=s.normalize, max_length=s.max_length,
                      query_prefix=s.query_prefix, document_prefix=s.document_prefix)
+        if s.append_eos:
+            keyed["append_eos"] = True
         if compute != "float32":
             keyed["compute"] = compute
         h.update(json.dumps(keyed, sort_keys=True).encode())
@@ -258,7 +266,7 @@ class BiEncoder(nn.Module):
     def text_tokenizer(self) -> TextTokenizer:
         """Tokenization with this model's prefixes and `max_length` (picklable, for worker processes)."""
         s = self.settings
-        return TextTokenizer(self.tokenizer, s.max_length, s.query_prefix, s.document_prefix)
+        return TextTokenizer(self.tokenizer, s.max_length, s.query_prefix, s.document_prefix, s.append_eos)
 
     @property
     def padder(self) -> Padder:
@@ -409,6 +417,18 @@ class BiEncoder(nn.Module):
 
     def settings_dict(self) -> dict:
         return asdict(self.settings)
+
+
+def check_eos(tokenizer, settings: EncoderSettings, path) -> None:
+    """`append_eos` needs an EOS token; last-token pooling without it, of a tokenizer that does not end a text with
+    its EOS token, pools the last word instead: logged as a warning naming the fix."""
+    eos = tokenizer.eos_token_id
+    if settings.append_eos and eos is None:
+        raise ModelLoadError(f"{path}: append_eos is set but the tokenizer has no EOS token (eos_token)")
+    if settings.pooling == "lasttoken" and not settings.append_eos and eos is not None and not ends_with_eos(tokenizer):
+        log.warning("%s: last-token pooling, but the tokenizer does not end a text with its EOS token %r; set "
+                    "model.append_eos: true (BiEncoder.from_pretrained(..., append_eos=True)) to append it",
+                    path, tokenizer.eos_token)
 
 
 def freeze_unused(encoder: nn.Module) -> None:

@@ -15,6 +15,7 @@ options.
 """
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from twinfold.models.head import save_dense
 from twinfold.models.lora import ADAPTER_CONFIG, has_lora
 from twinfold.models.loading import POOLING_KEYS
 from twinfold.models.onnx import export_onnx
+from twinfold.models.tokens import eos_appending_copy, ends_with_eos
 
+log = logging.getLogger(__name__)
 EXPORT_FORMAT = 1
 CHECKPOINT_STATE = "trainer_state.json"  # written last into every complete training checkpoint (train.checkpoint)
 
@@ -44,7 +47,7 @@ def write_model_folder(model, folder: Path, onnx: bool = False, onnx_int8: bool 
     # a PeftModel writes its adapter only; the embeddings never train (and peft would ask the hub whether they did)
     extra = {"save_embedding_layers": False} if adapter else {}
     model.encoder.save_pretrained(folder, safe_serialization=True, **extra)
-    model.tokenizer.save_pretrained(folder)
+    save_tokenizer(model, folder)
     s = model.settings
     meta = {"format": EXPORT_FORMAT, **model.settings_dict(), "fingerprint": model.fingerprint(), **model.info}
     _write_json(folder / "twinfold.json", meta)
@@ -70,6 +73,25 @@ def write_model_folder(model, folder: Path, onnx: bool = False, onnx_int8: bool 
     _write_json(folder / "config_sentence_transformers.json", {
         "prompts": s.prompts, "default_prompt_name": s.default_prompt_name, "similarity_fn_name": s.similarity})
     write_model_card(model, folder)
+
+
+def save_tokenizer(model, folder: Path) -> None:
+    """Save the tokenizer; with `append_eos`, one that appends the EOS token itself where it does not already, so
+    that sentence-transformers loading the folder tokenizes as twinfold does (a warning says when it cannot)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = model.tokenizer
+    if not model.settings.append_eos or ends_with_eos(tokenizer):
+        tokenizer.save_pretrained(folder)
+        return
+    if getattr(tokenizer, "backend_tokenizer", None) is not None:
+        eos_appending_copy(tokenizer).save_pretrained(folder)
+        if ends_with_eos(AutoTokenizer.from_pretrained(folder)):
+            return
+    else:
+        tokenizer.save_pretrained(folder)
+    log.warning("%s: the saved tokenizer does not append the EOS token; twinfold appends it (append_eos in "
+                "twinfold.json), sentence-transformers loading this folder will not", folder)
 
 
 def _write_json(path: Path, obj) -> None:

@@ -1,6 +1,7 @@
 """Texts to model inputs: tokenization with the model's prefixes and `max_length`, padding a group of token id
 lists, and cutting length-sorted texts into chunks by a token budget. Small picklable objects, so DataLoader
 workers and dataset-preparation processes do this without the model."""
+import copy
 import dataclasses
 import hashlib
 import json
@@ -22,12 +23,15 @@ _PER_PIECE = {"WordPiece", "WordLevel", "BPE", "Unigram"}
 
 @dataclass(frozen=True)
 class TextTokenizer:
-    """The model's tokenizer with its prefixes and `max_length` (which `BiEncoder.settings` holds)."""
+    """The model's tokenizer with its prefixes and `max_length` (which `BiEncoder.settings` holds); `append_eos`:
+    every text ends with the EOS token, appended where the tokenizer does not end it so, kept when a text is cut at
+    `max_length` (the last token of last-token pooling)."""
 
     tokenizer: object
     max_length: int
     query_prefix: str = ""
     document_prefix: str = ""
+    append_eos: bool = False
 
     def with_prompt(self, kind: str, prompt: str | None) -> "TextTokenizer":
         """This tokenizer with `prompt` as the prefix of `kind` texts (itself when `prompt` is None)."""
@@ -41,8 +45,9 @@ class TextTokenizer:
         """Token ids with the kind's prefix and special tokens, truncated at `max_length`, unpadded."""
         if not texts:
             return []
-        return self.tokenizer(self.prefixed(texts, kind), truncation=True, max_length=self.max_length,
-                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        ids = self.tokenizer(self.prefixed(texts, kind), truncation=True, max_length=self.max_length,
+                             return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        return [self._ending_with_eos(x)[0] for x in ids] if self.append_eos else ids
 
     def lengths(self, texts: Sequence[str], kind: str) -> list[int]:
         """Tokens in each text with the kind's prefix and special tokens, before truncation."""
@@ -50,7 +55,8 @@ class TextTokenizer:
             return []
         ids = self.tokenizer(self.prefixed(texts, kind), truncation=False, verbose=False,
                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-        return [len(x) for x in ids]
+        eos = self.tokenizer.eos_token_id
+        return [len(x) + (self.append_eos and (not x or x[-1] != eos)) for x in ids]
 
     def ids_and_truncated(self, texts: Sequence[str], kind: str) -> tuple[list[list[int]], list[bool]]:
         """`ids`, and whether each text is longer than `max_length` tokens, encoding little more than is kept.
@@ -69,7 +75,18 @@ class TextTokenizer:
         whole = [i for i, e in enumerate(encodings) if not e.overflowing and len(pieces[i]) < len(texts[i])]
         for i, e in zip(whole, backend.encode_batch([texts[i] for i in whole])):
             encodings[i] = e
-        return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
+        if not self.append_eos:
+            return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
+        ended = [self._ending_with_eos(e.ids) for e in encodings]
+        return [ids for ids, _ in ended], [bool(e.overflowing) or cut for e, (_, cut) in zip(encodings, ended)]
+
+    def _ending_with_eos(self, ids: list[int]) -> tuple[list[int], bool]:
+        """`ids` ending with the EOS token (appended, in place of the last token when `max_length` are there), and
+        whether a token gave way to it."""
+        eos = self.tokenizer.eos_token_id
+        if ids and ids[-1] == eos:
+            return ids, False
+        return ids[:self.max_length - 1] + [eos], len(ids) >= self.max_length
 
     @cached_property
     def _truncating(self) -> tuple[object, bool] | None:
@@ -85,7 +102,7 @@ class TextTokenizer:
         return backend, _space_bounded(rules, self.tokenizer.truncation_side)
 
     def fingerprint(self) -> str:
-        """Hash of everything that decides the token ids: vocabulary and rules, prefixes, `max_length`."""
+        """Hash of everything that decides the token ids: vocabulary and rules, prefixes, `max_length`, `append_eos`."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:  # its truncation and padding state changes with every call: not part of the rules
             rules = json.dumps({k: v for k, v in json.loads(backend.to_str()).items()
@@ -93,7 +110,7 @@ class TextTokenizer:
         else:
             rules = repr(sorted(self.tokenizer.get_vocab().items()))
         h = hashlib.sha256(f"{type(self.tokenizer).__name__}|{self.max_length}|{self.query_prefix!r}|"
-                           f"{self.document_prefix!r}|".encode())
+                           f"{self.document_prefix!r}|{'append_eos|' if self.append_eos else ''}".encode())
         h.update(rules.encode())
         return h.hexdigest()[:16]
 
@@ -132,6 +149,27 @@ class Padder:
         if self.token_type_ids:
             out["token_type_ids"] = torch.zeros_like(out["input_ids"])
         return out
+
+
+def ends_with_eos(tokenizer) -> bool:
+    """Whether `tokenizer` ends a text with its EOS token."""
+    eos = tokenizer.eos_token_id
+    return eos is not None and tokenizer("a")["input_ids"][-1] == eos
+
+
+def eos_appending_copy(tokenizer):
+    """A copy of a fast tokenizer whose own post-processor also appends the EOS token (kept through truncation), so
+    that tools that tokenize by the saved files alone (sentence-transformers, ONNX users) end texts with it too."""
+    from tokenizers import processors
+
+    eos = tokenizer.eos_token
+    tokenizer = copy.deepcopy(tokenizer)
+    backend = tokenizer.backend_tokenizer
+    append = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1",
+                                           special_tokens=[(eos, tokenizer.eos_token_id)])
+    backend.post_processor = append if backend.post_processor is None else \
+        processors.Sequence([backend.post_processor, append])
+    return tokenizer
 
 
 def length_chunks(sorted_lengths: Sequence[int], token_budget: int, max_texts: int | None = None) -> list[int]:

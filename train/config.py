@@ -39,6 +39,7 @@ class ModelConfig:
     similarity: str | None = None  # cosine | dot: what the loss trains and search ranks by; null keeps the checkpoint's
     query_prefix: str | None = None
     document_prefix: str | None = None
+    append_eos: bool | None = None  # end every text with the EOS token (last-token pooling); null keeps the checkpoint's
     allow_pickle: bool = False
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
