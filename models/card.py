@@ -89,7 +89,8 @@ def _usage(model) -> str:
     plain = pooling is not None and not len(model.head)  # other poolings and Dense heads: not a one-liner
     model_class = ENCODER_ONLY.get(model.encoder.config.model_type, "AutoModel")  # T5-likes: their encoder alone
     lines = [
-        "## Usage", "", prefixes + f" Texts are truncated at {s.max_length} tokens.", "", *_prompts(s),
+        "## Usage", "", prefixes + f" Texts are truncated at {s.max_length} tokens"
+        + ("; each ends with the EOS token, kept when a text is truncated." if s.append_eos else "."), "", *_prompts(s),
         "sentence-transformers:", "", "```python", "from sentence_transformers import SentenceTransformer", "",
         f'model = SentenceTransformer("path/to/this/model"{f", truncate_dim={small}" if small else ""})',
         'query = model.encode_query(["a question"])',
@@ -170,7 +171,9 @@ def _training(training: dict) -> str:
     for data in training.get("data", []):
         negatives = data.get("negatives_per_pair", 0)
         lines.append(f"- data: {data['name']}, " + (f"{data['pairs']} pairs" if "pairs" in data else "streamed")
-                     + (f", {negatives} hard negative(s) per pair" if negatives else ""))
+                     + (f", {negatives} hard negative(s) per pair" if negatives else "")
+                     + (f", query prompt `{data['query_prompt_name']}`" if "query_prompt_name" in data else "")
+                     + (f", query prompt {data['query_prompt']!r}" if "query_prompt" in data else ""))
     for mined in training.get("hard_negatives", []):
         s = mined["settings"]
         lines.append(f"- hard negatives mined with `{mined['model']}` (fingerprint {mined['fingerprint']}) from "

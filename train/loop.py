@@ -543,9 +543,11 @@ def run_info(cfg: Config, datasets, state: RunState, rows: list[dict], data_repo
     """What twinfold.json (and the model card) records about training: recipe, data, checks and eval results."""
     t = cfg.train
     info = {"training": {"base_model": cfg.model.name_or_path, "steps": state.step,
-                         "data": [{"name": d.name, "pairs": len(d), "negatives_per_pair": d.num_negatives}
-                                  if isinstance(d, PairDataset) else {"name": d.name, "streamed": True}
-                                  for d in datasets],
+                         "data": [{**({"name": d.name, "pairs": len(d), "negatives_per_pair": d.num_negatives}
+                                     if isinstance(d, PairDataset) else {"name": d.name, "streamed": True}),
+                                   **{k: getattr(c, k) for k in ("query_prompt_name", "query_prompt")
+                                      if getattr(c, k) is not None}}
+                                  for d, c in zip(datasets, cfg.data.train)],
                          "batch_size": t.batch_size, "lr": t.lr, "epochs": t.epochs, "max_steps": t.max_steps,
                          "warmup_ratio": t.warmup_ratio, "seed": t.seed, "loss": cfg.to_dict()["loss"],
                          **data_report}}

@@ -87,6 +87,7 @@ def test_append_eos_is_stored_honoured_on_load_and_exported_for_sentence_transfo
     model = BiEncoder.from_pretrained(base_qwen3, pooling="lasttoken", max_length=MAX_LENGTH, append_eos=True)
     model.save_pretrained(tmp_path / "export")
     assert json.loads((tmp_path / "export" / "twinfold.json").read_text())["append_eos"] is True
+    assert "each ends with the EOS token, kept when a text is truncated" in (tmp_path / "export" / "README.md").read_text()
     again = BiEncoder.from_pretrained(tmp_path / "export")
     assert again.settings.append_eos and again.token_ids(TEXTS) == model.token_ids(TEXTS)
     assert again.fingerprint() == model.fingerprint()

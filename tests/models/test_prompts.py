@@ -124,3 +124,12 @@ def test_encode_command_with_a_prompt_records_it_and_updates_with_it(tiny_bert_p
     assert main([*args, "--input", str(docs), "--output", str(out), "--prompt-name", "nope"]) == 2
     err = capsys.readouterr().err
     assert "error: prompt 'nope' is not one of the model's prompts (" in err and "'Clustering'" in err
+
+
+def test_card_names_the_query_prompt_of_each_training_dataset(tiny_bert_path, tmp_path):
+    data = [{"name": "claims", "pairs": 9, "query_prompt": "Instruct: find\nQuery: "},
+            {"name": "nli", "pairs": 4, "query_prompt_name": "sts_query"}, {"name": "plain", "pairs": 2}]
+    BiEncoder.from_pretrained(tiny_bert_path).save_pretrained(tmp_path / "m", info={"training": {"data": data}})
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "- data: claims, 9 pairs, query prompt 'Instruct: find\\nQuery: '\n" in card
+    assert "- data: nli, 4 pairs, query prompt `sts_query`\n" in card and "- data: plain, 2 pairs\n" in card

@@ -10,6 +10,7 @@ from twinfold.train.data import load_pairs, tokenize_pairs
 from twinfold.train.evaluate import RetrievalEvaluator, main
 from twinfold.train.beir import load_beir
 from twinfold.train.inputs import dataset_tokenizers
+from twinfold.train.loop import RunState, run_info
 
 INSTRUCT = "Instruct: Given a scientific claim, retrieve documents that support or refute the claim\nQuery: "
 
@@ -60,6 +61,9 @@ def test_each_dataset_tokenizes_its_anchors_with_its_own_prompt(tmp_path, pairs,
     rows = instructed.rows([0, 1])
     assert rows["anchor"][0] == model.tokenizer([INSTRUCT + "claim 0", INSTRUCT + "claim 1"])["input_ids"]
     assert rows["positive"] == plain.rows([0, 1])["positive"]
+    recorded = run_info(cfg, [ds] * 3, RunState(step=1), [], {})["training"]["data"]  # for twinfold.json and the card
+    assert [{k: v for k, v in d.items() if k.startswith("query")} for d in recorded] == \
+        [{"query_prompt_name": "sts_query"}, {"query_prompt": INSTRUCT}, {}]
 
 
 def test_prompt_errors_name_the_config_key(tmp_path, pairs, prompted_path):
