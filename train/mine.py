@@ -44,23 +44,25 @@ def normalize_text(text: str) -> str:
 
 
 class MemoEncoder:
-    """`model.encode` remembering each (kind, text)'s embedding, so that one run encodes a text once."""
+    """`model.encode` remembering each (kind, prompt, text)'s embedding, so that one run encodes a text once
+    (`prompt`: a text in place of the kind's prefix, None: the prefix)."""
 
     def __init__(self, model: BiEncoder, batch_size: int = 64, show_progress_bar: bool = False):
         self.model, self.batch_size, self.show_progress_bar = model, batch_size, show_progress_bar
-        self._memo: dict[tuple[str, str], torch.Tensor] = {}
+        self._memo: dict[tuple[str, str | None, str], torch.Tensor] = {}
 
-    def remember(self, texts: list[str], kind: str, embeddings: torch.Tensor) -> None:
+    def remember(self, texts: list[str], kind: str, embeddings: torch.Tensor, prompt: str | None = None) -> None:
         """Use `embeddings` (computed elsewhere, e.g. a stored index) for `texts` instead of encoding them."""
-        self._memo.update({(kind, t): e for t, e in zip(texts, torch.as_tensor(embeddings))})
+        self._memo.update({(kind, prompt, t): e for t, e in zip(texts, torch.as_tensor(embeddings))})
 
-    def __call__(self, texts: list[str], kind: str) -> torch.Tensor:
-        missing = list(dict.fromkeys(t for t in texts if (kind, t) not in self._memo))
+    def __call__(self, texts: list[str], kind: str, prompt: str | None = None) -> torch.Tensor:
+        missing = list(dict.fromkeys(t for t in texts if (kind, prompt, t) not in self._memo))
         if missing:
-            emb = self.model.encode(missing, self.batch_size, kind=kind, convert_to_tensor=True,
+            emb = self.model.encode(missing, self.batch_size, kind=kind, prompt=prompt, convert_to_tensor=True,
                                     show_progress_bar=self.show_progress_bar)
-            self.remember(missing, kind, emb)
-        return torch.stack([self._memo[(kind, t)] for t in texts]) if texts else torch.empty(0, self.model.dim)
+            self.remember(missing, kind, emb, prompt)
+        return torch.stack([self._memo[(kind, prompt, t)] for t in texts]) if texts \
+            else torch.empty(0, self.model.dim)
 
 
 @dataclasses.dataclass
@@ -90,8 +92,10 @@ def judged_relevant(folder: str | Path) -> dict[str, set[str]]:
 
 
 def mine(pairs: PairDataset, settings: HardNegativesConfig, encoder: MemoEncoder,
-         corpus: list[str] | None = None, judged: dict[str, set[str]] | None = None) -> MinedPairs:
-    """Hard negatives for every row of `pairs` from `corpus` (default: the positives), as the module says."""
+         corpus: list[str] | None = None, judged: dict[str, set[str]] | None = None,
+         query_prompt: str | None = None) -> MinedPairs:
+    """Hard negatives for every row of `pairs` from `corpus` (default: the positives), as the module says; anchors
+    are encoded with `query_prompt` in place of the model's query prefix when given."""
     judged = judged or {}
     first: dict[str, str] = {}
     for text in corpus or pairs.positive:
@@ -106,7 +110,7 @@ def mine(pairs: PairDataset, settings: HardNegativesConfig, encoder: MemoEncoder
     anchors = list(dict.fromkeys(pairs.anchor))
     anchor_row = {a: i for i, a in enumerate(anchors)}
     excluded = [sorted(position[t] for t in relevant[normalize_text(a)] if t in position) for a in anchors]
-    doc_emb, anchor_emb = encoder(documents, "document"), encoder(anchors, "query")
+    doc_emb, anchor_emb = encoder(documents, "document"), encoder(anchors, "query", query_prompt)
     positive_emb = encoder(pairs.positive, "document")
     ranked = _ranked_candidates(anchors, documents, anchor_emb, doc_emb, excluded, settings)
 
@@ -208,11 +212,12 @@ def mining_inputs(ds: DatasetConfig) -> tuple[PairDataset, list[str] | None, dic
     return load_pairs(ds), list(load_corpus(corpus).values()) if corpus else None, judged
 
 
-def provenance_of(ds: DatasetConfig, model_name: str, fingerprint: str) -> dict:
-    """What the provenance file records besides the counts."""
+def provenance_of(ds: DatasetConfig, model_name: str, fingerprint: str, query_prompt: str | None = None) -> dict:
+    """What the provenance file records besides the counts (`query_prompt`: the anchors' prompt, when given)."""
     h = ds.hard_negatives
+    prompt = {"query_prompt": query_prompt} if query_prompt is not None else {}
     return {"model": model_name, "fingerprint": fingerprint,
-            "settings": {k: v for k, v in dataclasses.asdict(h).items() if k not in CACHE_NEUTRAL},
+            "settings": {**{k: v for k, v in dataclasses.asdict(h).items() if k not in CACHE_NEUTRAL}, **prompt},
             "data": ds.path, "corpus": h.corpus or "the positives of the data"}
 
 
@@ -229,7 +234,8 @@ def mine_dataset(ds: DatasetConfig, encoder: MemoEncoder, out_dir: Path, model_n
                           "(no path separators, not '.' or '..')")
     h = ds.hard_negatives
     pairs, corpus, judged = mining_inputs(ds)
-    provenance = provenance_of(ds, model_name, encoder.model.fingerprint())
+    query_prompt = encoder.model.prompt_text(ds.query_prompt_name, ds.query_prompt)
+    provenance = provenance_of(ds, model_name, encoder.model.fingerprint(), query_prompt)
     key = _digest({"model": provenance["fingerprint"], "settings": provenance["settings"],
                    "rows": [pairs.anchor, pairs.positive], "corpus": corpus,
                    "judged": sorted((q, sorted(d)) for q, d in judged.items())})
@@ -239,7 +245,7 @@ def mine_dataset(ds: DatasetConfig, encoder: MemoEncoder, out_dir: Path, model_n
         log.info("%s: hard negatives from cache %s (%d of %d rows)", pairs.name, path, provenance["rows_out"],
                  provenance["rows_in"])
     else:
-        mined = mine(pairs, h, encoder, corpus, judged)
+        mined = mine(pairs, h, encoder, corpus, judged, query_prompt)
         if not mined.anchor:
             raise DataError(f"{ds.path}: hard-negative mining left no row ({mined.counts}); widen "
                             "hard_negatives.range_max, raise max_score_ratio or give a larger corpus")

@@ -119,3 +119,26 @@ def test_evaluation_encodes_the_queries_with_the_named_prompt(beir, prompted_pat
     report = json.loads((out / "report.json").read_text())
     assert report["info"]["query_prompt_name"] == "sts_query"
     assert report["results"][0]["ndcg@10"] == rows[0]["ndcg@10"]
+
+
+def test_mining_encodes_the_anchors_with_the_datasets_prompt(tiny_bert_path):
+    import torch
+
+    from twinfold.train.config import DatasetConfig, HardNegativesConfig
+    from twinfold.train.data import PairDataset
+    from twinfold.train.mine import MemoEncoder, mine, provenance_of
+
+    encoder = MemoEncoder(BiEncoder.from_pretrained(tiny_bert_path))
+    docs = {"protein folding yeast cells": 0.9, "protein folding yeast chaperones": 0.8, "yeast genetics": 0.3}
+    # documents at these cosines to (1, 0); the anchor is (1, 0) without the prompt and (0, 1) with it, where the
+    # cosines are sqrt(1 - c^2): 0.44, 0.60, 0.95
+    encoder.remember(list(docs), "document", torch.tensor([[c, (1 - c * c) ** 0.5] for c in docs.values()]))
+    encoder.remember(["protein folding yeast"], "query", torch.tensor([[1.0, 0.0]]))
+    encoder.remember(["protein folding yeast"], "query", torch.tensor([[0.0, 1.0]]), prompt=INSTRUCT)
+    pairs = PairDataset.from_texts("p", ["protein folding yeast"], ["protein folding yeast cells"], [[]])
+    settings = HardNegativesConfig(num_negatives=1, range_max=3, max_score_ratio=None)
+    assert mine(pairs, settings, encoder, list(docs)).negatives == [["protein folding yeast chaperones"]]
+    assert mine(pairs, settings, encoder, list(docs), query_prompt=INSTRUCT).negatives == [["yeast genetics"]]
+    ds = DatasetConfig(path="x.jsonl", hard_negatives=settings, query_prompt=INSTRUCT)
+    assert provenance_of(ds, "m", "f", INSTRUCT)["settings"]["query_prompt"] == INSTRUCT
+    assert "query_prompt" not in provenance_of(ds, "m", "f")["settings"]
