@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from twinfold.models import BiEncoder
-from twinfold.train.data import PairDataset, tokenize_pairs
+from twinfold.train.data import tokenize_pairs
+
+from tests.builders import count_truncated, pairs_from_texts
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 CORPUS = ["proteins fold in the cell", "the immune response of mice", "a claim about cells and their division",
@@ -62,17 +64,18 @@ def test_append_eos_ends_short_and_truncated_texts_with_eos_in_training_tokens_a
     assert [len(x) for x in plain] == [1, MAX_LENGTH - 1, 49] and all(x[-1] != eos for x in plain)
     expected = [plain[0] + [eos], plain[1] + [eos], plain[2][:MAX_LENGTH - 1] + [eos]]
     assert model.token_ids(TEXTS) == expected
-    assert model.token_lengths(TEXTS) == [2, MAX_LENGTH, 50] and model.count_truncated(TEXTS) == 1
+    assert model.text_tokenizer.lengths(TEXTS, "document") == [2, MAX_LENGTH, 50]
+    assert count_truncated(model, TEXTS, "document") == 1
 
     features = model.tokenize(TEXTS)  # left padding: the last column is each text's last token
     assert features["input_ids"][:, -1].tolist() == [eos] * 3 and features["attention_mask"][:, -1].all()
 
     positives = [t + " again" for t in TEXTS]
-    tokens = tokenize_pairs(PairDataset.from_texts("toy", TEXTS, positives), model.text_tokenizer, tmp_path / "cache")
+    tokens = tokenize_pairs(pairs_from_texts("toy", TEXTS, positives), model.text_tokenizer, tmp_path / "cache")
     rows = tokens.rows([0, 1, 2])
     assert rows["anchor"][0] == expected and rows["positive"][0] == model.token_ids(positives)
     assert all(x[-1] == eos for x in rows["positive"][0])
-    assert tokens.truncated == {"anchor": 1, "positive": model.count_truncated(positives)}
+    assert tokens.truncated == {"anchor": 1, "positive": count_truncated(model, positives, "document")}
 
     with torch.no_grad():
         by_hand = model.eval()(**model.padder(expected))  # the states of the EOS tokens
@@ -127,7 +130,7 @@ def test_a_qwen3_like_model_whose_tokenizer_appends_eos_encodes_as_sentence_tran
     for append_eos in (None, True):  # the tokenizer already ends texts with EOS: appending changes nothing
         model = BiEncoder.from_pretrained(tmp_path / "st", append_eos=append_eos)
         ids = model.token_ids(TEXTS, "query")
-        assert model.count_truncated(TEXTS, "query") == 1 and len(ids[2]) == 32  # the long text is cut...
+        assert count_truncated(model, TEXTS, "query") == 1 and len(ids[2]) == 32  # the long text is cut...
         assert {x[-1] for x in ids} == {model.tokenizer.eos_token_id}  # ...and ends with EOS as the others do
         assert np.abs(model.encode(TEXTS, batch_size=2) - st.encode_document(TEXTS, batch_size=2)).max() < 1e-5
         assert np.abs(model.encode(TEXTS, kind="query") - st.encode_query(TEXTS)).max() < 1e-5

@@ -12,6 +12,8 @@ from twinfold.train.beir import load_beir
 from twinfold.train.inputs import dataset_tokenizers
 from twinfold.train.loop import RunState, run_info
 
+from tests.builders import pairs_from_texts
+
 INSTRUCT = "Instruct: Given a scientific claim, retrieve documents that support or refute the claim\nQuery: "
 
 
@@ -125,7 +127,6 @@ def test_mining_encodes_the_anchors_with_the_datasets_prompt(tiny_bert_path):
     import torch
 
     from twinfold.train.config import DatasetConfig, HardNegativesConfig
-    from twinfold.train.data import PairDataset
     from twinfold.train.mine import MemoEncoder, mine, provenance_of
 
     encoder = MemoEncoder(BiEncoder.from_pretrained(tiny_bert_path))
@@ -135,7 +136,7 @@ def test_mining_encodes_the_anchors_with_the_datasets_prompt(tiny_bert_path):
     encoder.remember(list(docs), "document", torch.tensor([[c, (1 - c * c) ** 0.5] for c in docs.values()]))
     encoder.remember(["protein folding yeast"], "query", torch.tensor([[1.0, 0.0]]))
     encoder.remember(["protein folding yeast"], "query", torch.tensor([[0.0, 1.0]]), prompt=INSTRUCT)
-    pairs = PairDataset.from_texts("p", ["protein folding yeast"], ["protein folding yeast cells"], [[]])
+    pairs = pairs_from_texts("p", ["protein folding yeast"], ["protein folding yeast cells"], [[]])
     settings = HardNegativesConfig(num_negatives=1, range_max=3, max_score_ratio=None)
     assert mine(pairs, settings, encoder, list(docs)).negatives == [["protein folding yeast chaperones"]]
     assert mine(pairs, settings, encoder, list(docs), query_prompt=INSTRUCT).negatives == [["yeast genetics"]]
