@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from twinfold.models import BiEncoder
-from twinfold.train.data import tokenize_pairs
+from twinfold.train.data.pairs import tokenize_pairs
 
 from tests.builders import count_truncated, pairs_from_texts
 

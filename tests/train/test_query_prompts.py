@@ -6,10 +6,10 @@ import pytest
 
 from twinfold.models import BiEncoder
 from twinfold.train.config import ConfigError, load_config
-from twinfold.train.data import load_pairs, tokenize_pairs
+from twinfold.train.data.loader import dataset_tokenizers
+from twinfold.train.data.pairs import load_pairs, tokenize_pairs
+from twinfold.train.eval.beir import load_beir
 from twinfold.train.evaluate import RetrievalEvaluator, main
-from twinfold.train.beir import load_beir
-from twinfold.train.inputs import dataset_tokenizers
 from twinfold.train.loop import RunState, run_info
 
 from tests.builders import pairs_from_texts
