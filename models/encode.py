@@ -2,15 +2,16 @@
 
     python -m twinfold.models.encode --model DIR --input FILE.jsonl [--field text] [--id-field _id]
         --output FILE.safetensors [--dim N] [--precision int8|binary] [--kind query|document]
-        [--prompt-name NAME | --prompt TEXT] [--compute {float32,bf16,int8,onnx,onnx-int8}] [--format parquet] [--overwrite]
+        [--prompt NAME | --prompt-text TEXT] [--compute {float32,bf16,int8,onnx,onnx-int8}] [--format parquet] [--overwrite]
     python -m twinfold.models.encode --model DIR --input FILE.jsonl --update EXISTING.safetensors [--output NEW]
     python -m twinfold.models.encode --model DIR --check FILE.safetensors
 
 `--update` re-embeds only the documents that are new or whose text changed (the file stores a content hash
 per id), drops ids no longer in the input and keeps the other rows; dim, precision, kind, prompt and compute are
 the file's, and int8 rows use the file's calibration. It refuses a file made by another model (fingerprint).
-`--prompt-name NAME` (one of the model's named prompts) or `--prompt TEXT` replaces the kind's prefix, as
-sentence-transformers' `encode(prompt_name=...)` does; the file records the prompt text.
+`--prompt NAME` (one of the model's named prompts; `--prompt-name` is the same option) or `--prompt-text TEXT`
+replaces the kind's prefix, as sentence-transformers' `encode(prompt_name=...)` / `encode(prompt=...)` do; the
+file records the prompt text.
 `--check` exits 0 when the file's fingerprint is the model's, 1 when it is not.
 `--format parquet` writes ids, vectors and content hashes as Parquet columns, the fingerprint and settings as
 its schema metadata (see `models.embeddings`); `--update` and `--check` read either format, and an update
@@ -121,8 +122,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.e
     p.add_argument("--precision", default="float32", choices=PRECISIONS)
     p.add_argument("--kind", default="document", choices=["query", "document"])
     prompt = p.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt-name", metavar="NAME", help="a named prompt of the model in place of the kind's prefix")
-    prompt.add_argument("--prompt", metavar="TEXT", help="a prompt text in place of the kind's prefix")
+    prompt.add_argument("--prompt", "--prompt-name", dest="prompt_name", metavar="NAME",
+                        help="a named prompt of the model in place of the kind's prefix")
+    prompt.add_argument("--prompt-text", dest="prompt", metavar="TEXT", help="a prompt text in place of the kind's prefix")
     p.add_argument("--compute", default="float32", choices=COMPUTES, help=COMPUTE_HELP)
     p.add_argument("--format", choices=FORMATS, help="file format (default: safetensors; with --update: the file's)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.e
             rebuild = (f"{prog} --model {args.model} --input {args.input} --output {args.update} "
                        f"--precision {old.precision} --dim {old.dim} --kind {old.kind} "
                        f"--format {file_format(args.update)}"
-                       + (f" --prompt {shlex.quote(old.prompt)}" if old.prompt is not None else ""))
+                       + (f" --prompt-text {shlex.quote(old.prompt)}" if old.prompt is not None else ""))
             check_updatable(old, args.update, model, args.model, rebuild)
     except (InputError, ModelLoadError, OSError, UnicodeDecodeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -109,7 +109,7 @@ def test_encode_command_with_a_prompt_records_it_and_updates_with_it(tiny_bert_p
     docs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["--model", str(tmp_path / "st"), "--no-progress"]
     out = tmp_path / "emb.safetensors"
-    assert main([*args, "--input", str(docs), "--output", str(out), "--prompt-name", "Clustering"]) == 0
+    assert main([*args, "--input", str(docs), "--output", str(out), "--prompt", "Clustering"]) == 0
     written = EmbeddingSet.load(out)
     assert written.prompt == prompts["Clustering"]
     np.testing.assert_allclose(written.embeddings, model.encode(TEXTS, prompt_name="Clustering"), atol=1e-6)
