@@ -1,8 +1,10 @@
 """Whole runs by epochs: the step count covers every epoch's own batches, and a recipe that gives no step is refused."""
 import json
+import math
 from tests.builders import row_keys
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 from twinfold.train.config import ConfigError, load_config
@@ -78,3 +80,25 @@ def test_ctrl_c_while_tokenizing_stops_in_one_line_and_leaves_no_partial_cache(t
         train(cfg)
     assert stopped.value.exit_code == 130
     assert not list((tmp_path / "cache" / "tokens").iterdir())  # neither a cache nor a .tmp-* folder
+
+
+def test_the_qwen3_lora_recipe_trains_a_tiny_qwen3_end_to_end(tmp_path, data_dir, monkeypatch):
+    """configs/qwen3_embedding_lora.yaml as shipped (LoRA on bf16 weights, last token, an instruction per dataset,
+    cached mode, gradient checkpointing), on a tiny random Qwen3 in place of Qwen3-Embedding-0.6B."""
+    from tests.models.test_eos import qwen3_like
+    from twinfold.models import BiEncoder
+
+    monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))
+    model = qwen3_like(tmp_path / "qwen3", eos_post_processor=True)
+    cfg = load_config(REPO / "configs" / "qwen3_embedding_lora.yaml", [
+        f"model.name_or_path={model}", "model.max_length=32", "loss.matryoshka_dims=[64,32]", "train.max_steps=2",
+        "train.batch_size=8", "loss.mini_batch_size=4", "train.mixed_precision=no", "train.save_steps=null",
+        f"eval.data={data_dir / 'scifact-nano'}", "eval.precisions=[float32]", f"train.output_dir={tmp_path / 'run'}"])
+    final = train(cfg)
+    exported = BiEncoder.from_pretrained(final)
+    assert exported.encoder.dtype == torch.bfloat16 and exported.settings.pooling == "lasttoken"
+    info = json.loads((final / "twinfold.json").read_text())["training"]
+    assert [d["query_prompt"] for d in info["data"]] == [d.query_prompt for d in cfg.data.train]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics
+                                                                          if "loss" in m)
