@@ -13,18 +13,43 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from twinfold.losses.matryoshka import truncate
-from twinfold.models.families import (DROPOUT_KEYS, checkpoint_dtype, encoder_class, resolve_attn_implementation,
-                                       torch_dtype)
+from twinfold.models.families import (
+    DROPOUT_KEYS,
+    checkpoint_dtype,
+    encoder_class,
+    resolve_attn_implementation,
+    torch_dtype,
+)
 from twinfold.models.files.atomic import atomic_directory
 from twinfold.models.head import load_dense
-from twinfold.models.loading import (SIMILARITIES, ModelLoadError, check_model_folder, has_tokenizer,
-                                    read_sentence_transformers_layout)
-from twinfold.models.lora import (UNUSED_PREFIXES, adapter_base, check_adapter_folder, has_lora, is_adapter_folder,
-                                 load_lora, merged_encoder)
+from twinfold.models.loading import (
+    SIMILARITIES,
+    ModelLoadError,
+    check_model_folder,
+    has_tokenizer,
+    read_sentence_transformers_layout,
+)
+from twinfold.models.lora import (
+    UNUSED_PREFIXES,
+    adapter_base,
+    check_adapter_folder,
+    has_lora,
+    is_adapter_folder,
+    load_lora,
+    merged_encoder,
+)
 from twinfold.models.onnx import ONNX_DIR, onnx_encoder
 from twinfold.models.pooling import POOLING_MODES, pool
-from twinfold.models.quantize import (COMPUTES, PRECISIONS, Int8Calibration, calibrate_int8, float32_module,
-                                      int8_linear_copy, quantize_binary, quantize_int8)
+from twinfold.models.quantize import (
+    COMPUTES,
+    PRECISIONS,
+    Int8Calibration,
+    calibrate_int8,
+    float32_module,
+    int8_linear_copy,
+    quantize_binary,
+    quantize_int8,
+)
 from twinfold.models.resolve import describe_attempts, resolve_model_path
 from twinfold.models.runtime import attention_kernels, loader_settings, pad_multiple
 from twinfold.models.tokens import Padder, TextTokenizer, ends_with_eos
@@ -195,7 +220,8 @@ class BiEncoder(nn.Module):
         except (OSError, ValueError) as e:
             if Path(path).is_dir():
                 raise ModelLoadError(f"cannot load model from {path}: {e}") from e
-            raise ModelLoadError(f"cannot resolve model {name_or_path!r}; tried {describe_attempts(name_or_path)}: {e}") from e
+            raise ModelLoadError(f"cannot resolve model {name_or_path!r}; tried {describe_attempts(name_or_path)}: "
+                                 f"{e}") from e
         head = nn.Sequential(*(load_dense(folder, allow_pickle) for folder in dense_folders))
         if len(head) and head[0].in_features != encoder.config.hidden_size:
             raise ModelLoadError(f"{dense_folders[0]}: in_features {head[0].in_features} does not match the "

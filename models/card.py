@@ -48,7 +48,8 @@ def _title(training: dict) -> str:
 
 def _dataset(evaluation: dict) -> dict:
     name = Path(evaluation.get("data") or "eval").name
-    return {"name": f"{name} ({evaluation.get('split', 'test')})", "type": name, "split": evaluation.get("split", "test")}
+    split = evaluation.get("split", "test")
+    return {"name": f"{name} ({split})", "type": name, "split": split}
 
 
 def _model_index(rows: list[dict], evaluation: dict) -> list[dict]:
@@ -143,7 +144,8 @@ def _evaluation(results: list[dict], evaluation: dict) -> str:
     d = _dataset(evaluation)
     lines = ["## Evaluation", "", f"nDCG@10 on {d['name']} (`{evaluation.get('data')}`); storage is the index size "
              "per million documents.", "",
-             "| dim | precision | " + ("base | " if has_base else "") + "fine-tuned | MRR@10 | R@100 | storage / 1M docs |",
+             "| dim | precision | " + ("base | " if has_base else "")
+             + "fine-tuned | MRR@10 | R@100 | storage / 1M docs |",
              "|---:|---|" + ("---:|" if has_base else "") + "---:|---:|---:|---:|"]
     for r in final:
         base = by.get(("base", r["dim"], r["precision"]))
@@ -178,13 +180,15 @@ def _training(training: dict) -> str:
         s = mined["settings"]
         lines.append(f"- hard negatives mined with `{mined['model']}` (fingerprint {mined['fingerprint']}) from "
                      f"{mined['corpus']}: {s['candidates']} candidates ranked {s['range_min']}-{s['range_max']}, "
-                     + (f"guard {s['max_score_ratio']} x the positive's score, " if s["max_score_ratio"] else "no guard, ")
+                     + (f"guard {s['max_score_ratio']} x the positive's score, " if s["max_score_ratio"]
+                        else "no guard, ")
                      + f"{s['sampling']} sampling; "
                      f"{mined['rows_out']} of {mined['rows_in']} rows kept")
     for check in training.get("leakage", []):
         o, dup = check["eval_overlap"], check["duplicates"]
         lines.append(f"- checks on {check['dataset']}: {o['exact']} exact and {o['near']} near overlaps with the "
-                     f"eval set, {dup['exact']} exact and {dup['near']} near duplicate pairs, {check['dropped']} dropped")
+                     f"eval set, {dup['exact']} exact and {dup['near']} near duplicate pairs, "
+                     f"{check['dropped']} dropped")
     return "\n".join(lines)
 
 

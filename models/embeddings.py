@@ -19,7 +19,6 @@ from safetensors.numpy import load_file, save
 from twinfold.models.files.atomic import OverwriteRefused, atomic_write_bytes
 from twinfold.models.quantize import Int8Calibration
 
-
 FORMATS = ("safetensors", "parquet")
 PARQUET_MAGIC = b"PAR1"
 

@@ -2,7 +2,8 @@
 
     python -m twinfold.models.encode --model DIR --input FILE.jsonl [--field text] [--id-field _id]
         --output FILE.safetensors [--dim N] [--precision int8|binary] [--kind query|document]
-        [--prompt NAME | --prompt-text TEXT] [--compute {float32,bf16,int8,onnx,onnx-int8}] [--format parquet] [--overwrite]
+        [--prompt NAME | --prompt-text TEXT] [--compute {float32,bf16,int8,onnx,onnx-int8}] [--format parquet]
+        [--overwrite]
     python -m twinfold.models.encode --model DIR --input FILE.jsonl --update EXISTING.safetensors [--output NEW]
     python -m twinfold.models.encode --model DIR --check FILE.safetensors
 
@@ -24,13 +25,20 @@ from pathlib import Path
 
 import numpy as np
 
-from twinfold.models.files.atomic import check_writable
 from twinfold.models.bi_encoder import BiEncoder
 from twinfold.models.embeddings import FORMATS, EmbeddingSet, check_embedding_output, content_hash, file_format
+from twinfold.models.files.atomic import check_writable
 from twinfold.models.files.jsonl import iter_json_lines
 from twinfold.models.loading import ModelLoadError
-from twinfold.models.quantize import COMPUTE_HELP, COMPUTES, MIN_CALIBRATION_ROWS, PRECISIONS, calibrate_int8, \
-    quantize_binary, quantize_int8
+from twinfold.models.quantize import (
+    COMPUTE_HELP,
+    COMPUTES,
+    MIN_CALIBRATION_ROWS,
+    PRECISIONS,
+    calibrate_int8,
+    quantize_binary,
+    quantize_int8,
+)
 from twinfold.models.runtime import keep_freed_memory
 
 
@@ -47,7 +55,8 @@ def read_texts(path: Path, field: str, id_field: str) -> tuple[list[str], list[s
             raise InputError(f"{path}:{n}: field {field!r} is missing, empty or not a string")
         doc_id = str(row.get(id_field, n - 1))
         if doc_id in line_of:
-            raise InputError(f"{path}:{n}: duplicate id {doc_id!r} (first at line {line_of[doc_id]}); ids must be unique")
+            raise InputError(f"{path}:{n}: duplicate id {doc_id!r} (first at line {line_of[doc_id]}); ids must be "
+                             "unique")
         line_of[doc_id] = n
         texts.append(text)
         ids.append(doc_id)
@@ -124,7 +133,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.e
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", "--prompt-name", dest="prompt_name", metavar="NAME",
                         help="a named prompt of the model in place of the kind's prefix")
-    prompt.add_argument("--prompt-text", dest="prompt", metavar="TEXT", help="a prompt text in place of the kind's prefix")
+    prompt.add_argument("--prompt-text", dest="prompt", metavar="TEXT",
+                        help="a prompt text in place of the kind's prefix")
     p.add_argument("--compute", default="float32", choices=COMPUTES, help=COMPUTE_HELP)
     p.add_argument("--format", choices=FORMATS, help="file format (default: safetensors; with --update: the file's)")
     p.add_argument("--batch-size", type=int, default=32)

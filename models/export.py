@@ -22,10 +22,10 @@ from pathlib import Path
 from twinfold.models.card import write_model_card
 from twinfold.models.families import DTYPES
 from twinfold.models.head import save_dense
-from twinfold.models.lora import ADAPTER_CONFIG, has_lora
 from twinfold.models.loading import POOLING_KEYS
+from twinfold.models.lora import ADAPTER_CONFIG, has_lora
 from twinfold.models.onnx import export_onnx
-from twinfold.models.tokens import eos_appending_copy, ends_with_eos
+from twinfold.models.tokens import ends_with_eos, eos_appending_copy
 
 log = logging.getLogger(__name__)
 EXPORT_FORMAT = 1
@@ -132,8 +132,8 @@ def check_not_a_checkpoint(dst: Path) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.export") -> int:
-    from twinfold.models.files.atomic import check_replaceable, check_writable
     from twinfold.models.bi_encoder import BiEncoder
+    from twinfold.models.files.atomic import check_replaceable, check_writable
     from twinfold.models.loading import ModelLoadError
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])

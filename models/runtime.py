@@ -70,10 +70,10 @@ def pad_multiple(device: torch.device) -> int:
 
 
 def attention_kernels(device: torch.device) -> AbstractContextManager:
-    """Where the model's forward runs: on a GPU, PyTorch's attention kernels other than cuDNN's (flash, memory-efficient,
-    math). cuDNN's attention builds a plan for every input shape it has not seen, milliseconds of CPU each, and
-    length-sorted chunks bring new shapes at every step; the others are compiled ahead. `TWINFOLD_SDPA_CUDNN=1`
-    allows cuDNN again. Elsewhere, PyTorch's choice."""
+    """Where the model's forward runs: on a GPU, PyTorch's attention kernels other than cuDNN's (flash,
+    memory-efficient, math). cuDNN's attention builds a plan for every input shape it has not seen, milliseconds
+    of CPU each, and length-sorted chunks bring new shapes at every step; the others are compiled ahead.
+    `TWINFOLD_SDPA_CUDNN=1` allows cuDNN again. Elsewhere, PyTorch's choice."""
     if device.type != "cuda" or os.environ.get("TWINFOLD_SDPA_CUDNN") == "1":
         return nullcontext()
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

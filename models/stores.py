@@ -34,8 +34,8 @@ try:
 except ImportError as e:
     raise ImportError(f"models.stores needs faiss-cpu and psycopg: pip install 'twinfold[stores]' ({e})") from None
 
-from twinfold.models.files.atomic import OverwriteRefused, atomic_write_bytes
 from twinfold.models.embeddings import EmbeddingSet, check_same_model
+from twinfold.models.files.atomic import OverwriteRefused, atomic_write_bytes
 from twinfold.models.quantize import dequantize_int8, quantize_binary
 from twinfold.models.search import RESCORE_MULTIPLIER, binary_search, exact_search, rescore_binary
 
@@ -179,7 +179,8 @@ def pgvector_search(conn, queries: EmbeddingSet, k: int, table: str = DEFAULT_TA
     """
     settings = _table_settings(conn, table)
     if settings is None:
-        raise ValueError(f"table {table} was not made by twinfold (load it with python -m twinfold.models.stores pgvector)")
+        raise ValueError(f"table {table} was not made by twinfold (load it with python -m twinfold.models.stores "
+                         "pgvector)")
     vectors = query_vectors(queries, settings["fingerprint"], settings["similarity"], settings["dim"])
     column, dim = settings["column"], settings["dim"]
     binary = column == "bit"

@@ -1,5 +1,5 @@
-"""The data path at scale: a real training run (`python -m twinfold.train`) on N synthetic pairs, cold and warm cache, or
-streamed.
+"""The data path at scale: a real training run (`python -m twinfold.train`) on N synthetic pairs, cold and warm
+cache, or streamed.
 
     python scripts/bench_data.py --rows 100000,1000000 [--model PATH] [--workdir DIR]
     python scripts/bench_data.py --streaming --rows 1000000,10000000
@@ -26,7 +26,6 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-
 from benchlib import GB, REPO, machine
 
 VOCABULARY_SIZE, SEED, DISTINCT = 5000, 0, 1_000_000
@@ -167,8 +166,8 @@ def main() -> None:
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
-    print("streamed: to the loop from the launch of `python -m twinfold.train`; the first block (data.shuffle_buffer rows) is "
-          "read, checked and tokenized in the first step; whole run: launch to exit (2 steps and the export)"
+    print("streamed: to the loop from the launch of `python -m twinfold.train`; the first block (data.shuffle_buffer "
+          "rows) is read, checked and tokenized in the first step; whole run: launch to exit (2 steps and the export)"
           if args.streaming else "preparation: load + validate + checks + tokenize (times from the run's log lines); "
           "to first step: from the launch of `python -m twinfold.train` to the start of its training loop")
 

@@ -28,8 +28,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import DATA, encoder_flops, machine, matmul_rate, median, peak_memory, rate_cells, run_child, \
-    synchronize  # noqa: E402
+from benchlib import (
+    DATA,
+    encoder_flops,
+    machine,
+    matmul_rate,
+    median,
+    peak_memory,
+    rate_cells,
+    run_child,
+    synchronize,  # noqa: E402
+)
 
 ALL_SIDES = ("sentence-transformers", "sentence-transformers bf16", "twinfold", "twinfold int8", "twinfold onnx",
              "twinfold onnx-int8", "twinfold bf16")

@@ -25,8 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (DATA, GB, current_rss, peak_rss, peak_rss_since_reset, reset_peak_rss,  # noqa: E402
-                      run_child)
+from benchlib import DATA, GB, current_rss, peak_rss, peak_rss_since_reset, reset_peak_rss, run_child  # noqa: E402
 
 MATRYOSHKA_DIMS = [384, 256, 128, 64]
 LORA_RANK = 16

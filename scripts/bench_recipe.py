@@ -43,10 +43,16 @@ def ndcg_by_dim(report: Path, model: str) -> dict[int, float]:
 def st_train(cfg, out: Path) -> None:
     """Train with sentence-transformers' trainer on the recipe and save the model into `out`."""
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, \
-        SentenceTransformerTrainingArguments
-    from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
-                                                                   MatryoshkaLoss, MultipleNegativesRankingLoss)
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MatryoshkaLoss,
+        MultipleNegativesRankingLoss,
+    )
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
     from twinfold.models import resolve_model_path
@@ -101,8 +107,9 @@ def main(argv=None) -> int:
     theirs_s = timed([sys.executable, __file__, str(args.config), "--out", str(theirs), "--st-child", *overrides],
                      args.out / "sentence-transformers.log")
     dims = cfg.eval.dims or cfg.loss.matryoshka_dims
-    evaluate = [sys.executable, "-m", "twinfold.train.evaluate", "--model", str(theirs / "model"), "--data", cfg.eval.data,
-                "--split", cfg.eval.split, "--batch-size", str(cfg.eval.batch_size), "--out", str(theirs / "eval"),
+    evaluate = [sys.executable, "-m", "twinfold.train.evaluate", "--model", str(theirs / "model"),
+                "--data", cfg.eval.data, "--split", cfg.eval.split, "--batch-size", str(cfg.eval.batch_size),
+                "--out", str(theirs / "eval"),
                 "--no-progress", *(["--dims", ",".join(map(str, dims))] if dims else [])]
     theirs_eval_s = timed(evaluate, args.out / "sentence-transformers-eval.log")
 
@@ -112,7 +119,8 @@ def main(argv=None) -> int:
     lines = [f"machine: {machine()}", f"recipe: {args.config} {' '.join(overrides)}", "",
              "| | wall s (end to end) | of which evaluation s | " + " | ".join(f"nDCG@10 @{d}" for d in dims) + " |",
              "|---|---:|---:|" + "---:|" * len(dims),
-             f"| twinfold (training + its evaluations) | {ours_s:.1f} | {eval_s:.1f} | " + " | ".join(f"{ndcg['twinfold'][d]:.4f}" for d in dims) + " |",
+             f"| twinfold (training + its evaluations) | {ours_s:.1f} | {eval_s:.1f} | "
+             + " | ".join(f"{ndcg['twinfold'][d]:.4f}" for d in dims) + " |",
              f"| sentence-transformers (trainer + one evaluation) | {theirs_s + theirs_eval_s:.1f} | "
              f"{theirs_eval_s:.1f} | " + " | ".join(f"{ndcg['sentence-transformers'].get(d, float('nan')):.4f}"
                                                      for d in dims) + " |"]

@@ -22,8 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import machine  # noqa: E402
 
 from twinfold.models.embeddings import EmbeddingSet  # noqa: E402
-from twinfold.models.stores import (build_faiss, exact_hits, faiss_search, load_pgvector, pgvector_search,  # noqa: E402
-                           query_vectors, recall_at_k)
+from twinfold.models.stores import (  # noqa: E402
+    build_faiss,
+    exact_hits,
+    faiss_search,
+    load_pgvector,
+    pgvector_search,
+    query_vectors,
+    recall_at_k,
+)
 from twinfold.train.eval.beir import load_beir  # noqa: E402
 from twinfold.train.eval.metrics import evaluate_run  # noqa: E402
 

@@ -33,8 +33,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import DATA, REPO, cpu_seconds, current_rss, encoder_flops, machine, matmul_rate, median, peak_memory, \
-    rate_cells, run_child, synchronize  # noqa: E402
+from benchlib import (
+    DATA,
+    REPO,
+    cpu_seconds,
+    current_rss,
+    encoder_flops,
+    machine,
+    matmul_rate,
+    median,
+    peak_memory,
+    rate_cells,  # noqa: E402
+    run_child,
+    synchronize,
+)
 
 DIMS = [384, 256, 128, 64]
 TEMPERATURE, LR, WEIGHT_DECAY, MAX_GRAD_NORM = 0.05, 3e-5, 0.01, 1.0
@@ -99,8 +111,8 @@ def twinfold_step(args):
     from torch.utils.data import DataLoader
 
     from twinfold.models.runtime import default_token_budget, loader_settings
-    from twinfold.train.data.batches import assemble
     from twinfold.train.config import load_config
+    from twinfold.train.data.batches import assemble
     from twinfold.train.data.pairs import KIND
     from twinfold.train.loop import TrainStep, build_loss, build_model, build_optimizer, make_accelerator
 
@@ -137,8 +149,11 @@ def st_step(args):
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
-    from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
-                                                                   MatryoshkaLoss, MultipleNegativesRankingLoss)
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MatryoshkaLoss,
+        MultipleNegativesRankingLoss,
+    )
 
     from twinfold.models import resolve_model_path
 

@@ -7,8 +7,8 @@ import sys
 from twinfold.losses import ReplayMismatch
 from twinfold.models.loading import ModelLoadError
 from twinfold.train.config import ConfigError, load_config
-from twinfold.train.eval.beir import BeirFormatError
 from twinfold.train.data.pairs import DataError
+from twinfold.train.eval.beir import BeirFormatError
 from twinfold.train.evaluate import StsFormatError
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, BeirFormatError, StsFormatError)

@@ -8,8 +8,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from twinfold.models.files.atomic import atomic_directory, remove_tree
 from twinfold.models.export import CHECKPOINT_STATE, write_model_folder
+from twinfold.models.files.atomic import atomic_directory, remove_tree
 from twinfold.models.head import read_head
 from twinfold.models.lora import has_lora, load_adapter_weights
 
@@ -56,7 +56,8 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).exists()]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).exists()]
     return [p for _, p in sorted(found)]
 
 

@@ -39,7 +39,7 @@ class ModelConfig:
     similarity: str | None = None  # cosine | dot: what the loss trains and search ranks by; null keeps the checkpoint's
     query_prefix: str | None = None
     document_prefix: str | None = None
-    append_eos: bool | None = None  # end every text with the EOS token (last-token pooling); null keeps the checkpoint's
+    append_eos: bool | None = None  # end every text with EOS (last-token pooling); null keeps the checkpoint's
     allow_pickle: bool = False
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -387,7 +387,8 @@ def validate(c: Config) -> None:
     check_one_prompt(c.eval, "eval")
     check_streaming(c)
     if c.eval.data is not None and not Path(c.eval.data).is_dir():
-        raise ConfigError(f"eval.data: {c.eval.data} is not a folder (a BEIR folder with corpus.jsonl, queries.jsonl, qrels/)")
+        raise ConfigError(f"eval.data: {c.eval.data} is not a folder (a BEIR folder with corpus.jsonl, "
+                          "queries.jsonl, qrels/)")
 
 
 def check_lora(lora: LoraSettings) -> None:

@@ -24,13 +24,21 @@ import torch
 import torch.nn.functional as F
 
 from twinfold.models import BiEncoder, ModelLoadError, truncate
-from twinfold.models.files.atomic import check_output_folder
 from twinfold.models.encode import non_positive_option
-from twinfold.models.quantize import COMPUTE_HELP, COMPUTES, PRECISIONS, bytes_per_vector, calibrate_int8, quantize_binary, quantize_int8
+from twinfold.models.files.atomic import check_output_folder
+from twinfold.models.quantize import (
+    COMPUTE_HELP,
+    COMPUTES,
+    PRECISIONS,
+    bytes_per_vector,
+    calibrate_int8,
+    quantize_binary,
+    quantize_int8,
+)
 from twinfold.models.runtime import keep_freed_memory
 from twinfold.models.search import RESCORE_MULTIPLIER, binary_search, exact_search, int8_search
 from twinfold.train.eval.beir import BeirData, load_beir
-from twinfold.train.eval.bm25 import PRESETS, BM25Settings, BM25Index, settings_from
+from twinfold.train.eval.bm25 import PRESETS, BM25Index, BM25Settings, settings_from
 from twinfold.train.eval.metrics import DEFAULT_K_VALUES, evaluate_run, spearman, write_trec_run
 from twinfold.train.eval.report import REPORT_FILES, markdown_table, write_report
 
@@ -270,7 +278,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.ev
     p.add_argument("--sts", type=Path, help="TSV of sentence1, sentence2, score: adds Spearman to float32 rows")
     p.add_argument("--out", type=Path, help="write report.json, report.md, ndcg_vs_dim.png and TREC runs here")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--rescore-multiplier", type=int, default=RESCORE_MULTIPLIER, help="binary: candidates per result to rescore")
+    p.add_argument("--rescore-multiplier", type=int, default=RESCORE_MULTIPLIER,
+                   help="binary: candidates per result to rescore")
     p.add_argument("--ignore-identical-ids", action="store_true", help="skip hits whose id is the query's id")
     p.add_argument("--strict", action="store_true", help="judgments naming unknown ids are an error")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights")

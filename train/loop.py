@@ -24,8 +24,8 @@ from twinfold.models.lora import LoraSettings, add_lora, check_same_adapter, has
 from twinfold.models.runtime import cpu_has_bf16, keep_freed_memory
 from twinfold.train.checkpoint import checkpoint_streams, load_checkpoint, prune_checkpoints, save_checkpoint
 from twinfold.train.config import Config, ConfigError, save_config
-from twinfold.train.data.pairs import PairDataset
 from twinfold.train.data.loader import TrainingBatches, dataset_tokenizers
+from twinfold.train.data.pairs import PairDataset
 from twinfold.train.data.prepare import prepare_data
 from twinfold.train.resume import claim_run_folder, decided_on_main, resume_point
 from twinfold.train.signals import StopOnSignal, StoppedBySignal

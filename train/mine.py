@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from twinfold.models import BiEncoder, ModelLoadError
-from twinfold.models.files.atomic import OverwriteRefused, atomic_write_bytes, check_writable, file_sha256
 from twinfold.models.encode import non_positive_option
-from twinfold.train.eval.beir import BeirFormatError, load_beir, load_corpus
-from twinfold.train.eval.bm25 import BM25Index
+from twinfold.models.files.atomic import OverwriteRefused, atomic_write_bytes, check_writable, file_sha256
 from twinfold.train.config import ConfigError, DatasetConfig, HardNegativesConfig
 from twinfold.train.data.pairs import DataError, PairDataset, load_pairs
+from twinfold.train.eval.beir import BeirFormatError, load_beir, load_corpus
+from twinfold.train.eval.bm25 import BM25Index
 
 log = logging.getLogger("twinfold")
 CACHE_NEUTRAL = ("cache_dir",)  # settings that do not change the mined file
@@ -79,7 +79,8 @@ class MinedPairs:
 
 
 def judged_relevant(folder: str | Path) -> dict[str, set[str]]:
-    """Normalised query text -> normalised texts of the documents judged relevant to it in any split of a BEIR folder."""
+    """Normalised query text -> normalised texts of the documents judged relevant to it in any split of a BEIR
+    folder."""
     folder = Path(folder)
     relevant: dict[str, set[str]] = {}
     for qrels in sorted((folder / "qrels").glob("*.tsv")):
@@ -115,8 +116,9 @@ def mine(pairs: PairDataset, settings: HardNegativesConfig, encoder: MemoEncoder
     ranked = _ranked_candidates(anchors, documents, anchor_emb, doc_emb, excluded, settings)
 
     rng = np.random.default_rng(settings.seed)
-    out = MinedPairs([], [], [], [], [], [], {"rows_in": len(pairs), "too_few_candidates": 0, "guard_dropped": 0,
-                                               "relevant_excluded": sum(map(len, excluded)), "documents": len(documents)})
+    counts = {"rows_in": len(pairs), "too_few_candidates": 0, "guard_dropped": 0,
+              "relevant_excluded": sum(map(len, excluded)), "documents": len(documents)}
+    out = MinedPairs([], [], [], [], [], [], counts)
     for row, (a, p) in enumerate(zip(pairs.anchor, pairs.positive)):
         k = anchor_row[a]
         positive_score = float(anchor_emb[k] @ positive_emb[row])
@@ -264,7 +266,8 @@ def _digest(obj) -> str:
 def _columns(text: str) -> dict[str, str]:
     pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
     if not pairs or any(len(p) != 2 for p in pairs):
-        raise argparse.ArgumentTypeError(f"expected source=role pairs, e.g. question=anchor,answer=positive; got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected source=role pairs, e.g. question=anchor,answer=positive; "
+                                         f"got {text!r}")
     return {k.strip(): v.strip() for k, v in pairs}
 
 

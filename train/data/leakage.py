@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from twinfold.train.eval.beir import BeirData
 from twinfold.train.data.pairs import PairDataset
+from twinfold.train.eval.beir import BeirData
 from twinfold.train.mine import MemoEncoder, normalize_text
 
 log = logging.getLogger("twinfold")
@@ -143,7 +143,8 @@ def summary_lines(reports: list[dict]) -> list[str]:
             lines.append(f"  - row {e['row']} {e['role']} = eval {what} ({e['kind']}): {_short(e['text'])}")
         for e in d["examples"]:
             cos = f", cosine {e['cosine']}" if e["cosine"] is not None else ""
-            lines.append(f"  - row {e['row']} duplicates row {e['duplicate_of']} ({e['kind']}{cos}): {_short(e['text'])}")
+            lines.append(f"  - row {e['row']} duplicates row {e['duplicate_of']} ({e['kind']}{cos}): "
+                         f"{_short(e['text'])}")
     return lines
 
 

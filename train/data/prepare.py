@@ -11,12 +11,12 @@ from pathlib import Path
 from accelerate.utils import broadcast_object_list
 
 from twinfold.models import BiEncoder
-from twinfold.train.eval.beir import load_beir
 from twinfold.train.config import Config
-from twinfold.train.data.pairs import PairDataset, cache_root, dataset_name, load_pairs
 from twinfold.train.data.leakage import check_datasets, summary_lines
-from twinfold.train.mine import MemoEncoder, mine_dataset, provenance_path
+from twinfold.train.data.pairs import PairDataset, cache_root, dataset_name, load_pairs
 from twinfold.train.data.streams import StreamSource
+from twinfold.train.eval.beir import load_beir
+from twinfold.train.mine import MemoEncoder, mine_dataset, provenance_path
 
 log = logging.getLogger("twinfold")
 

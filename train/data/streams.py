@@ -24,10 +24,20 @@ from torch.utils.data import IterableDataset
 
 from twinfold.losses import text_keys
 from twinfold.models.tokens import Padder, TextTokenizer
-from twinfold.train.data.batches import assemble
 from twinfold.train.config import DatasetConfig
-from twinfold.train.data.pairs import KIND, DataError, PairDataset, dataset_name, load_source, read_error, role_columns, row_place, \
-    step_roles, text_problem
+from twinfold.train.data.batches import assemble
+from twinfold.train.data.pairs import (
+    KIND,
+    DataError,
+    PairDataset,
+    dataset_name,
+    load_source,
+    read_error,
+    role_columns,
+    row_place,
+    step_roles,
+    text_problem,
+)
 from twinfold.train.data.plan import Packer
 
 log = logging.getLogger("twinfold")
