@@ -24,6 +24,8 @@ from twinfold.models.quantize import COMPUTES, PRECISIONS
 from twinfold.train.eval.bm25 import settings_from
 from twinfold.train.eval.metrics import DEFAULT_K_VALUES, METRICS, metric_names
 
+MAX_WEIGHT = 100  # a dataset's rows repeated per epoch: beyond this, an epoch's plan alone outgrows memory
+
 
 class ConfigError(ValueError):
     """A config that cannot run, with the key at fault."""
@@ -365,7 +367,9 @@ def validate(c: Config) -> None:
         for role in ("anchor", "positive"):
             if ds.columns and role not in ds.columns.values():
                 raise ConfigError(f"{where}.columns: no column is mapped to {role!r}")
-        _positive(f"{where}.weight", ds.weight)
+        if not 0 < ds.weight <= MAX_WEIGHT:
+            raise ConfigError(f"{where}.weight: {ds.weight} must be in (0, {MAX_WEIGHT}] (each epoch repeats the "
+                              "dataset's rows weight times)")
         check_one_prompt(ds, where)
         if ds.hard_negatives is not None:
             check_hard_negatives(ds, f"{where}.hard_negatives")

@@ -513,9 +513,14 @@ def checkpoint(run: Run) -> float:
     mine = [(rng, run.position)]
     rng_states, positions = zip(*(gather_object(mine) if accelerator.num_processes > 1 else mine))
     if accelerator.is_main_process:
-        save_checkpoint(out, state.step, run.model, run.optimizer, run.scheduler, run.loss_fn, list(rng_states),
-                        state.saved(), run.recipe, accelerator.scaler,
-                        streams=list(positions) if run.position is not None else None)
+        try:
+            save_checkpoint(out, state.step, run.model, run.optimizer, run.scheduler, run.loss_fn, list(rng_states),
+                            state.saved(), run.recipe, accelerator.scaler,
+                            streams=list(positions) if run.position is not None else None)
+        except (OSError, RuntimeError) as e:  # a full disk, say; torch.save reports write errors as RuntimeError
+            raise TrainingError(f"cannot write the checkpoint of step {state.step} in {out / 'checkpoints'}: {e}; "
+                                "the previous checkpoints are kept: free space, then resume with train.resume=true") \
+                from e
         best = out / "checkpoints" / f"step-{state.best['step']}" if state.best else None
         prune_checkpoints(out, run.cfg.train.save_total_limit, keep=best)
     accelerator.wait_for_everyone()

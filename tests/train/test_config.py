@@ -190,3 +190,9 @@ def test_values_beyond_the_model_are_refused_when_it_loads(tmp_path, pairs, tiny
     cfg = load_config(write(tmp_path, recipe(pairs, f"model:\n  name_or_path: {tiny_bert_path}\n")), [override])
     with pytest.raises(ConfigError, match=message):
         build_model(cfg)
+
+
+def test_a_dataset_weight_beyond_the_cap_is_refused(tmp_path, pairs):
+    text = f"data:\n  train:\n    - path: {pairs}\n      columns: {{q: anchor, d: positive}}\n      weight: 1.0e8\n"
+    with pytest.raises(ConfigError, match=r"data.train\[0\].weight: 100000000.0 must be in \(0, 100\]"):
+        load_config(write(tmp_path, text))

@@ -102,3 +102,27 @@ def test_the_qwen3_lora_recipe_trains_a_tiny_qwen3_end_to_end(tmp_path, data_dir
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics
                                                                           if "loss" in m)
+
+
+def test_a_full_disk_while_checkpointing_is_one_error_and_keeps_the_previous_checkpoint(tmp_path, tiny_bert_path,
+                                                                                         monkeypatch):
+    import errno
+
+    from twinfold.train import checkpoint
+    from twinfold.train.checkpoint import complete_checkpoints
+    from twinfold.train.loop import TrainingError
+
+    real, saved = checkpoint.torch.save, []
+
+    def save(obj, path, *args, **kwargs):  # the disk fills up during the second checkpoint
+        if "step-2" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(path)
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    cfg = recipe(tmp_path, pairs_file(tmp_path, 12), tiny_bert_path, "train.max_steps=3", "train.save_steps=1")
+    with pytest.raises(TrainingError, match=r"cannot write the checkpoint of step 2 in .*No space left on device.*"
+                                            r"previous checkpoints are kept"):
+        train(cfg)
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-1"] and saved
