@@ -3,20 +3,17 @@
 not checked here."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from twinfold.models.runtime import cpu_has_bf16
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, run_process
 
 
 def run_script(name: str, *args: str, data_dir: Path) -> str:
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True,
-                            env={**os.environ, "TWINFOLD_DATA": str(data_dir)}, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result.stdout
+    command = [sys.executable, REPO / "scripts" / name, *args]
+    return run_process(command, env={**os.environ, "TWINFOLD_DATA": str(data_dir)}, check=True).stdout
 
 
 def test_bench_train_matches_sentence_transformers_losses(data_dir):

@@ -1,7 +1,6 @@
 """Vector stores (FAISS, PostgreSQL with pgvector) against exact search: a hand-made case, then SciFact-nano
 embedded by a small random BERT; pgvector runs in a real PostgreSQL server (`postgres_dsn`)."""
 import sys
-from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -16,7 +15,7 @@ from twinfold.models.stores import (build_faiss, exact_hits, faiss_search, load_
 from twinfold.train.beir import load_beir
 from twinfold.train.evaluate import RetrievalEvaluator
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 
 from twinfold.train.config import ConfigError, load_config, save_config
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 @pytest.fixture

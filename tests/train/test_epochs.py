@@ -1,13 +1,14 @@
 """Whole runs by epochs: the step count covers every epoch's own batches, and a recipe that gives no step is refused."""
 import json
-from tests.builders import row_keys
 
 import pytest
 
-from tests.conftest import REPO
 from twinfold.train.config import ConfigError, load_config
 from twinfold.train.loop import train
 from twinfold.train.sampler import BatchPlan
+
+from tests.builders import row_keys
+from tests.helpers import SMOKE
 
 
 def pairs_file(tmp_path, n):
@@ -18,7 +19,7 @@ def pairs_file(tmp_path, n):
 
 
 def recipe(tmp_path, data, tiny, *overrides):
-    return load_config(REPO / "configs" / "smoke.yaml", [
+    return load_config(SMOKE, [
         f"data.train=[{{path: {data}}}]", f"model.name_or_path={tiny}", "model.max_length=16",
         "loss.matryoshka_dims=[128]", "train.max_steps=null", "train.save_steps=null", "train.batch_size=4",
         f"train.output_dir={tmp_path / 'run'}", *overrides])

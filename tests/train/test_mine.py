@@ -4,7 +4,6 @@ import csv
 import json
 import math
 from pathlib import Path
-from tests.builders import pairs_from_texts
 
 import pytest
 import torch
@@ -14,7 +13,8 @@ from twinfold.train.config import ConfigError, DatasetConfig, HardNegativesConfi
 from twinfold.train.data import load_pairs
 from twinfold.train.mine import MemoEncoder, main, mine, mine_dataset, normalize_text
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.builders import pairs_from_texts
+from tests.helpers import SMOKE
 
 # Unit vectors at chosen cosines with anchor A1 = (1, 0); anchor A2 = (0, 1) scores each with its sine.
 COS_A1 = {"P1": 0.8, "P2": 0.5, "D1": 0.9, "D2": 0.7, "D3": 0.4, "P3": 0.2, "D4": 0.1}
@@ -202,14 +202,14 @@ def test_bad_hard_negative_settings_name_the_key(setting, message, data_dir, mon
     monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))
     path = data_dir / "scifact-train-pairs" / "train.jsonl"
     with pytest.raises(ConfigError, match="hard_negatives" if "did you" not in message else "unknown") as e:
-        load_config(REPO / "configs" / "smoke.yaml", [f"data.train=[{{path: {path}, hard_negatives: {setting}}}]"])
+        load_config(SMOKE, [f"data.train=[{{path: {path}, hard_negatives: {setting}}}]"])
     assert message in str(e.value)
 
 
 def test_mining_refuses_a_dataset_that_brings_negatives(data_dir, monkeypatch):
     path = data_dir / "climate-fever-pairs" / "all.jsonl"
     with pytest.raises(ConfigError, match=r"data.train\[0\].hard_negatives: the dataset already maps"):
-        load_config(REPO / "configs" / "smoke.yaml", [
+        load_config(SMOKE, [
             f"data.train=[{{path: {path}, columns: {{anchor: anchor, positive: positive, negative: negative}}, "
             "hard_negatives: {}}]"])
 
