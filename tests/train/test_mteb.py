@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from twinfold.models import BiEncoder
-from tests.train.test_train import run_train
 from twinfold.train.evaluate import main as evaluate_main
+
+from tests.helpers import run_train
 
 
 def local_beir_task(folder: Path):

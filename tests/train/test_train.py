@@ -1,21 +1,14 @@
 """End-to-end training runs: the smoke recipe on a tiny BERT, across 2 processes, and killed then resumed."""
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
-import time
-from tests.builders import assemble_texts
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from twinfold.train.loop import lr_lambda
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+from tests.builders import assemble_texts
+from tests.helpers import SMOKE, kill_after, max_diff, recipe_args, run_train, start_process, train_command, weights
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -23,36 +16,6 @@ def test_lr_schedule_warms_up_then_decays():
     assert [round(linear(s), 6) for s in (0, 1, 2, 6, 10)] == [round(1 / 3, 6), round(2 / 3, 6), 1.0, 0.5, 0.0]
     cosine = lr_lambda(total=10, warmup=0, kind="cosine")
     assert cosine(0) == 1.0 and abs(cosine(5) - 0.5) < 1e-12 and abs(cosine(10)) < 1e-12
-
-
-def run_train(tmp_path, name, *overrides, processes=1, tiny=None, wait=True):
-    out = tmp_path / name
-    args = ["configs/smoke.yaml", f"train.output_dir={out}", *overrides]
-    if tiny is not None:
-        args += [f"model.name_or_path={tiny}", "model.max_length=32", "loss.matryoshka_dims=[128,64]"]
-    if processes > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), "-m", "twinfold.train", *args]
-    else:
-        cmd = [sys.executable, "-m", "twinfold.train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not wait:
-        return out, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
-
-def weights(folder):
-    return load_file(folder / "model.safetensors")
-
-
-def max_diff(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def test_smoke_recipe_trains_evaluates_and_exports(tmp_path, tiny_bert_path, data_dir):
@@ -105,9 +68,10 @@ def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(tmp_pa
 
 def test_resume_after_sigkill_ends_with_identical_weights(tmp_path, tiny_bert_path):
     overrides = ("train.max_steps=12", "train.save_steps=3", "model.dropout=0.1", "train.lr=1e-3",
-                 "train.batch_size=16", "model.max_length=64", "train.log_steps=1")  # a row per step to kill after
+                 "train.batch_size=16", "train.log_steps=1")  # a row per step to kill after
     full = run_train(tmp_path, "full", *overrides, tiny=tiny_bert_path)
-    out, proc = run_train(tmp_path, "killed", *overrides, tiny=tiny_bert_path, wait=False)
+    out = tmp_path / "killed"
+    proc = start_process(train_command(recipe_args(out, *overrides, tiny=tiny_bert_path)))
     at = random.randint(3, 8)
     kill_after(out, proc, at)
     run_train(tmp_path, "killed", *overrides, "train.resume=true", tiny=tiny_bert_path)
@@ -116,23 +80,6 @@ def test_resume_after_sigkill_ends_with_identical_weights(tmp_path, tiny_bert_pa
     assert state["step"] == 12
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
-
-
-def kill_after(out, proc, at: int) -> None:
-    """SIGKILL the run `proc` (writing into `out`) once step `at` is logged and a checkpoint is complete."""
-    deadline = time.time() + 300
-    # any complete checkpoint: the first one is pruned once two later ones exist (train.save_total_limit 2)
-    while not any((out / "checkpoints").glob("step-*/trainer_state.json")) or logged_steps(out) < at:
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:] if proc.stderr else ""
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "final").exists(), f"the run finished before it was killed after step {at}"
-
-
-def logged_steps(out) -> int:
-    path = out / "metrics.jsonl"
-    return sum('"loss"' in line for line in path.read_text().splitlines()) if path.exists() else 0
 
 
 def test_pruning_keeps_the_last_k_and_the_best(tmp_path):
@@ -167,7 +114,7 @@ def test_length_sorted_grouped_step_equals_the_plain_step(tmp_path, tiny_bert_pa
     from twinfold.train.loop import TrainStep, build_loss, build_model
 
     monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))
-    cfg = load_config(REPO / "configs" / "smoke.yaml", [
+    cfg = load_config(SMOKE, [
         f"model.name_or_path={tiny_bert_path}", "model.max_length=32", "model.dropout=0.0",
         "loss.matryoshka_dims=[128,64]", "loss.symmetric=true", f"train.output_dir={tmp_path}", "eval.data=null"])
     words = "protein cell gene tumour drug dose trial patient".split()
