@@ -29,6 +29,7 @@ def recipe_args(out: Path, *overrides: str, tiny: Path | None = None) -> list[st
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from tests.helpers import free_port, max_diff, recipe_args, run_train, start_process, weights
+from tests.helpers import free_port, max_diff, recipe_args, records, run_train, start_process, weights
 
 OVERRIDES = ("train.lr=2e-4", "train.max_steps=3", "train.save_steps=null", "model.dropout=0.0")
 
@@ -35,7 +35,7 @@ def test_two_machines_give_the_losses_and_weights_of_one_process(tmp_path, tiny_
         assert len(list((tmp_path / f"machine-{rank}" / "twinfold" / "tokens").iterdir())) == 1
 
     one = run_train(tmp_path, "one", *OVERRIDES, tiny=tiny_bert_path)
-    losses = [[json.loads(line)["loss"] for line in (o / "metrics.jsonl").read_text().splitlines()] for o in (one, two)]
+    losses = [[r["loss"] for r in records(o)] for o in (one, two)]
     assert len(losses[0]) == 3
     assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5)
     start, w1, w2 = weights(tiny_bert_path), weights(one / "final"), weights(two / "final")

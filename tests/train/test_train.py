@@ -8,7 +8,8 @@ import torch
 from twinfold.train.loop import lr_lambda
 
 from tests.builders import assemble_texts
-from tests.helpers import SMOKE, kill_after, max_diff, recipe_args, run_train, start_process, train_command, weights
+from tests.helpers import (SMOKE, kill_after, max_diff, recipe_args, records, run_train, start_process, train_command,
+                           weights)
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -21,7 +22,7 @@ def test_lr_schedule_warms_up_then_decays():
 def test_smoke_recipe_trains_evaluates_and_exports(tmp_path, tiny_bert_path, data_dir):
     out = run_train(tmp_path, "run", f"eval.data={data_dir / 'scifact-nano'}", "eval.precisions=[float32,int8]",
                     "train.eval_steps=2", tiny=tiny_bert_path)
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = records(out)
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
     assert [m["step"] for m in metrics if "eval" in m] == [0, 2, 4]
     report = json.loads((out / "eval" / "report.json").read_text())
@@ -45,7 +46,7 @@ def test_smoke_recipe_trains_evaluates_and_exports(tmp_path, tiny_bert_path, dat
 def test_logged_lr_is_the_rate_the_step_used(tmp_path, tiny_bert_path):
     # smoke: lr 2e-5, 4 steps, warm-up ceil(0.25 * 4) = 1 step: factors 1/2, then 1, 2/3, 1/3 (linear decay)
     out = run_train(tmp_path, "lr", "train.save_steps=null", tiny=tiny_bert_path)
-    logged = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["lr"] for r in records(out)]
     assert logged == pytest.approx([1e-5, 2e-5, 2e-5 * 2 / 3, 2e-5 / 3], rel=1e-9)
 
 
@@ -62,7 +63,7 @@ def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(tmp_pa
     start, w1, w2 = weights(tiny_bert_path), weights(one / "final"), weights(two / "final")
     assert max_diff(w1, start) > 2e-4  # training moved the weights (Adam: about lr per step)
     assert max_diff(w1, w2) < 1e-5
-    losses = [[json.loads(line)["loss"] for line in (o / "metrics.jsonl").read_text().splitlines()] for o in (one, two)]
+    losses = [[r["loss"] for r in records(o)] for o in (one, two)]
     assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5)
 
 
@@ -78,7 +79,7 @@ def test_resume_after_sigkill_ends_with_identical_weights(tmp_path, tiny_bert_pa
     assert max_diff(weights(full / "final"), weights(out / "final")) == 0.0, f"killed after step {at}"
     state = json.loads((out / "checkpoints" / "step-12" / "trainer_state.json").read_text())
     assert state["step"] == 12
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records(out)]
     assert steps == list(range(1, 13))
 
 
