@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import REPO
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TWINFOLD_CACHE", tempfile.mkdtemp(prefix="twinfold-test-cache-"))  # token caches of this run
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")

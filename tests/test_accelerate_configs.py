@@ -23,7 +23,8 @@ def recipe(data_dir, tmp_path_factory):
 
 def launch_args(name: str, *flags: str):
     """The arguments `accelerate launch --config_file configs/NAME ... -m twinfold.train` ends up with."""
-    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / name), *flags, "-m", "twinfold.train", "x.yaml"])
+    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / name), *flags, "-m", "twinfold.train",
+                                               "x.yaml"])
     _validate_launch_command(args)
     return args
 
@@ -78,7 +79,8 @@ def test_fsdp_config_fully_shards_each_layer_of_the_model_found_from_the_model(m
     model = BiEncoder.from_pretrained(path)
     plugin.set_auto_wrap_policy(model)  # accelerate resolves the class names in the model, as in prepare()
     wrapped = plugin.auto_wrap_policy.keywords["transformer_layer_cls"]
-    assert layer in wrapped and {c.__name__ for c in wrapped} == set(model.encoder._no_split_modules)  # BERT: +embeddings
+    # the classes the model names (BERT: its layers and its embeddings)
+    assert layer in wrapped and {c.__name__ for c in wrapped} == set(model.encoder._no_split_modules)
     assert sum(isinstance(m, layer) for m in model.modules()) == model.encoder.config.num_hidden_layers
 
 

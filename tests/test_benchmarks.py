@@ -3,20 +3,16 @@
 not checked here."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import REPO, run_process
 from twinfold.models.runtime import cpu_has_bf16
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run_script(name: str, *args: str, data_dir: Path) -> str:
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True,
-                            env={**os.environ, "TWINFOLD_DATA": str(data_dir)}, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result.stdout
+    command = [sys.executable, REPO / "scripts" / name, *args]
+    return run_process(command, env={**os.environ, "TWINFOLD_DATA": str(data_dir)}, check=True).stdout
 
 
 def test_bench_train_matches_sentence_transformers_losses(data_dir):
@@ -53,7 +49,8 @@ def test_encoder_flops_by_hand(tiny_bert_path):
     # hidden 128, feed-forward 256, 2 layers: 2 * (4 * 128^2 + 2 * 128 * 256) = 262144 per token and layer,
     # plus attention 4 * n * 128
     assert flops == 2 * (3 * (262144 + 4 * 3 * 128) + 4 * (262144 + 4 * 4 * 128))
-    assert encoder_flops(["cell"], 2, training=True, model=str(tiny_bert_path)) == (3 * 2 * 2 * (262144 + 4 * 2 * 128), [2])
+    assert encoder_flops(["cell"], 2, training=True, model=str(tiny_bert_path)) == \
+        (3 * 2 * 2 * (262144 + 4 * 2 * 128), [2])
 
 
 def test_bench_data_runs_training_cold_then_warm_and_prints_the_table(data_dir, tiny_bert_path, tmp_path):

@@ -3,9 +3,7 @@ import csv
 import importlib.util
 import json
 
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 spec = importlib.util.spec_from_file_location("fetch_data", REPO / "scripts" / "fetch_data.py")
 fetch_data = importlib.util.module_from_spec(spec)

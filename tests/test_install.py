@@ -4,16 +4,15 @@ import os
 import re
 import shutil
 import site
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO, recipe_args, run_process
 from twinfold.train.cli import COMMANDS, main
 
-REPO = Path(__file__).resolve().parents[1]
 USER_PROJECT = {  # a user's project that installs top-level `models` and `train` of its own
     "pyproject.toml": '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
                       '[project]\nname = "user-project"\nversion = "1.0"\n'
@@ -21,12 +20,6 @@ USER_PROJECT = {  # a user's project that installs top-level `models` and `train
     "models/__init__.py": 'OWNER = "user"\n',
     "train/__init__.py": 'OWNER = "user"\n',
 }
-
-
-def run(*command, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=300, **kwargs)
-    assert result.returncode == 0, f"{' '.join(map(str, command))}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +30,8 @@ def wheel(tmp_path_factory) -> Path:
         shutil.copytree(REPO / name, tmp / "src" / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, tmp / "src")
-    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index", "--no-build-isolation",
-        "-w", tmp / "dist", tmp / "src")
+    run_process([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index", "--no-build-isolation",
+                 "-w", tmp / "dist", tmp / "src"], check=True)
     return next((tmp / "dist").glob("twinfold-*.whl"))
 
 
@@ -46,9 +39,10 @@ def fresh_venv(path: Path) -> Path:
     """A new virtual environment that sees this environment's packages (torch, transformers, ...) but not its
     twinfold: a site folder named in a .pth file joins sys.path, but the .pth files inside it (the editable
     install's import hook) are not run. Returns its python."""
-    run(sys.executable, "-m", "venv", "--without-pip", path)
+    run_process([sys.executable, "-m", "venv", "--without-pip", path], check=True)
     python = path / "bin" / "python"
-    purelib = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").stdout.strip())
+    purelib = run_process([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], check=True)
+    purelib = Path(purelib.stdout.strip())
     (purelib / "test-environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     return python
 
@@ -66,20 +60,20 @@ def test_wheel_trains_beside_a_project_with_its_own_models_and_train(wheel, tmp_
         (user / name).parent.mkdir(parents=True, exist_ok=True)
         (user / name).write_text(text)
     for target in (wheel, user):  # --ignore-installed: this environment's editable twinfold is visible to pip
-        run(python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation",
-            "--ignore-installed", target, env=env, cwd=tmp_path)
+        run_process([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation",
+                     "--ignore-installed", target], env=env, cwd=tmp_path, check=True)
 
     pairs, out = tmp_path / "pairs.jsonl", tmp_path / "run"
     pairs.write_text("".join((data_dir / "scifact-train-pairs" / "train.jsonl").read_text().splitlines(True)[:16]))
-    run(tmp_path / "venv" / "bin" / "twinfold", "train", REPO / "configs" / "smoke.yaml", f"train.output_dir={out}",
-        f"model.name_or_path={tiny_bert_path}", "model.max_length=32", "loss.matryoshka_dims=[128,64]",
-        "train.max_steps=2", "data.train=[{path: %s, columns: {anchor: anchor, positive: positive}}]" % pairs,
-        env=env, cwd=tmp_path)
+    data = "data.train=[{path: %s, columns: {anchor: anchor, positive: positive}}]" % pairs
+    run_process([tmp_path / "venv" / "bin" / "twinfold", "train",
+                 *recipe_args(out, "train.max_steps=2", data, tiny=tiny_bert_path)], env=env, cwd=tmp_path, check=True)
     assert (out / "final" / "model.safetensors").exists()
 
     probe = ("import twinfold.train.loop, twinfold.models, models, train; "
              "print(models.OWNER, train.OWNER, twinfold.models.BiEncoder.__module__, twinfold.models.__file__)")
-    owner_models, owner_train, bi_encoder, location = run(python, "-c", probe, env=env, cwd=tmp_path).stdout.split()
+    probed = run_process([python, "-c", probe], env=env, cwd=tmp_path, check=True)
+    owner_models, owner_train, bi_encoder, location = probed.stdout.split()
     assert (owner_models, owner_train, bi_encoder) == ("user", "user", "twinfold.models.bi_encoder")
     assert Path(location).is_relative_to(tmp_path / "venv")
 
@@ -92,7 +86,8 @@ def test_code_names_modules_by_their_installed_names():
     for folder in ("models", "losses", "train", "scripts", "tests"):
         for path in (REPO / folder).rglob("*.py"):
             source = path.read_text()
-            found += [f"{path.relative_to(REPO)}:{source.count(chr(10), 0, m.start()) + 1}" for m in old.finditer(source)]
+            found += [f"{path.relative_to(REPO)}:{source.count(chr(10), 0, m.start()) + 1}"
+                      for m in old.finditer(source)]
     assert not found, f"name modules twinfold.models, twinfold.train, twinfold.losses: {found}"
 
 

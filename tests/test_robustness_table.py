@@ -1,10 +1,9 @@
 """docs/robustness.md and docs/exactness.md: every row names tests that exist."""
 import re
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def table_rows(doc: str) -> list[str]:

@@ -20,7 +20,14 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 
 from twinfold.losses import InfoNCE, Matryoshka, cached_backward, chunked, text_keys, uncached_backward
-from twinfold.losses.distributed import average_gradient, gather_no_grad, gather_with_grad, rank, rank_offset, world_size
+from twinfold.losses.distributed import (
+    average_gradient,
+    gather_no_grad,
+    gather_with_grad,
+    rank,
+    rank_offset,
+    world_size,
+)
 from twinfold.models import BiEncoder
 
 GLOBAL_BATCH, STEPS, LR = 8, 3, 0.1
@@ -93,13 +100,13 @@ def train(accelerator: Accelerator, args, mini_batch_size: int):
         (out / "losses.json").write_text(json.dumps(losses))
 
 
-def main():
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir")
     parser.add_argument("pairs")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--mini-batch-sizes", default="0,3")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # on CPU, only cpu=True gives DDP over gloo
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.num_processes > 1:

@@ -1,8 +1,5 @@
 """Two real processes (gloo on CPU) give what one process gives with their batches concatenated."""
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,35 +7,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+from tests.helpers import free_port, like_a_new_process, run_process, weights
+from tests.losses import dist_check
+
 BIN = Path(sys.executable).parent
 MINI_BATCH_SIZES = (0, 3)  # 0: uncached
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(command: list[str]) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_bert_path, data_dir, tmp_path_factory):
     """Output folders of 3 training steps: 2 processes x 4 pairs, and 1 process x 8 pairs."""
     out = tmp_path_factory.mktemp("dist-train")
-    script = [str(HERE / "dist_check.py"), str(tiny_bert_path),
-              str(data_dir / "scifact-train-pairs" / "train.jsonl")]
+    args = [str(tiny_bert_path), str(data_dir / "scifact-train-pairs" / "train.jsonl")]
     sizes = ["--mini-batch-sizes", ",".join(map(str, MINI_BATCH_SIZES))]
-    run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-         *script, str(out / "two"), *sizes])
-    run([str(BIN / "python"), *script, str(out / "one"), *sizes])
+    run_process([BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                 dist_check.__file__, *args, str(out / "two"), *sizes], check=True)
+    with like_a_new_process():
+        torch.set_num_threads(1)  # as each of the two processes (OMP_NUM_THREADS=1)
+        dist_check.main([*args, str(out / "one"), *sizes])
     return out, tiny_bert_path
 
 
@@ -56,7 +43,7 @@ def test_two_processes_equal_one_process(trained, mini_batch_size):
 
     weights_one = load_file(one / "rank0.safetensors")
     ranks = [load_file(two / f"rank{r}.safetensors") for r in range(2)]
-    initial = load_file(start / "model.safetensors")
+    initial = weights(start)
     moved = max((weights_one[f"encoder.{k}"] - v).abs().max().item() for k, v in initial.items())
     assert moved > 1e-2  # the steps did change the weights
     for name, w in weights_one.items():

@@ -1,21 +1,19 @@
 """models.atomic: outputs never replace what twinfold did not write; folders carry checksums of their files."""
 import json
-import subprocess
 import sysconfig
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_process
 from twinfold.models import BiEncoder
 from twinfold.models.files.atomic import MANIFEST, OverwriteRefused, atomic_directory, verify_manifest
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args):
     """Run the installed `twinfold` command."""
     command = [str(Path(sysconfig.get_path("scripts")) / "twinfold"), *args]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return run_process(command)
 
 
 def test_manifest_lists_every_file_and_names_what_is_damaged(tmp_path):

@@ -10,8 +10,8 @@ import torch
 from twinfold.models import BiEncoder, EmbeddingSet, FingerprintMismatch, ModelLoadError, truncate
 from twinfold.models.embeddings import similarity
 from twinfold.models.pooling import POOLING_MODES
-from twinfold.models.tokens import Padder
 from twinfold.models.quantize import calibrate_int8, dequantize_int8, quantize_binary, quantize_int8, unpack_binary
+from twinfold.models.tokens import Padder
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,8 @@ def test_encode_precisions(tiny_bert_path):
     texts = ["a", "b c", "d e f", "g h i j"]
     full = model.encode(texts)
     np.testing.assert_array_equal(model.encode(texts, precision="int8"), quantize_int8(full, calibrate_int8(full)))
-    np.testing.assert_array_equal(model.encode(texts, precision="binary", dim=64), quantize_binary(model.encode(texts, dim=64)))
+    np.testing.assert_array_equal(model.encode(texts, precision="binary", dim=64),
+                                  quantize_binary(model.encode(texts, dim=64)))
 
 
 def test_pickle_only_checkpoint_needs_opt_in(tiny_bert_path, tmp_path):

@@ -44,7 +44,8 @@ def test_card_of_a_trained_model_parses_and_carries_the_final_metrics(tiny_bert_
     want = {(f"{r['dim']}d-{r['precision']}", k.replace("@", "_at_")): r[k] for r in ROWS if r["model"] == "final"
             for k in ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")}
     assert got == want
-    assert {(r.task_type, r.dataset_type, r.dataset_split) for r in results} == {("information-retrieval", "scifact", "test")}
+    assert {(r.task_type, r.dataset_type, r.dataset_split) for r in results} == \
+        {("information-retrieval", "scifact", "test")}
 
     assert '| 128 | float32 | 0.6100 | 0.6712 | 0.6300 | 0.9500 | 512 MB |' in body
     assert '| 64 | binary | – | 0.5000 | 0.4500 | 0.8000 | 8.0 MB |' in body

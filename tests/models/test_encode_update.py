@@ -10,9 +10,9 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from twinfold.models import BiEncoder, EmbeddingSet
-from twinfold.models.files.atomic import MANIFEST
 from twinfold.models.encode import main
 from twinfold.models.export import main as export_main
+from twinfold.models.files.atomic import MANIFEST
 from twinfold.models.quantize import Int8Calibration, calibrate_int8
 from twinfold.train.mine import main as mine_main
 
@@ -180,8 +180,8 @@ def test_int8_needs_two_documents_and_a_file_calibrated_on_one_is_refused(tiny_b
     with safe_open(str(collapsed), "np") as f:
         meta = f.metadata()
     save_file(raw, str(collapsed), metadata=meta)
-    assert main(["--model", str(tiny_bert_path), "--no-progress", "--input", str(write(tmp_path / "v2.jsonl", docs[:5])),
-                 "--update", str(collapsed)]) == 2
+    v2 = write(tmp_path / "v2.jsonl", docs[:5])
+    assert main(["--model", str(tiny_bert_path), "--no-progress", "--input", str(v2), "--update", str(collapsed)]) == 2
     assert errors(capsys) == [
         f"error: {collapsed}: int8 calibration: no dimension has a range (every step is 0 or invalid), so every "
         "embedding quantised with it would be alike: it was computed from one embedding (or identical ones); "

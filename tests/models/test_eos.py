@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.builders import count_truncated, pairs_from_texts
 from twinfold.models import BiEncoder
 from twinfold.train.data.pairs import tokenize_pairs
-
-from tests.builders import count_truncated, pairs_from_texts
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 CORPUS = ["proteins fold in the cell", "the immune response of mice", "a claim about cells and their division",
@@ -90,7 +89,8 @@ def test_append_eos_is_stored_honoured_on_load_and_exported_for_sentence_transfo
     model = BiEncoder.from_pretrained(base_qwen3, pooling="lasttoken", max_length=MAX_LENGTH, append_eos=True)
     model.save_pretrained(tmp_path / "export")
     assert json.loads((tmp_path / "export" / "twinfold.json").read_text())["append_eos"] is True
-    assert "each ends with the EOS token, kept when a text is truncated" in (tmp_path / "export" / "README.md").read_text()
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "each ends with the EOS token, kept when a text is truncated" in card
     again = BiEncoder.from_pretrained(tmp_path / "export")
     assert again.settings.append_eos and again.token_ids(TEXTS) == model.token_ids(TEXTS)
     assert again.fingerprint() == model.fingerprint()

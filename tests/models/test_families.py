@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 
 from twinfold.models import BiEncoder, ModelLoadError
 from twinfold.models.export import main as export_main
-from twinfold.train.config import (Config, ConfigError, DatasetConfig, DataConfig, ModelConfig, TrainConfig,
-                                   validate)
+from twinfold.train.config import Config, ConfigError, DataConfig, DatasetConfig, ModelConfig, TrainConfig, validate
 from twinfold.train.loop import build_model, train
 
 TEXTS = ["a", "short text", "a much longer text about proteins, cells and the immune response of mice",

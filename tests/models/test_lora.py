@@ -93,7 +93,8 @@ def test_merged_and_adapter_exports_embed_as_the_training_forward(family, tiny_b
     model.save_pretrained(tmp_path / "adapter", adapter=True)
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(base)
     merged = BiEncoder.from_pretrained(tmp_path / "merged")
     assert not has_lora(merged.encoder)
     assert abs(merged.encode(TEXTS) - unmerged).max() < 1e-5

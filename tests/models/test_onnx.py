@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from tests.models.test_bi_encoder import change_weights
 from twinfold.models import BiEncoder, EncoderSettings
 from twinfold.models.head import Dense
 from twinfold.models.onnx import ONNX_DIR, ONNX_FILES, OnnxEncoder
-from tests.models.test_bi_encoder import change_weights
 
 TEXTS = ["a", "gene expression in mice", "the cell divides " * 60, "x y", "Tokens: 1, 2, 3!"]  # one past max_length
 

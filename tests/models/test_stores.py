@@ -1,22 +1,29 @@
 """Vector stores (FAISS, PostgreSQL with pgvector) against exact search: a hand-made case, then SciFact-nano
 embedded by a small random BERT; pgvector runs in a real PostgreSQL server (`postgres_dsn`)."""
 import sys
-from pathlib import Path
 
 import numpy as np
 import psycopg
 import pytest
 
+from tests.helpers import REPO
 from twinfold.models import BiEncoder, EmbeddingSet, FingerprintMismatch
 from twinfold.models.files.atomic import OverwriteRefused
 from twinfold.models.quantize import calibrate_int8, quantize_int8
 from twinfold.models.search import int8_search
-from twinfold.models.stores import (build_faiss, exact_hits, faiss_search, load_pgvector, main, pgvector_search,
-                           query_vectors, recall_at_k, store_vectors)
+from twinfold.models.stores import (
+    build_faiss,
+    exact_hits,
+    faiss_search,
+    load_pgvector,
+    main,
+    pgvector_search,
+    query_vectors,
+    recall_at_k,
+    store_vectors,
+)
 from twinfold.train.eval.beir import load_beir
 from twinfold.train.evaluate import RetrievalEvaluator
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

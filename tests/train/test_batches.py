@@ -1,13 +1,13 @@
 """train.batches and models.tokens: chunks by a token budget, the assembled step input, the loader that feeds it."""
 import json
-from tests.builders import assemble_texts
 
 import torch
 
+from tests.builders import assemble_texts
 from twinfold.models import BiEncoder
 from twinfold.models.tokens import Padder, length_chunks
-from twinfold.train.data.batches import StepBatches, assemble, step_loader
 from twinfold.train.config import DatasetConfig
+from twinfold.train.data.batches import StepBatches, assemble, step_loader
 from twinfold.train.data.pairs import load_pairs, tokenize_pairs
 from twinfold.train.data.plan import BatchPlan, RowKeys
 

@@ -3,16 +3,13 @@ settings named in the evaluation report."""
 import json
 import math
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import SMOKE, run_process
 from twinfold.train.eval.bm25 import BM25Index, BM25Settings, settings_from, split_identifiers
 from twinfold.train.evaluate import main
-
-REPO = Path(__file__).resolve().parents[2]
 
 DOCS = ["cell cell protein", "protein folding", "gene expression in yeast"]  # "in" is a stopword
 
@@ -78,9 +75,9 @@ def test_config_checks_the_bm25_settings(data_dir, monkeypatch):
 
     monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))
     with pytest.raises(ConfigError, match="eval.bm25_\\*: BM25 k1 0.9 must be >= 0 and b 1.5 in"):
-        load_config(REPO / "configs" / "smoke.yaml", ["eval.bm25_preset=anserini", "eval.bm25_b=1.5"])
+        load_config(SMOKE, ["eval.bm25_preset=anserini", "eval.bm25_b=1.5"])
     with pytest.raises(ConfigError, match="eval.bm25_preset: 'okapi' is not one of bm25s, anserini"):
-        load_config(REPO / "configs" / "smoke.yaml", ["eval.bm25_preset=okapi"])
+        load_config(SMOKE, ["eval.bm25_preset=okapi"])
 
 
 def test_bm25_never_imports_jax_even_where_it_is_installed(tmp_path):
@@ -93,6 +90,5 @@ def test_bm25_never_imports_jax_even_where_it_is_installed(tmp_path):
              "index = BM25Index(['alpha beta', 'gamma delta', 'beta gamma'], settings_from()); "
              "ids, _ = index.search(['beta'], 2); print(sorted(ids[0].tolist()), 'jax' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr
+    out = run_process([sys.executable, "-c", probe], env=env, check=True)
     assert out.stdout.split() == ["[0,", "2]", "False"]

@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO
 from twinfold.train.config import ConfigError, load_config, save_config
-
-from tests.conftest import REPO
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
 """train.data and train.sampler: roles by name, validation with file:line:field, tokenized once into a cache,
 no-duplicate batches that use every row once per epoch."""
 import json
-from tests.builders import count_truncated, row_keys
 
 import numpy as np
 import pytest
 
+from tests.builders import count_truncated, row_keys
 from twinfold.models import BiEncoder
 from twinfold.train.config import DatasetConfig
 from twinfold.train.data.pairs import DataError, load_pairs, tokenize_pairs
@@ -44,7 +44,8 @@ def test_real_scifact_pairs(data_dir):
     ([{"a": "x", "p": "y"}, {"a": "z"}], None, ":2 field 'p': text is missing (null)"),
     ([{"a": "x", "p": "y"}, {"a": "z", "p": "   "}], None, ":2 field 'p': text is empty"),
     ([{"a": "x", "p": 3}], None, ":1 field 'p': text is not a string (int)"),
-    ([{"a": "x", "p": "y"}], {"a": "anchor", "pos": "positive"}, "column 'pos' (mapped to 'positive') is not in the data"),
+    ([{"a": "x", "p": "y"}], {"a": "anchor", "pos": "positive"},
+     "column 'pos' (mapped to 'positive') is not in the data"),
     (['[1, 2]'], None, ":1: expected a JSON object"),
 ])
 def test_bad_rows_name_file_line_and_field(tmp_path, rows, columns, message):
@@ -193,7 +194,8 @@ def test_the_token_cache_is_keyed_by_the_columns_read(tmp_path, tiny_bert_path):
     path = jsonl(tmp_path, [{"q": f"claim {i}", "doc": f"abstract {i}", "other": f"unrelated text {i}"}
                             for i in range(6)])
     tokenizer = BiEncoder.from_pretrained(tiny_bert_path).text_tokenizer
-    first, second = (tokenize_pairs(load_pairs(DatasetConfig(path=str(path), columns={"q": "anchor", source: "positive"})),
+    first, second = (tokenize_pairs(load_pairs(DatasetConfig(path=str(path), columns={"q": "anchor",
+                                                                                      source: "positive"})),
                                     tokenizer, tmp_path / "cache") for source in ("doc", "other"))
     assert first.table["positive_ids"] == tokenizer.ids([f"abstract {i}" for i in range(6)], "document")
     assert second.table["positive_ids"] == tokenizer.ids([f"unrelated text {i}" for i in range(6)], "document")

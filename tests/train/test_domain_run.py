@@ -3,9 +3,8 @@ the report, the exported card carries report.json's metrics, and 2 processes tra
 import json
 
 import yaml
-from safetensors.torch import load_file
 
-from tests.train.test_train import max_diff, run_train
+from tests.helpers import max_diff, run_train, weights
 
 MINED = ("data.train=[{{path: {}, "
          "hard_negatives: {{num_negatives: 2, range_min: 1, range_max: 20, max_score_ratio: null}}}}]")
@@ -14,7 +13,8 @@ MINED = ("data.train=[{{path: {}, "
 def test_run_with_mined_negatives_reports_checks_and_exports_a_card(tmp_path, tiny_bert_path, data_dir):
     from huggingface_hub import ModelCard
 
-    common = (MINED.format(data_dir / "scifact-train-pairs" / "train.jsonl"), "model.dropout=0.0", "train.save_steps=null", "train.lr=2e-4")
+    common = (MINED.format(data_dir / "scifact-train-pairs" / "train.jsonl"), "model.dropout=0.0",
+              "train.save_steps=null", "train.lr=2e-4")
     out = run_train(tmp_path, "one", *common, f"eval.data={data_dir / 'scifact-nano'}", "eval.bm25=true",
                     "eval.precisions=[float32,binary]", tiny=tiny_bert_path)
     (mined,) = (out / "mined").glob("*.jsonl")
@@ -40,4 +40,4 @@ def test_run_with_mined_negatives_reports_checks_and_exports_a_card(tmp_path, ti
     assert yaml.safe_load(header[4:])["base_model"] == str(tiny_bert_path)
 
     two = run_train(tmp_path, "two", *common, tiny=tiny_bert_path, processes=2)
-    assert max_diff(load_file(out / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")) < 1e-5
+    assert max_diff(weights(out / "final"), weights(two / "final")) < 1e-5

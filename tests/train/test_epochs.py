@@ -1,15 +1,15 @@
 """Whole runs by epochs: the step count covers every epoch's own batches, and a recipe that gives no step is refused."""
 import json
 import math
-from tests.builders import row_keys
 
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.builders import row_keys
+from tests.helpers import REPO, SMOKE
 from twinfold.train.config import ConfigError, load_config
-from twinfold.train.loop import train
 from twinfold.train.data.plan import BatchPlan
+from twinfold.train.loop import train
 
 
 def pairs_file(tmp_path, n):
@@ -20,7 +20,7 @@ def pairs_file(tmp_path, n):
 
 
 def recipe(tmp_path, data, tiny, *overrides):
-    return load_config(REPO / "configs" / "smoke.yaml", [
+    return load_config(SMOKE, [
         f"data.train=[{{path: {data}}}]", f"model.name_or_path={tiny}", "model.max_length=16",
         "loss.matryoshka_dims=[128]", "train.max_steps=null", "train.save_steps=null", "train.batch_size=4",
         f"train.output_dir={tmp_path / 'run'}", *overrides])

@@ -9,9 +9,9 @@ import torch
 
 from twinfold.models import BiEncoder
 from twinfold.train.eval.beir import load_beir
-from twinfold.train.evaluate import RetrievalEvaluator, load_sts, main, sts_spearman
 from twinfold.train.eval.metrics import METRICS, rank
 from twinfold.train.eval.report import write_report
+from twinfold.train.evaluate import RetrievalEvaluator, load_sts, main, sts_spearman
 
 # Six documents (one has the id of query q3), four queries (q4 unjudged), graded judgments.
 CORPUS_IDS = ["d1", "d2", "d3", "d4", "d5", "q3"]

@@ -7,15 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import SMOKE, like_a_new_process
 from twinfold.losses import info_nce
 from twinfold.models import BiEncoder
 from twinfold.train.config import load_config
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
-
 
 def smoke(*overrides):
-    return load_config(REPO / "configs" / "smoke.yaml", list(overrides))
+    return load_config(SMOKE, list(overrides))
 
 
 def test_learnable_temperature_has_its_own_rate_and_moves_where_the_gradient_says(tiny_bert_path):
@@ -53,16 +52,13 @@ def test_mixed_precision_follows_the_launcher_unless_set(monkeypatch, caplog):
 
     assert smoke().train.mixed_precision is None
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` sets from its config
-    AcceleratorState._reset_state(True)  # an Accelerator made earlier in this process would be reused
-    try:
+    with like_a_new_process():
         assert make_accelerator(None).mixed_precision == "bf16"
         assert not caplog.records
         AcceleratorState._reset_state(True)
         with caplog.at_level(logging.WARNING, logger="twinfold"):
             assert make_accelerator("no").mixed_precision == "no"
         assert "train.mixed_precision: no overrides the launcher's mixed_precision bf16" in caplog.text
-    finally:
-        AcceleratorState._reset_state(True)
 
 
 def tiny_beir(folder):

@@ -1,28 +1,25 @@
 """Faults lose nothing: killed checkpoint writes, non-finite losses, unwritable output, CLI errors."""
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO, SMOKE, like_a_new_process, recipe_args, run_process, train_command, train_in_process
 from twinfold.train.checkpoint import complete_checkpoints
 from twinfold.train.config import ConfigError
 from twinfold.train.lock import RunLock
 from twinfold.train.loop import check_output_dir
 
-REPO = Path(__file__).resolve().parents[2]
 # a tiny run whose loss turns NaN at its second step
 DIVERGING = ("model.max_length=32", "loss.matryoshka_dims=[128]", "train.lr=1e12", "train.warmup_ratio=0",
              "train.max_grad_norm=null")
 
 
-def run_cli(*args, cwd=REPO):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "twinfold.train", "configs/smoke.yaml", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+def run_cli(*args):
+    """`python -m twinfold.train configs/smoke.yaml ARGS` as a process of its own."""
+    return run_process(train_command([str(SMOKE), *args]))
 
 
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_newest(tmp_path):
@@ -44,8 +41,8 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_newest(tmp_pa
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_bert_path):
     out = tmp_path / "run"
-    result = run_cli(f"train.output_dir={out}", f"model.name_or_path={tiny_bert_path}", *DIVERGING,
-                     "train.save_steps=1", "train.max_steps=6")
+    result = train_in_process(recipe_args(out, *DIVERGING, "train.save_steps=1", "train.max_steps=6",
+                                          tiny=tiny_bert_path))
     assert result.returncode == 2
     assert "error: loss is nan at step 2; stopping" in result.stderr and "Traceback" not in result.stderr
     assert [p.name for p in complete_checkpoints(out)] == ["step-1"]
@@ -56,21 +53,15 @@ def test_a_run_that_raises_gives_the_process_its_signal_handlers_back(tmp_path, 
     """`train` called from Python: a non-finite loss ends it, and Ctrl-C acts as before (not swallowed)."""
     import signal
 
-    from accelerate.state import AcceleratorState
-
     from twinfold.train.config import load_config
     from twinfold.train.loop import TrainingError, train
 
-    cfg = load_config(REPO / "configs" / "smoke.yaml", [
+    cfg = load_config(SMOKE, [
         f"train.output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_bert_path}", *DIVERGING,
         "train.save_steps=null", "train.max_steps=4", "train.log_steps=1", "eval.data=null"])
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    AcceleratorState._reset_state(True)
-    try:
-        with pytest.raises(TrainingError, match="loss is nan"):
-            train(cfg)
-    finally:
-        AcceleratorState._reset_state(True)
+    with like_a_new_process(), pytest.raises(TrainingError, match="loss is nan"):
+        train(cfg)
     assert {s: signal.getsignal(s) for s in before} == before
 
 
@@ -96,8 +87,8 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_matryoshka_dim_larger_than_the_model(tmp_path, tiny_bert_path):
-    result = run_cli(f"model.name_or_path={tiny_bert_path}", "loss.matryoshka_dims=[256,64]",
-                     f"train.output_dir={tmp_path / 'x'}")
+    result = train_in_process([str(SMOKE), f"model.name_or_path={tiny_bert_path}", "loss.matryoshka_dims=[256,64]",
+                               f"train.output_dir={tmp_path / 'x'}"])
     assert result.returncode == 2
     assert "loss.matryoshka_dims: 256 is larger than the model's dimension 128" in result.stderr
 
@@ -106,9 +97,9 @@ def test_long_texts_are_truncated_and_reported_once(tmp_path, tiny_bert_path):
     pairs = tmp_path / "pairs.jsonl"
     long = " ".join(["word"] * 200)
     pairs.write_text("".join(json.dumps({"anchor": f"q{i}", "positive": f"{long} {i}"}) + "\n" for i in range(8)))
-    result = run_cli(f"model.name_or_path={tiny_bert_path}", "model.max_length=16", "loss.matryoshka_dims=[]",
-                     f"data.train=[{{path: {pairs}}}]", "train.batch_size=4", "train.max_steps=2",
-                     f"train.output_dir={tmp_path / 'run'}")
+    result = train_in_process([str(SMOKE), f"model.name_or_path={tiny_bert_path}", "model.max_length=16",
+                               "loss.matryoshka_dims=[]", f"data.train=[{{path: {pairs}}}]", "train.batch_size=4",
+                               "train.max_steps=2", f"train.output_dir={tmp_path / 'run'}"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.count("exceed max_length 16 tokens and are truncated") == 1
     assert "0 of 8 anchors and 8 of 8 positives" in result.stderr

@@ -1,13 +1,13 @@
 """Eval overlap and duplicates in training data: hand-made rows with the real all-MiniLM-L6-v2 (cosines noted),
 what each option drops, and the summary that reaches the log and the report."""
 from pathlib import Path
-from tests.builders import pairs_from_texts
 
 import pytest
 
+from tests.builders import pairs_from_texts
 from twinfold.models import BiEncoder
-from twinfold.train.eval.beir import BeirData
 from twinfold.train.data.leakage import check_datasets, summary_lines
+from twinfold.train.eval.beir import BeirData
 from twinfold.train.mine import MemoEncoder
 
 EVAL = BeirData(corpus_ids=["d1", "d2"],
@@ -48,7 +48,8 @@ def test_overlap_and_duplicates_are_counted_with_examples(encoder):
                                                                  (2, "positive", ("document", "d1"))]
     assert near[0]["cosine"] == pytest.approx(0.989, abs=2e-3) and near[1]["cosine"] == pytest.approx(0.974, abs=2e-3)
     assert (duplicates["exact"], duplicates["near"], duplicates["rows"]) == (1, 1, [5, 6])
-    assert [(e["row"], e["duplicate_of"], e["kind"]) for e in duplicates["examples"]] == [(5, 4, "exact"), (6, 4, "near")]
+    assert [(e["row"], e["duplicate_of"], e["kind"]) for e in duplicates["examples"]] == \
+        [(5, 4, "exact"), (6, 4, "near")]
     lines = summary_lines([report])
     assert lines[0] == ("- hand (8 rows): eval overlap 1 exact, 2 near (cosine >= 0.95); duplicates 1 exact, 1 near; "
                         "0 dropped")

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from tests.train.test_train import REPO, killed_then_resumed_is_uninterrupted, max_diff, run_train, weights
+from tests.helpers import REPO, killed_then_resumed_is_uninterrupted, max_diff, run_train, weights
 from twinfold.losses import cached_backward, chunked, uncached_backward
 from twinfold.models import BiEncoder
 from twinfold.models.export import main as export_main

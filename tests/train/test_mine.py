@@ -4,17 +4,16 @@ import csv
 import json
 import math
 from pathlib import Path
-from tests.builders import pairs_from_texts
 
 import pytest
 import torch
 
+from tests.builders import pairs_from_texts
+from tests.helpers import SMOKE
 from twinfold.models import BiEncoder
 from twinfold.train.config import ConfigError, DatasetConfig, HardNegativesConfig, load_config
 from twinfold.train.data.pairs import load_pairs
 from twinfold.train.mine import MemoEncoder, main, mine, mine_dataset, normalize_text
-
-REPO = Path(__file__).resolve().parents[2]
 
 # Unit vectors at chosen cosines with anchor A1 = (1, 0); anchor A2 = (0, 1) scores each with its sine.
 COS_A1 = {"P1": 0.8, "P2": 0.5, "D1": 0.9, "D2": 0.7, "D3": 0.4, "P3": 0.2, "D4": 0.1}
@@ -43,7 +42,8 @@ def negatives(mined):
 
 
 def test_hand_computed_ranks_guard_exclusions_and_too_few(hand_encoder):
-    # A1 ranks (its positives P1, P2 excluded): D1 .9, D2 .7, D3 .4, P3 .2, D4 .1; A2 (P3 excluded): D4, D3, P2, D2, P1, D1
+    # A1 ranks (its positives P1, P2 excluded): D1 .9, D2 .7, D3 .4, P3 .2, D4 .1;
+    # A2 (P3 excluded): D4, D3, P2, D2, P1, D1
     settings = HardNegativesConfig(num_negatives=1, range_max=3, max_score_ratio=0.95)
     mined = mine(PAIRS, settings, hand_encoder, CORPUS)
     # row P1: limit .76 drops D1 -> D2; row P2: limit .475 drops D1, D2 -> D3; row P3: limit .931 drops D4 -> D3
@@ -52,7 +52,8 @@ def test_hand_computed_ranks_guard_exclusions_and_too_few(hand_encoder):
     assert mined.counts == {"rows_in": 3, "rows_out": 3, "too_few_candidates": 0, "guard_dropped": 1 + 2 + 1,
                             "relevant_excluded": 2 + 1, "documents": 7}
 
-    unguarded = mine(PAIRS, HardNegativesConfig(num_negatives=1, range_max=3, max_score_ratio=None), hand_encoder, CORPUS)
+    unguarded = mine(PAIRS, HardNegativesConfig(num_negatives=1, range_max=3, max_score_ratio=None), hand_encoder,
+                     CORPUS)
     assert negatives(unguarded) == {("A1", "P1"): ["D1"], ("A1", "P2"): ["D1"], ("A2", "P3"): ["D4"]}
 
     two = mine(PAIRS, HardNegativesConfig(num_negatives=2, range_max=3), hand_encoder, CORPUS)
@@ -148,7 +149,8 @@ def test_real_mining_never_keeps_a_judged_document_nor_one_above_the_guard(tmp_p
     mined = load_pairs(DatasetConfig(path=str(out), columns=provenance["columns"]))
     assert len(mined) == provenance["rows_out"] > 0 and all(len(n) == 3 for n in mined.negatives)
 
-    corpus = {r["_id"]: (r.get("title", "") + " " + r["text"]).strip() for r in map(json.loads, open(beir / "corpus.jsonl"))}
+    corpus = {r["_id"]: (r.get("title", "") + " " + r["text"]).strip()
+              for r in map(json.loads, open(beir / "corpus.jsonl"))}
     query_id = {r["text"]: r["_id"] for r in map(json.loads, open(beir / "queries.jsonl"))}
     judged: dict[str, set[str]] = {}
     for qid, doc, _ in list(csv.reader(open(beir / "qrels" / "train.tsv"), delimiter="\t"))[1:]:
@@ -202,14 +204,14 @@ def test_bad_hard_negative_settings_name_the_key(setting, message, data_dir, mon
     monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))
     path = data_dir / "scifact-train-pairs" / "train.jsonl"
     with pytest.raises(ConfigError, match="hard_negatives" if "did you" not in message else "unknown") as e:
-        load_config(REPO / "configs" / "smoke.yaml", [f"data.train=[{{path: {path}, hard_negatives: {setting}}}]"])
+        load_config(SMOKE, [f"data.train=[{{path: {path}, hard_negatives: {setting}}}]"])
     assert message in str(e.value)
 
 
 def test_mining_refuses_a_dataset_that_brings_negatives(data_dir, monkeypatch):
     path = data_dir / "climate-fever-pairs" / "all.jsonl"
     with pytest.raises(ConfigError, match=r"data.train\[0\].hard_negatives: the dataset already maps"):
-        load_config(REPO / "configs" / "smoke.yaml", [
+        load_config(SMOKE, [
             f"data.train=[{{path: {path}, columns: {{anchor: anchor, positive: positive, negative: negative}}, "
             "hard_negatives: {}}]"])
 

@@ -1,5 +1,5 @@
-"""MTEB scores an exported twinfold model as `python -m twinfold.train.evaluate` does: nDCG@10 equal to 1e-4 on a retrieval
-task that MTEB builds from a local BEIR folder (SciFact-nano), for all-MiniLM-L6-v2 and for a fine-tuned model
+"""MTEB scores an exported twinfold model as `python -m twinfold.train.evaluate` does: nDCG@10 equal to 1e-4 on a
+retrieval task that MTEB builds from a local BEIR folder (SciFact-nano), for all-MiniLM-L6-v2 and for a fine-tuned model
 with query and document prefixes. MTEB reads the folder with its own code: the model through sentence-transformers
 (prompts, max_seq_length, similarity from the export), documents as title + " " + text, ranking and metrics its own.
 """
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_train
 from twinfold.models import BiEncoder
-from tests.train.test_train import run_train
 from twinfold.train.evaluate import main as evaluate_main
 
 

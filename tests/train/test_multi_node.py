@@ -1,14 +1,12 @@
 """Training across machines: two `accelerate launch` runs with configs/accelerate_multi_node.yaml (machine ranks 0 and
 1, one process each, gloo on CPU, 127.0.0.1), each with caches of its own as on separate machines, give the losses
 and weights of one process with the same global batch."""
-import json
-import os
-import socket
 import subprocess
 import sys
 
 import torch
-from test_train import REPO, max_diff, run_train, weights
+
+from tests.helpers import free_port, max_diff, recipe_args, records, run_train, start_process, weights
 
 OVERRIDES = ("train.lr=2e-4", "train.max_steps=3", "train.save_steps=null", "model.dropout=0.0")
 
@@ -18,18 +16,13 @@ def launch_machine(rank: int, port: int, out, tiny, tmp_path) -> subprocess.Pope
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate_multi_node.yaml",
            "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
            "--main_process_port", str(port), "--mixed_precision", "no",
-           "-m", "twinfold.train", "configs/smoke.yaml", f"train.output_dir={out}", f"model.name_or_path={tiny}",
-           "model.max_length=32", "loss.matryoshka_dims=[128,64]", *OVERRIDES]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TWINFOLD_NUM_THREADS": "1",
-           "TWINFOLD_CACHE": str(tmp_path / f"machine-{rank}" / "twinfold"),
-           "HF_DATASETS_CACHE": str(tmp_path / f"machine-{rank}" / "datasets")}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           "-m", "twinfold.train", *recipe_args(out, *OVERRIDES, tiny=tiny)]
+    return start_process(cmd, TWINFOLD_NUM_THREADS="1", TWINFOLD_CACHE=str(tmp_path / f"machine-{rank}" / "twinfold"),
+                         HF_DATASETS_CACHE=str(tmp_path / f"machine-{rank}" / "datasets"))
 
 
 def test_two_machines_give_the_losses_and_weights_of_one_process(tmp_path, tiny_bert_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     two = tmp_path / "two-machines"
     machines = [launch_machine(rank, port, two, tiny_bert_path, tmp_path) for rank in (0, 1)]
     errors = [m.communicate(timeout=600)[1] for m in machines]
@@ -41,7 +34,7 @@ def test_two_machines_give_the_losses_and_weights_of_one_process(tmp_path, tiny_
         assert len(list((tmp_path / f"machine-{rank}" / "twinfold" / "tokens").iterdir())) == 1
 
     one = run_train(tmp_path, "one", *OVERRIDES, tiny=tiny_bert_path)
-    losses = [[json.loads(line)["loss"] for line in (o / "metrics.jsonl").read_text().splitlines()] for o in (one, two)]
+    losses = [[r["loss"] for r in records(o)] for o in (one, two)]
     assert len(losses[0]) == 3
     assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5)
     start, w1, w2 = weights(tiny_bert_path), weights(one / "final"), weights(two / "final")

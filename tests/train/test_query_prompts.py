@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from tests.builders import pairs_from_texts
 from twinfold.models import BiEncoder
 from twinfold.train.config import ConfigError, load_config
 from twinfold.train.data.loader import dataset_tokenizers
@@ -11,8 +12,6 @@ from twinfold.train.data.pairs import load_pairs, tokenize_pairs
 from twinfold.train.eval.beir import load_beir
 from twinfold.train.evaluate import RetrievalEvaluator, main
 from twinfold.train.loop import RunState, run_info
-
-from tests.builders import pairs_from_texts
 
 INSTRUCT = "Instruct: Given a scientific claim, retrieve documents that support or refute the claim\nQuery: "
 
@@ -44,7 +43,8 @@ def recipe(tmp_path, pairs, model, datasets: str, extra: str = ""):
 
 
 def entry(pairs, prompt_line: str = "") -> str:
-    return f"    - path: {pairs}\n      columns: {{q: anchor, d: positive}}\n" + (f"      {prompt_line}\n" if prompt_line else "")
+    return f"    - path: {pairs}\n      columns: {{q: anchor, d: positive}}\n" + \
+        (f"      {prompt_line}\n" if prompt_line else "")
 
 
 def test_each_dataset_tokenizes_its_anchors_with_its_own_prompt(tmp_path, pairs, prompted_path):
@@ -111,7 +111,7 @@ def test_evaluation_encodes_the_queries_with_the_named_prompt(beir, prompted_pat
     assert [r["ndcg@10"] for r in rows] == [r["ndcg@10"] for r in reference]
     assert (tmp_path / "a" / "runs" / "m.128.float32.trec").read_text() == \
         (tmp_path / "b" / "runs" / "m.128.float32.trec").read_text()
-    plain = RetrievalEvaluator(data, k_values=(1,), out_dir=tmp_path / "c")(BiEncoder.from_pretrained(prompted_path), "m")
+    RetrievalEvaluator(data, k_values=(1,), out_dir=tmp_path / "c")(BiEncoder.from_pretrained(prompted_path), "m")
     assert (tmp_path / "c" / "runs" / "m.128.float32.trec").read_text() != \
         (tmp_path / "a" / "runs" / "m.128.float32.trec").read_text()
 

@@ -1,5 +1,5 @@
-"""Reliability: run folders (no symbolic links) and locks, checksummed checkpoints (export checks them too), recipe changes on resume, SIGTERM/SIGINT,
-checkpoints across devices, and throughput that counts training time only."""
+"""Reliability: run folders (no symbolic links) and locks, checksummed checkpoints (export checks them too), recipe
+changes on resume, SIGTERM/SIGINT, checkpoints across devices, and throughput that counts training time only."""
 import json
 import os
 import random
@@ -7,42 +7,39 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from tests.helpers import (
+    REPO,
+    logged_steps,
+    recipe_args,
+    records,
+    run_process,
+    start_process,
+    train_command,
+    train_in_process,
+    weights,
+)
 from twinfold.models import BiEncoder
-from twinfold.models.files.atomic import OverwriteRefused
 from twinfold.models.export import main as export_main
+from twinfold.models.files.atomic import OverwriteRefused
 from twinfold.train.checkpoint import complete_checkpoints, prune_checkpoints, save_checkpoint
 from twinfold.train.config import ConfigError
 from twinfold.train.lock import RunLock
 from twinfold.train.resume import claim_run_folder, recipe_changes
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def train_cli(out, *overrides, tiny, wait=True):
-    cmd = [sys.executable, "-m", "twinfold.train", "configs/smoke.yaml", f"train.output_dir={out}",
-           f"model.name_or_path={tiny}", "model.max_length=32", "loss.matryoshka_dims=[128,64]", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not wait:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
-def weights(folder):
-    return load_file(folder / "model.safetensors")
+def train_cli(out, *overrides, tiny, own_process=False):
+    """`python -m twinfold.train` of the smoke recipe on the tiny BERT, run in this process or (`own_process`) in a
+    process of its own: a run refused once it holds its folder's lock keeps it until its process ends."""
+    args = recipe_args(out, *overrides, tiny=tiny)
+    return run_process(train_command(args)) if own_process else train_in_process(args)
 
 
 def identical(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_a_key_the_checkpoints_recipe_lacks_counts_as_its_default():
@@ -97,7 +94,8 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_stale_lock_is_taken_
                                                                                      caplog):
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import time; from twinfold.train.lock import RunLock; RunLock({str(out)!r}).acquire(); "
+        [sys.executable, "-c", "import time; from twinfold.train.lock import RunLock; "
+                               f"RunLock({str(out)!r}).acquire(); "
                                "print('locked', flush=True); time.sleep(600)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -128,7 +126,7 @@ def test_resume_skips_a_damaged_checkpoint_and_refuses_recipe_changes(tmp_path, 
     uninterrupted = weights(out / "final")
 
     result = train_cli(out, *common, "train.resume=true", "train.batch_size=16", "loss.temperature=0.1",
-                       tiny=tiny_bert_path)
+                       tiny=tiny_bert_path, own_process=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: train.resume: {out / 'checkpoints' / 'step-4'} was trained with another recipe; these changes "
@@ -155,7 +153,7 @@ def test_resume_skips_a_damaged_checkpoint_and_refuses_recipe_changes(tmp_path, 
 
     for folder in (out / "checkpoints").iterdir():
         (folder / "optimizer.pt").write_bytes(b"garbage")
-    result = train_cli(out, *common, "train.resume=true", "train.max_steps=6", tiny=tiny_bert_path)
+    result = train_cli(out, *common, "train.resume=true", "train.max_steps=6", tiny=tiny_bert_path, own_process=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: train.resume: every checkpoint in {out / 'checkpoints'} is damaged (step-6: optimizer.pt has 7 "
@@ -181,9 +179,9 @@ def test_a_signal_checkpoints_and_stops_then_resume_ends_with_identical_weights(
                                                                                 uninterrupted_12_steps):
     at = random.randint(1, 9)  # the step after which the signal is sent
     out = tmp_path / "run"
-    proc = train_cli(out, *SIGNAL_RUN, tiny=tiny_bert_path, wait=False)
+    proc = start_process(train_command(recipe_args(out, *SIGNAL_RUN, tiny=tiny_bert_path)))
     deadline = time.time() + 300
-    while not (out / "metrics.jsonl").exists() or sum(1 for r in records(out) if "loss" in r) < at:
+    while logged_steps(out) < at:
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
         time.sleep(0.005)
     proc.send_signal(signum)

@@ -2,18 +2,17 @@
 buffer, mixed by weight, each process reading its part, resumed exactly from any position (and after SIGKILL)."""
 import json
 import random
-from tests.builders import assemble_texts
 
 import pytest
 
+from tests.builders import assemble_texts
+from tests.helpers import kill_after, max_diff, recipe_args, run_train, start_process, train_command, weights
 from twinfold.losses import text_keys
 from twinfold.models import BiEncoder
-from twinfold.train.data.batches import stream_loader
 from twinfold.train.config import ConfigError, DatasetConfig, load_config
+from twinfold.train.data.batches import stream_loader
 from twinfold.train.data.pairs import DataError, load_pairs
 from twinfold.train.data.streams import StreamSource, StreamSteps, choose_dataset
-
-from tests.train.test_train import kill_after, max_diff, run_train, weights
 
 
 def write(path, rows):
@@ -34,8 +33,8 @@ def source(path, **kw):
 
 
 def steps(model, sources, position=None, rank=0, world=1, batch=4, buffer=16, mixing="proportional"):
-    return StreamSteps(sources, [model.text_tokenizer] * len(sources), model.padder, 64, None, rank, world, batch, 0, mixing, buffer,
-                       position)
+    return StreamSteps(sources, [model.text_tokenizer] * len(sources), model.padder, 64, None, rank, world, batch, 0,
+                       mixing, buffer, position)
 
 
 def content(item):
@@ -208,7 +207,8 @@ def test_resume_after_sigkill_continues_at_the_exact_stream_position(tmp_path, t
     overrides = (data, "data.mixing=round_robin", "data.shuffle_buffer=16", "train.max_steps=8", "train.save_steps=2",
                  "model.dropout=0.1", "train.lr=1e-3", "train.batch_size=8", "train.log_steps=1")
     full = run_train(tmp_path, "full", *overrides, tiny=tiny_bert_path)
-    out, proc = run_train(tmp_path, "killed", *overrides, tiny=tiny_bert_path, wait=False)
+    out = tmp_path / "killed"
+    proc = start_process(train_command(recipe_args(out, *overrides, tiny=tiny_bert_path)))
     at = random.randint(3, 6)
     kill_after(out, proc, at)
     positions = json.loads(next((out / "checkpoints").glob("step-*/streams.json")).read_text())

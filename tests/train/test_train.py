@@ -1,21 +1,12 @@
 """End-to-end training runs: the smoke recipe on a tiny BERT, across 2 processes, and killed then resumed."""
 import json
-import os
-import random
-import signal
-import socket
-import subprocess
-import sys
-import time
-from tests.builders import assemble_texts
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from tests.builders import assemble_texts
+from tests.helpers import SMOKE, killed_then_resumed_is_uninterrupted, max_diff, records, run_train, weights
 from twinfold.train.loop import lr_lambda
-
-REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -25,40 +16,10 @@ def test_lr_schedule_warms_up_then_decays():
     assert cosine(0) == 1.0 and abs(cosine(5) - 0.5) < 1e-12 and abs(cosine(10)) < 1e-12
 
 
-def run_train(tmp_path, name, *overrides, processes=1, tiny=None, wait=True):
-    out = tmp_path / name
-    args = ["configs/smoke.yaml", f"train.output_dir={out}", *overrides]
-    if tiny is not None:
-        args += [f"model.name_or_path={tiny}", "model.max_length=32", "loss.matryoshka_dims=[128,64]"]
-    if processes > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), "-m", "twinfold.train", *args]
-    else:
-        cmd = [sys.executable, "-m", "twinfold.train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not wait:
-        return out, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
-
-def weights(folder):
-    return load_file(folder / "model.safetensors")
-
-
-def max_diff(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 def test_smoke_recipe_trains_evaluates_and_exports(tmp_path, tiny_bert_path, data_dir):
     out = run_train(tmp_path, "run", f"eval.data={data_dir / 'scifact-nano'}", "eval.precisions=[float32,int8]",
                     "train.eval_steps=2", tiny=tiny_bert_path)
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = records(out)
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
     assert [m["step"] for m in metrics if "eval" in m] == [0, 2, 4]
     report = json.loads((out / "eval" / "report.json").read_text())
@@ -82,7 +43,7 @@ def test_smoke_recipe_trains_evaluates_and_exports(tmp_path, tiny_bert_path, dat
 def test_logged_lr_is_the_rate_the_step_used(tmp_path, tiny_bert_path):
     # smoke: lr 2e-5, 4 steps, warm-up ceil(0.25 * 4) = 1 step: factors 1/2, then 1, 2/3, 1/3 (linear decay)
     out = run_train(tmp_path, "lr", "train.save_steps=null", tiny=tiny_bert_path)
-    logged = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["lr"] for r in records(out)]
     assert logged == pytest.approx([1e-5, 2e-5, 2e-5 * 2 / 3, 2e-5 / 3], rel=1e-9)
 
 
@@ -99,48 +60,18 @@ def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(tmp_pa
     start, w1, w2 = weights(tiny_bert_path), weights(one / "final"), weights(two / "final")
     assert max_diff(w1, start) > 2e-4  # training moved the weights (Adam: about lr per step)
     assert max_diff(w1, w2) < 1e-5
-    losses = [[json.loads(line)["loss"] for line in (o / "metrics.jsonl").read_text().splitlines()] for o in (one, two)]
+    losses = [[r["loss"] for r in records(o)] for o in (one, two)]
     assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5)
 
 
 def test_resume_after_sigkill_ends_with_identical_weights(tmp_path, tiny_bert_path):
     out = killed_then_resumed_is_uninterrupted(tmp_path, tiny_bert_path, (
-        "train.max_steps=12", "train.save_steps=3", "model.dropout=0.1", "train.lr=1e-3", "train.batch_size=16",
-        "model.max_length=64"), kill_steps=(3, 8))
+        "train.max_steps=12", "train.save_steps=3", "model.dropout=0.1", "train.lr=1e-3", "train.batch_size=16"),
+        kill_steps=(3, 8))
     state = json.loads((out / "checkpoints" / "step-12" / "trainer_state.json").read_text())
     assert state["step"] == 12
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records(out)]
     assert steps == list(range(1, 13))
-
-
-def killed_then_resumed_is_uninterrupted(tmp_path, tiny, overrides: tuple, kill_steps: tuple[int, int]):
-    """Run `overrides` uninterrupted, and again SIGKILLed after a random step in `kill_steps` then resumed; assert
-    identical final weights; return the resumed run's folder."""
-    overrides = (*overrides, "train.log_steps=1")  # a row per step to kill after
-    full = run_train(tmp_path, "full", *overrides, tiny=tiny)
-    out, proc = run_train(tmp_path, "killed", *overrides, tiny=tiny, wait=False)
-    at = random.randint(*kill_steps)
-    kill_after(out, proc, at)
-    run_train(tmp_path, "killed", *overrides, "train.resume=true", tiny=tiny)
-    assert max_diff(weights(full / "final"), weights(out / "final")) == 0.0, f"killed after step {at}"
-    return out
-
-
-def kill_after(out, proc, at: int) -> None:
-    """SIGKILL the run `proc` (writing into `out`) once step `at` is logged and a checkpoint is complete."""
-    deadline = time.time() + 300
-    # any complete checkpoint: the first one is pruned once two later ones exist (train.save_total_limit 2)
-    while not any((out / "checkpoints").glob("step-*/trainer_state.json")) or logged_steps(out) < at:
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:] if proc.stderr else ""
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "final").exists(), f"the run finished before it was killed after step {at}"
-
-
-def logged_steps(out) -> int:
-    path = out / "metrics.jsonl"
-    return sum('"loss"' in line for line in path.read_text().splitlines()) if path.exists() else 0
 
 
 def test_pruning_keeps_the_last_k_and_the_best(tmp_path):
@@ -175,7 +106,7 @@ def test_length_sorted_grouped_step_equals_the_plain_step(tmp_path, tiny_bert_pa
     from twinfold.train.loop import TrainStep, build_loss, build_model
 
     monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))
-    cfg = load_config(REPO / "configs" / "smoke.yaml", [
+    cfg = load_config(SMOKE, [
         f"model.name_or_path={tiny_bert_path}", "model.max_length=32", "model.dropout=0.0",
         "loss.matryoshka_dims=[128,64]", "loss.symmetric=true", f"train.output_dir={tmp_path}", "eval.data=null"])
     words = "protein cell gene tumour drug dose trial patient".split()
