@@ -230,9 +230,13 @@ def train(cfg: Config) -> Path:
         raise StoppedBySignal(signal.SIGINT, "stopped by SIGINT before the first step; no checkpoint was written "
                                              "(start the run again)") from None
     stop = StopOnSignal().install()
-    try:  # a run that raises (a non-finite loss, say) gives the process its signal handlers back too
+    try:
         run_steps(run, stop)
-    finally:
+    except BaseException:  # stopped or failed: the folder is free again (its checkpoints resume the run)
+        if run.lock is not None:
+            run.lock.release()
+        raise
+    finally:  # a run that raises (a non-finite loss, say) gives the process its signal handlers back too
         stop.uninstall()
     return finish(run)
 
@@ -241,16 +245,27 @@ def set_up(cfg: Config) -> Run:
     """Model, data, loss, optimizer and schedule; the run folder claimed; resumed from its newest intact
     checkpoint where `train.resume`; the base model evaluated on a new run."""
     t = cfg.train
-    out = Path(t.output_dir)
     accelerator = make_accelerator(t.mixed_precision)
-    main = accelerator.is_main_process
     if t.batch_size % accelerator.num_processes:
         raise ConfigError(f"train.batch_size: {t.batch_size} is not divisible by the {accelerator.num_processes} "
                           "processes")
     set_seed(t.seed)
     model = build_model(cfg)
     tokenizers = dataset_tokenizers(cfg, model)
-    lock = claim_run_folder(out, t.resume) if main else None
+    lock = claim_run_folder(Path(t.output_dir), t.resume) if accelerator.is_main_process else None
+    try:
+        return set_up_claimed(cfg, accelerator, model, tokenizers, lock)
+    except BaseException:  # the folder is free again for another run, or this process's next try
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def set_up_claimed(cfg: Config, accelerator: Accelerator, model: BiEncoder, tokenizers, lock) -> Run:
+    """`set_up` once the run folder is claimed: everything that reads the data or writes the folder."""
+    t = cfg.train
+    out = Path(t.output_dir)
+    main = accelerator.is_main_process
     if main:
         check_output_dir(out, disk_needed(model, t.save_total_limit))
         save_config(cfg, out / "config.yaml")

@@ -42,6 +42,9 @@ def test_grad_accum_beyond_the_data_is_refused(tmp_path, tiny_bert_path):
     with pytest.raises(ConfigError, match="train.grad_accum: 4 batches a step, but 1 epochs of the data give 3"):
         train(cfg)
     assert not (tmp_path / "run" / "final").exists()
+    # the refused run let go of its folder: this process can run there at once
+    train(recipe(tmp_path, tmp_path / "pairs.jsonl", tiny_bert_path, "train.max_steps=1"))
+    assert (tmp_path / "run" / "final").exists()
 
 
 def test_resume_refuses_data_edited_since_the_checkpoint_and_drops_a_torn_metrics_line(tmp_path, tiny_bert_path):
