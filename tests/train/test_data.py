@@ -285,3 +285,13 @@ def test_a_jsonl_row_that_datasets_cannot_read_is_named_by_line(tmp_path, bad, m
     with pytest.raises(DataError) as e:
         load_pairs(DatasetConfig(path=str(path)))
     assert str(e.value).startswith(f"{path}:4 {message}")
+
+
+def test_csv_records_over_several_lines_are_named_by_their_own_lines(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text('a,p\nq1,"an abstract\nover two lines"\nq2,d2\n\nq3,"a third\nabstract"\nq4,""\nq5,"\n\nx"\n')
+    with pytest.raises(DataError, match=r"pairs.csv:8 field 'p': text is empty"):
+        load_pairs(DatasetConfig(path=str(path), columns={"a": "anchor", "p": "positive"}))
+    path.write_text('a,p\nq1,"an abstract\nover two lines"\nq2,"  \n "\n')
+    with pytest.raises(DataError, match=r"pairs.csv:4-5 field 'p': text is empty"):
+        load_pairs(DatasetConfig(path=str(path), columns={"a": "anchor", "p": "positive"}))

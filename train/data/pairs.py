@@ -161,12 +161,23 @@ def row_place(cfg: DatasetConfig, row: int, rank: int = 0, world: int = 1, shard
 
 
 def _where(shown: str, path: Path | None, row: int) -> str:
-    """`file:line` of a row of a JSONL/CSV/TSV file (counted only when an error needs it), else `source row i`."""
+    """`file:line` of a row of a JSONL/CSV/TSV file (counted only when an error needs it; `file:first-last` for a
+    CSV record over several lines), else `source row i`."""
     if path is None or path.suffix not in (".jsonl", ".csv", ".tsv"):
         return f"{shown} row {row}"
-    skip = 0 if path.suffix == ".jsonl" else 1  # CSV/TSV: the header line
+    if path.suffix in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            reader = csv.reader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+            seen, end = -1, 0  # the header is record -1
+            for record in reader:
+                start, end = end + 1, reader.line_num
+                if any(record):  # blank lines hold no record
+                    if seen == row:
+                        return f"{shown}:{start}" if start == end else f"{shown}:{start}-{end}"
+                    seen += 1
+        return f"{shown} row {row}"
     with open(path, "rb") as f:
-        seen = -skip
+        seen = 0
         for n, raw in enumerate(f, 1):
             if raw.strip():
                 if seen == row:
