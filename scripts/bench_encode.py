@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (
+from benchlib import (  # noqa: E402
     DATA,
     encoder_flops,
     machine,
@@ -37,7 +37,7 @@ from benchlib import (
     peak_memory,
     rate_cells,
     run_child,
-    synchronize,  # noqa: E402
+    synchronize,
 )
 
 ALL_SIDES = ("sentence-transformers", "sentence-transformers bf16", "twinfold", "twinfold int8", "twinfold onnx",

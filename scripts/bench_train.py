@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (
+from benchlib import (  # noqa: E402
     DATA,
     REPO,
     cpu_seconds,
@@ -43,7 +43,7 @@ from benchlib import (
     matmul_rate,
     median,
     peak_memory,
-    rate_cells,  # noqa: E402
+    rate_cells,
     run_child,
     synchronize,
 )
