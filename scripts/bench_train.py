@@ -1,7 +1,7 @@
 """Training throughput of twinfold and sentence-transformers on the same model, data, batch, max_length and loss.
 
     python scripts/bench_train.py [--batch-size 32] [--mini-batch-size N] [--steps 3] [--rounds 3]
-        [--device cpu|cuda] [--model PATH] [--mixed-precision no|bf16]
+        [--device cpu|cuda] [--model PATH] [--mixed-precision no|bf16] [--lora R] [--dtype float32|bfloat16]
 
 Both sides fine-tune the same model (all-MiniLM-L6-v2 unless `--model` names a folder, e.g. a BERT-base-size
 one; max_length 256) on the same SciFact train batches with in-batch InfoNCE at temperature 0.05
@@ -23,6 +23,13 @@ off, the losses of an update on batch A and then of one on batch B (after A's up
 pairs/s over rounds, ms per step, peak memory (GPU: allocated; CPU: RSS), the ratio to sentence-transformers and
 the share of the machine's matmul rate (bf16 under bf16, else fp32) that the step's useful FLOPs reach
 (`benchlib.encoder_flops` of the unpadded tokens), and on the CPU the system-time share.
+
+`--lora R` trains a LoRA adapter of rank R (alpha 2R) on both sides, on the layers twinfold picks for the family
+(`models.lora.target_layers`); sentence-transformers gets the same adapter from peft, both from
+the same seed, so the check still compares one computation (sentence-transformers' own `add_adapter` needs peft
+>= 0.22, newer than PyPI's 0.21.2 on 2026-12-07: its Transformer module is wrapped with peft's `get_peft_model`,
+which is what `add_adapter` does). `--dtype bfloat16` loads the weights in bf16 on both
+sides (twinfold's `model.dtype`, sentence-transformers' `model_kwargs`).
 """
 import argparse
 import json
@@ -65,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="model folder or name")
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), help="default: bf16 on cuda, no on cpu")
+    parser.add_argument("--lora", type=int, default=0, metavar="R", help="train a LoRA adapter of rank R (alpha 2R)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the weights' dtype")
     parser.add_argument("--chunk-tokens", type=int, help="twinfold's train.chunk_tokens (default: the device's)")
     parser.add_argument("--profile", type=Path, help="write a torch.profiler table of one more step per side here")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
@@ -120,10 +129,13 @@ def twinfold_step(args):
                  f"train.batch_size={args.batch_size}", f"loss.mini_batch_size={args.mini_batch_size or 'null'}",
                  f"loss.temperature={TEMPERATURE}", f"loss.matryoshka_dims={model_dims(args.model)}",
                  f"train.lr={LR}", f"train.weight_decay={WEIGHT_DECAY}", f"train.max_grad_norm={MAX_GRAD_NORM}",
-                 "loss.mask_false_negatives=false", "eval.data=null",
+                 "loss.mask_false_negatives=false", "eval.data=null", f"model.dtype={args.dtype}",
                  f"train.output_dir={tempfile.mkdtemp(prefix='bench-train-')}"]
+    if args.lora:
+        overrides.append(f"model.lora={{r: {args.lora}, alpha: {2 * args.lora}}}")
     cfg = load_config(REPO / "configs" / "scifact.yaml", overrides)
     accelerator = make_accelerator(args.mixed_precision)
+    torch.manual_seed(0)  # the adapter's initial weights: the same draw as sentence-transformers'
     model = build_model(cfg)
     loss_fn = build_loss(cfg).to(accelerator.device)
     optimizer = build_optimizer(model, loss_fn, cfg)
@@ -157,8 +169,19 @@ def st_step(args):
 
     from twinfold.models import resolve_model_path
 
-    model = SentenceTransformer(str(resolve_model_path(args.model)), device=args.device)
+    model = SentenceTransformer(str(resolve_model_path(args.model)), device=args.device,
+                                model_kwargs={"dtype": getattr(torch, args.dtype)})
     model.max_seq_length = args.max_length
+    if args.lora:  # peft on its Transformer module (its add_adapter needs a newer peft than PyPI has)
+        from peft import LoraConfig, get_peft_model
+
+        from twinfold.models.lora import target_layers
+
+        auto_model = model[0].auto_model
+        torch.manual_seed(0)  # as twinfold's side
+        model[0].auto_model = get_peft_model(auto_model, LoraConfig(
+            r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0, bias="none",
+            target_modules=target_layers(auto_model)))
     scale = 1 / TEMPERATURE
     inner = (CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=args.mini_batch_size)
              if args.mini_batch_size else MultipleNegativesRankingLoss(model, scale=scale))
@@ -239,7 +262,8 @@ def main(argv=None) -> int:
     mode = f"cached, mini-batch {args.mini_batch_size}" if args.mini_batch_size else "uncached"
     print(f"machine: {machine()}; measured {dtype} matmul rate {rate / 1e12:.3f} TFLOP/s\n"
           f"{args.model}, {args.device}, mixed precision {args.mixed_precision}, max_length {args.max_length}, "
-          f"batch {args.batch_size} ({mode}), Matryoshka {model_dims(args.model)}, "
+          f"batch {args.batch_size} ({mode}), Matryoshka {model_dims(args.model)}, weights {args.dtype}"
+          f"{f', LoRA r {args.lora}' if args.lora else ''}, "
           f"{args.steps} timed steps x {args.rounds} rounds per side", flush=True)
 
     runs = {side: [] for side in SIDES}
@@ -248,7 +272,7 @@ def main(argv=None) -> int:
             flags = ["--child", side, "--pairs", str(args.pairs), "--batch-size", str(args.batch_size),
                      "--mini-batch-size", str(args.mini_batch_size), "--max-length", str(args.max_length),
                      "--steps", str(args.steps), "--rounds", "1", "--device", args.device, "--model", args.model,
-                     "--mixed-precision", args.mixed_precision,
+                     "--mixed-precision", args.mixed_precision, "--lora", str(args.lora), "--dtype", args.dtype,
                      *(["--chunk-tokens", str(args.chunk_tokens)] if args.chunk_tokens else []),
                      *(["--profile", str(args.profile)] if args.profile else [])]
             result = run_child(__file__, flags)

@@ -23,10 +23,12 @@ def test_bench_train_matches_sentence_transformers_losses(data_dir):
     assert "| twinfold |" in out and "| sentence-transformers |" in out
 
 
-def test_bench_train_cached_mode_matches_sentence_transformers_losses(data_dir):
+def test_bench_train_cached_mode_with_lora_matches_sentence_transformers_with_peft(data_dir):
     out = run_script("bench_train.py", "--batch-size", "6", "--mini-batch-size", "4", "--max-length", "32",
-                     "--steps", "1", "--rounds", "1", data_dir=data_dir)
-    assert "(cached, mini-batch 4)" in out and "| twinfold |" in out
+                     "--steps", "1", "--rounds", "1", "--lora", "8", data_dir=data_dir)
+    assert "(cached, mini-batch 4)" in out and "LoRA r 8" in out and "| twinfold |" in out
+    check = next(line for line in out.splitlines() if line.startswith("loss check"))
+    assert float(check.rsplit(" ", 1)[1]) <= 1e-5  # the same adapter from the same seed: one computation
 
 
 def test_bench_encode_gives_sentence_transformers_embeddings(data_dir):
