@@ -79,8 +79,12 @@ def test_ctrl_c_while_tokenizing_stops_in_one_line_and_leaves_no_partial_cache(t
 
     monkeypatch.setattr(data, "_tokenize_batch", interrupted)
     cfg = recipe(tmp_path, pairs_file(tmp_path, 12), tiny_bert_path, f"data.cache_dir={tmp_path / 'cache'}")
-    with pytest.raises(StoppedBySignal, match="stopped by SIGINT before the first step") as stopped:
-        train(cfg)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own (xdist workers ignore SIGINT)
+    try:
+        with pytest.raises(StoppedBySignal, match="stopped by SIGINT before the first step") as stopped:
+            train(cfg)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stopped.value.exit_code == 130
     assert not list((tmp_path / "cache" / "tokens").iterdir())  # neither a cache nor a .tmp-* folder
 
