@@ -28,6 +28,7 @@ from twinfold.models.loading import (
     check_model_folder,
     has_tokenizer,
     read_sentence_transformers_layout,
+    refused_pickle,
 )
 from twinfold.models.lora import (
     UNUSED_PREFIXES,
@@ -214,9 +215,7 @@ class BiEncoder(nn.Module):
             if adapter is not None:
                 encoder = load_lora(encoder, adapter)
         except pickle.UnpicklingError as e:  # torch's weights-only loader met something other than tensors
-            reason = next((line for line in str(e).splitlines() if "unsupported" in line), "not only tensors")
-            raise ModelLoadError(f"{path}: its pickle weights were refused by the safe loader, which reads tensors "
-                                 f"only ({reason.strip()}); do not load this file") from e
+            raise refused_pickle(path, e) from e
         except (OSError, ValueError) as e:
             if Path(path).is_dir():
                 raise ModelLoadError(f"cannot load model from {path}: {e}") from e

@@ -6,13 +6,14 @@ sentence-transformers module folder `N_Dense/` with `config.json` and `model.saf
 """
 import importlib
 import json
+import pickle
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from twinfold.models.loading import ModelLoadError, read_sentence_transformers_layout
+from twinfold.models.loading import ModelLoadError, read_sentence_transformers_layout, refused_pickle
 
 IDENTITY = "torch.nn.modules.linear.Identity"
 
@@ -81,7 +82,10 @@ def load_dense(folder: Path, allow_pickle: bool = False) -> Dense:
     if (folder / "model.safetensors").exists():
         state = load_file(folder / "model.safetensors")
     elif (folder / "pytorch_model.bin").exists() and allow_pickle:
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise refused_pickle(folder / "pytorch_model.bin", e) from e
     else:
         raise ModelLoadError(f"{folder}: no model.safetensors for the Dense module (pickle weights need "
                              "allow_pickle=True)")

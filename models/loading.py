@@ -12,6 +12,13 @@ class ModelLoadError(RuntimeError):
     """A model folder or name that cannot be loaded, with what to do about it."""
 
 
+def refused_pickle(where, error: Exception) -> ModelLoadError:
+    """The one-line error for pickle weights that torch's weights-only loader refused (`pickle.UnpicklingError`)."""
+    reason = next((line for line in str(error).splitlines() if "unsupported" in line), "not only tensors")
+    return ModelLoadError(f"{where}: its pickle weights were refused by the safe loader, which reads tensors only "
+                          f"({reason.strip()}); do not load this file")
+
+
 def check_model_folder(path: Path, allow_pickle: bool = False) -> None:
     """Raise ModelLoadError for a folder that is missing, partial, corrupt or pickle-only without opt-in."""
     if not path.is_dir():

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from twinfold.models import BiEncoder, ModelLoadError, truncate
 from twinfold.models.encode import non_positive_option
-from twinfold.models.files.atomic import check_output_folder
+from twinfold.models.files.atomic import check_output_folder, refuse_symlinks
 from twinfold.models.quantize import (
     COMPUTE_HELP,
     COMPUTES,
@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.ev
         if args.out and not args.overwrite:
             check_output_folder(args.out, {*REPORT_FILES.values(), TREC_RUNS},
                                 "choose a new or empty folder or pass --overwrite")
+        elif args.out:  # --overwrite lets the report replace other files, never write through a link
+            refuse_symlinks(args.out, {*REPORT_FILES.values(), TREC_RUNS}, "choose another folder")
         data = load_beir(args.data, args.split, strict=args.strict, ignore_identical_ids=args.ignore_identical_ids)
         evaluator = RetrievalEvaluator(data, args.dims, args.precision, args.k, args.batch_size, args.sts,
                                        args.out, args.rescore_multiplier, show_progress_bar=not args.no_progress,

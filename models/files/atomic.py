@@ -85,6 +85,13 @@ def check_output_folder(folder: str | Path, owned: set[str], remedy: str, unscan
     if foreign:
         raise OverwriteRefused(
             f"{folder} holds {len(foreign)} entries twinfold did not write (e.g. {foreign[0]!r}); {remedy}")
+    refuse_symlinks(folder, owned, remedy, unscanned)
+
+
+def refuse_symlinks(folder: str | Path, owned: set[str], remedy: str, unscanned: frozenset = frozenset()) -> None:
+    """Raise `OverwriteRefused` if a symbolic link is among the `owned` entries of `folder` or anywhere below them
+    (`unscanned`: owned folders another library fills): a write or deletion through it would land elsewhere."""
+    folder = Path(folder)
     for name in sorted(owned):
         if link := first_symlink(folder / name, scan=name not in unscanned):
             raise OverwriteRefused(f"{link} is a symbolic link; twinfold does not write or delete through links "

@@ -198,3 +198,25 @@ def test_pooling_modes_by_hand():
     torch.testing.assert_close(pool(hidden, left, "cls"), torch.tensor([[3.0, 2.0]]))
     torch.testing.assert_close(pool(hidden, left, "weightedmean"), torch.tensor([[(3 + 10) / 3, (2 - 8) / 3]]))
     torch.testing.assert_close(pool(hidden, left, "lasttoken"), torch.tensor([[5.0, -4.0]]))
+
+
+class RunsACommand:
+    """Pickles as a call to os.system: what a malicious pytorch_model.bin holds."""
+
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch ran",)
+
+
+def test_malicious_pickle_weights_of_a_dense_module_are_one_error_and_run_nothing(tiny_bert_path, tmp_path,
+                                                                                  monkeypatch):
+    build(tiny_bert_path, [pooling("mean"), dense(128, 64)], {}, tmp_path / "st")
+    folder = tmp_path / "st" / "2_Dense"
+    (folder / "model.safetensors").unlink()
+    torch.save({"linear.weight": RunsACommand()}, folder / "pytorch_model.bin")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match=re.escape(f"{folder / 'pytorch_model.bin'}: its pickle weights were "
+                                                       "refused by the safe loader")) as error:
+        BiEncoder.from_pretrained(tmp_path / "st", allow_pickle=True)
+    assert "\n" not in str(error.value) and not (tmp_path / "ran").exists()

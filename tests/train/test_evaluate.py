@@ -248,3 +248,16 @@ def test_command_line_errors_are_one_line_with_exit_code_2(args, message, hand_f
     assert main(["--model", str(tiny_bert_path), *args, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_overwrite_never_writes_the_report_through_a_link(hand_folder, tiny_bert_path, tmp_path, capsys):
+    mine = tmp_path / "my-notes.md"
+    mine.write_text("a user's file")
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "other.txt").write_text("replaced only with --overwrite")
+    (out / "report.md").symlink_to(mine)
+    code = main(["--model", str(tiny_bert_path), "--data", str(hand_folder), "--dims", "128", "--out", str(out),
+                 "--overwrite", "--no-progress"])
+    assert code == 2 and mine.read_text() == "a user's file"
+    assert f"{out / 'report.md'} is a symbolic link" in capsys.readouterr().err
