@@ -188,12 +188,20 @@ def file_sha256(path: Path) -> str:
 
 def atomic_write_bytes(dst: str | Path, data: bytes) -> None:
     """Write `data` to `dst` through a temporary file and a rename."""
+    with atomic_file(dst) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_file(dst: str | Path):
+    """Yield a binary file beside `dst` to write in pieces; on success it replaces `dst` in one rename, on an
+    error it is deleted and `dst` stays as it was."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{dst.name}-", dir=dst.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dst)

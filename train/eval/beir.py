@@ -2,6 +2,7 @@
 import csv
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,19 +81,38 @@ def load_beir(folder: str | Path, split: str = "test", strict: bool = False,
 
 def load_corpus(path: str | Path) -> dict[str, str]:
     """id -> "title text" of a BEIR folder's corpus.jsonl, or of a JSONL file in that layout."""
+    return _read_jsonl(corpus_file(path), title=True)
+
+
+def corpus_file(path: str | Path) -> Path:
+    """The documents' JSONL file: a BEIR folder's corpus.jsonl, or `path` itself."""
     path = Path(path)
-    return _read_jsonl(path / "corpus.jsonl" if path.is_dir() else path, title=True)
+    return path / "corpus.jsonl" if path.is_dir() else path
 
 
-def _read_jsonl(path: Path, title: bool) -> dict[str, str]:
-    """id -> text of a BEIR JSONL file (`_id`, `text`, and for the corpus an optional `title`); an id must be a
-    string or a number, a text (with its title) must not be empty."""
+@dataclass
+class Document:
+    """One line of a BEIR JSONL file: its line number, id, title ("" when it has none) and text."""
+
+    line: int
+    id: str
+    title: str
+    text: str
+
+    @property
+    def full_text(self) -> str:
+        """`(title + " " + text).strip()`, the text BEIR and MTEB index."""
+        return (self.title + " " + self.text).strip()
+
+
+def iter_documents(path: Path, title: bool = True) -> Iterator[Document]:
+    """The documents of a BEIR JSONL file one at a time (`_id`, `text`, and with `title` an optional `title`); an
+    id must be a string or a number, a text (with its title) must not be empty. Ids are not checked for
+    uniqueness here (`load_corpus` does)."""
     from twinfold.train.data.pairs import text_problem
 
     if not path.exists():
         raise BeirFormatError(f"{path}: not found (a BEIR folder holds corpus.jsonl and queries.jsonl)")
-    texts: dict[str, str] = {}
-    first_line: dict[str, int] = {}
     for n, row in iter_json_lines(path, BeirFormatError):
         if "_id" not in row:
             raise BeirFormatError(f"{path}:{n}: no '_id' field; every line needs '_id' and 'text'")
@@ -101,17 +121,23 @@ def _read_jsonl(path: Path, title: bool) -> dict[str, str]:
             raise BeirFormatError(f"{path}:{n}: field 'text' is missing or not a string")
         if not isinstance(row["_id"], str | int) or isinstance(row["_id"], bool):
             raise BeirFormatError(f"{path}:{n}: '_id' is {json.dumps(row['_id'])}; an id is a string or an integer")
-        if title:
-            text = (str(row.get("title") or "") + " " + text).strip()
-        if text_problem(text):
+        doc = Document(n, str(row["_id"]), str(row.get("title") or "") if title else "", text)
+        if text_problem(doc.full_text if title else text):
             raise BeirFormatError(f"{path}:{n}: the text{' (with its title)' if title else ''} is empty; give it "
                                   "a text or remove the line")
-        doc_id = str(row["_id"])
-        if doc_id in texts:
-            raise BeirFormatError(f"{path}:{n}: duplicate _id {doc_id!r} (first at line {first_line[doc_id]}); "
+        yield doc
+
+
+def _read_jsonl(path: Path, title: bool) -> dict[str, str]:
+    """id -> text (with its title, for the corpus) of a BEIR JSONL file (`iter_documents`); ids must be unique."""
+    texts: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for doc in iter_documents(path, title):
+        if doc.id in texts:
+            raise BeirFormatError(f"{path}:{doc.line}: duplicate _id {doc.id!r} (first at line {first_line[doc.id]}); "
                                   "ids must be unique")
-        texts[doc_id] = text
-        first_line[doc_id] = n
+        texts[doc.id] = doc.full_text if title else doc.text
+        first_line[doc.id] = doc.line
     return texts
 
 
