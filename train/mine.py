@@ -188,13 +188,14 @@ def provenance_path(path: str | Path) -> Path:
     return Path(f"{path}.provenance.json")
 
 
-def check_mined_output(out: Path, data: str, overwrite: bool) -> None:
-    """Raise `OverwriteRefused` if `out` is the `data` file (always), or if it or its provenance file exists and
-    `out` is not a pair file twinfold mined, unchanged since (its provenance's SHA-256), unless `overwrite`."""
+def check_pair_output(out: Path, source: str | Path, overwrite: bool, source_option: str = "--data") -> None:
+    """Raise `OverwriteRefused` if `out` is the `source` file (always), or if it or its provenance file exists and
+    `out` is not a pair file twinfold wrote (mined, or made from a corpus), unchanged since (its provenance's
+    SHA-256), unless `overwrite`."""
     out = Path(out)
-    if out.exists() and Path(data).exists() and os.path.samefile(out, data):
-        raise OverwriteRefused(f"--out: {out} is the --data file; mined pairs never replace their input. Choose "
-                               "another --out")
+    if out.exists() and Path(source).exists() and os.path.samefile(out, source):
+        raise OverwriteRefused(f"--out: {out} is the {source_option} file; a pair file never replaces its input. "
+                               "Choose another --out")
     provenance = provenance_path(out)
     if overwrite or not (out.exists() or out.is_symlink() or provenance.exists() or provenance.is_symlink()):
         return
@@ -203,7 +204,7 @@ def check_mined_output(out: Path, data: str, overwrite: bool) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         ours = False
     if not ours:
-        raise OverwriteRefused(f"--out: {out} (or {provenance.name}) exists and is not a pair file twinfold mined; "
+        raise OverwriteRefused(f"--out: {out} (or {provenance.name}) exists and is not a pair file twinfold wrote; "
                                "nothing was changed. Choose another path or pass --overwrite to replace it")
 
 
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.mi
         return 2
     try:
         check_hard_negatives(ds, "options")
-        check_mined_output(args.out, args.data, args.overwrite)
+        check_pair_output(args.out, args.data, args.overwrite)
         check_writable(args.out, "--out")
         model = BiEncoder.from_pretrained(args.model)
         encoder = MemoEncoder(model, args.batch_size, show_progress_bar=not args.no_progress)

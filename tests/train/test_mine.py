@@ -237,13 +237,13 @@ def test_out_never_replaces_the_input_nor_a_file_twinfold_did_not_mine(tmp_path,
     for extra in ([], ["--overwrite"]):
         assert main([*args, "--out", str(pairs), *extra]) == 2
         assert capsys.readouterr().err.splitlines() == [
-            f"error: --out: {pairs} is the --data file; mined pairs never replace their input. Choose another --out"]
+            f"error: --out: {pairs} is the --data file; a pair file never replaces its input. Choose another --out"]
     assert pairs.read_bytes() == original
     notes = tmp_path / "notes.jsonl"
     notes.write_text("my notes\n")
     assert main([*args, "--out", str(notes)]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"error: --out: {notes} (or notes.jsonl.provenance.json) exists and is not a pair file twinfold mined; "
+        f"error: --out: {notes} (or notes.jsonl.provenance.json) exists and is not a pair file twinfold wrote; "
         "nothing was changed. Choose another path or pass --overwrite to replace it"]
     assert notes.read_text() == "my notes\n"
     out = tmp_path / "mined.jsonl"
@@ -251,7 +251,7 @@ def test_out_never_replaces_the_input_nor_a_file_twinfold_did_not_mine(tmp_path,
     assert main([*args, "--out", str(out)]) == 0  # its own, unchanged mined file is replaced
     with open(out, "a") as f:
         f.write('{"anchor": "added", "positive": "by hand", "negative": "later"}\n')
-    assert main([*args, "--out", str(out)]) == 2 and "is not a pair file twinfold mined" in capsys.readouterr().err
+    assert main([*args, "--out", str(out)]) == 2 and "is not a pair file twinfold wrote" in capsys.readouterr().err
     assert main([*args, "--out", str(notes), "--overwrite"]) == 0
     assert len(load_pairs(DatasetConfig(path=str(notes), columns={"anchor": "anchor", "positive": "positive"}))) == 30
 
