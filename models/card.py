@@ -33,7 +33,7 @@ def model_card(model) -> str:
     if final:
         front["model-index"] = [{"name": _title(training), "results": _model_index(final, evaluation)}]
     body = [f"# {_title(training)}", _purpose(model, training), _usage(model), _evaluation(results, evaluation),
-            _training(training), _fingerprint(model)]
+            _merge(model.info.get("merge")), _training(training), _fingerprint(model)]
     header = yaml.safe_dump(front, sort_keys=False, allow_unicode=True)
     return f"---\n{header}---\n\n" + "\n\n".join(part for part in body if part) + "\n"
 
@@ -156,6 +156,25 @@ def _evaluation(results: list[dict], evaluation: dict) -> str:
     for r in results:
         if r["model"] == "bm25":
             lines += ["", f"BM25 on the same queries: nDCG@10 {r['ndcg@10']:.4f} ({r.get('bm25', 'bm25s defaults')})."]
+    return "\n".join(lines)
+
+
+def _merge(merge: dict | None) -> str:
+    """What `twinfold merge` made this model of (models.merge), and the scores that chose an automatic alpha."""
+    if not merge:
+        return ""
+    base, tuned = merge["base"], merge["tuned"]
+    lines = ["## Merge", "", f"The weights are `{merge['formula']}` with alpha {merge['alpha']:g}: base "
+             f"`{base['model']}` (fingerprint {base['fingerprint']}), tuned `{tuned['model']}` "
+             f"(fingerprint {tuned['fingerprint']})."]
+    if "auto" in merge:
+        a = merge["auto"]
+        lines += ["", f"alpha was chosen as the one with the largest mean general score "
+                  f"({', '.join(g['data'] for g in a['general'])}) among those keeping {a['keep_gain']:.0%} of the "
+                  f"nDCG@10 gain on {a['dev']} ({a['dev_split']}):", "", "| alpha | dev nDCG@10 | general |",
+                  "|---:|---:|---:|"]
+        lines += [f"| {r['alpha']:g} | {r['dev']:.4f} | " + (f"{r['general']:.4f}" if "general" in r else "–") + " |"
+                  for r in a["scores"]]
     return "\n".join(lines)
 
 

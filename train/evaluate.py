@@ -200,6 +200,27 @@ class RetrievalEvaluator:
         return evaluate_run(run, self.data.qrels, self.k_values)
 
 
+class GeneralEvaluator:
+    """One general evaluation set, scored at the model's full dimension in float32 with the evaluators above: an
+    STS file (`load_sts`: Spearman of the cosine, metric `sts_spearman`) or a BEIR folder (`ndcg@10` on `split`).
+    Errors in the set (`StsFormatError`, `BeirFormatError`) are raised when it is made, before any model work."""
+
+    def __init__(self, path: str | Path, split: str = "test", batch_size: int = 64):
+        self.path, self.batch_size = str(path), batch_size
+        if Path(path).is_dir():
+            self.metric = "ndcg@10"
+            self._retrieval = RetrievalEvaluator(load_beir(path, split), batch_size=batch_size, cache_size=1)
+        else:
+            self.metric = "sts_spearman"
+            self._sts = load_sts(path)
+
+    def __call__(self, model: BiEncoder) -> float:
+        if self.metric == "ndcg@10":
+            return self._retrieval(model, self.path)[0]["ndcg@10"]
+        emb = model.encode(self._sts["sentences"], self.batch_size, kind="query", convert_to_tensor=True)
+        return sts_spearman(emb, self._sts)
+
+
 def storage(bytes_per_doc: float) -> dict:
     """Storage columns of a row: bytes per document and MB (10^6 bytes) per million documents (the same number)."""
     return {"bytes_per_doc": bytes_per_doc, "storage_mb_per_million_docs": bytes_per_doc}
