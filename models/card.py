@@ -33,7 +33,8 @@ def model_card(model) -> str:
     if final:
         front["model-index"] = [{"name": _title(training), "results": _model_index(final, evaluation)}]
     body = [f"# {_title(training)}", _purpose(model, training), _usage(model), _evaluation(results, evaluation),
-            _merge(model.info.get("merge")), _training(training), _fingerprint(model)]
+            "\n".join(general_lines(model.info.get("general"))), _merge(model.info.get("merge")),
+            _training(training), _fingerprint(model)]
     header = yaml.safe_dump(front, sort_keys=False, allow_unicode=True)
     return f"---\n{header}---\n\n" + "\n\n".join(part for part in body if part) + "\n"
 
@@ -176,6 +177,18 @@ def _merge(merge: dict | None) -> str:
         lines += [f"| {r['alpha']:g} | {r['dev']:.4f} | " + (f"{r['general']:.4f}" if "general" in r else "–") + " |"
                   for r in a["scores"]]
     return "\n".join(lines)
+
+
+def general_lines(general: dict | None) -> list[str]:
+    """The table of general scores (forgetting: base against fine-tuned), for the card and the evaluation report."""
+    if not general:
+        return []
+    lines = ["## General sets (forgetting)", "", "Scores at full dimension, float32; a change below "
+             f"-{general['tolerance']:g} is flagged.", "", "| set | metric | base | fine-tuned | change |",
+             "|---|---|---:|---:|---:|"]
+    lines += [f"| `{r['data']}` | {r['metric']} | {r['base']:.4f} | {r['final']:.4f} | {r['change']:+.4f}"
+              + (" (fell)" if r["fell_beyond_tolerance"] else "") + " |" for r in general["results"]]
+    return lines
 
 
 def _training(training: dict) -> str:

@@ -1,6 +1,8 @@
-"""Training data built from texts in memory, for hand-made test cases (the library builds the same from files)."""
+"""Training data built from texts in memory, for hand-made test cases (the library builds the same from files), and
+small evaluation sets cut from the shared data."""
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -40,3 +42,23 @@ def assemble_texts(model, texts: dict[str, list[str]], token_budget: int, max_te
 def count_truncated(model, texts: list[str], kind: str) -> int:
     """How many of `texts` (with the kind's prefix) are longer than the model's `max_length` tokens."""
     return sum(n > model.max_length for n in model.text_tokenizer.lengths(texts, kind))
+
+
+def small_beir(nano: Path, folder: Path, queries: int = 10, others: int = 100) -> Path:
+    """The first `queries` judged queries of SciFact-nano with their judged documents and `others` more documents."""
+    qrels = (nano / "qrels" / "test.tsv").read_text().splitlines()
+    kept = [line for line in qrels[1:] if line.split("\t")[0] in {q.split("\t")[0] for q in qrels[1:queries + 1]}]
+    judged = {line.split("\t")[1] for line in kept}
+    corpus = (nano / "corpus.jsonl").read_text().splitlines()
+    docs = [d for i, d in enumerate(corpus) if i < others or json.loads(d)["_id"] in judged]
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "qrels" / "test.tsv").write_text("\n".join([qrels[0], *kept]) + "\n")
+    (folder / "corpus.jsonl").write_text("\n".join(docs) + "\n")
+    (folder / "queries.jsonl").write_text((nano / "queries.jsonl").read_text())
+    return folder
+
+
+def small_sts(source: Path, path: Path, pairs: int = 100) -> Path:
+    """The first `pairs` sentence pairs of an STS file (with its header)."""
+    path.write_text("".join(source.read_text().splitlines(keepends=True)[:pairs + 1]))
+    return path

@@ -141,6 +141,11 @@ class EvalConfig:
     bm25_stemmer: str | None = None  # e.g. english (Snowball, needs PyStemmer)
     bm25_split_identifiers: bool = False  # code-like text: camelCase / snake_case / dotted names add their parts
     sts: str | None = None
+    # general sets scored for the base and the final model, to measure forgetting: STS files (Spearman) or BEIR
+    # folders (nDCG@10 on general_split); a warning when a score falls more than general_tolerance
+    general: list[str] = field(default_factory=list)
+    general_split: str = "test"
+    general_tolerance: float = 0.01
     batch_size: int = 64
     ignore_identical_ids: bool = False
     metric: str = "ndcg@10"  # decides the best checkpoint
@@ -389,6 +394,11 @@ def validate(c: Config) -> None:
     except ValueError as err:
         raise ConfigError(f"eval.bm25_*: {err}") from None
     check_one_prompt(c.eval, "eval")
+    if c.eval.general_tolerance < 0:
+        raise ConfigError(f"eval.general_tolerance: {c.eval.general_tolerance} must not be negative")
+    for i, path in enumerate(c.eval.general):
+        if not Path(path).exists():
+            raise ConfigError(f"eval.general[{i}]: {path} does not exist (an STS file or a BEIR folder)")
     check_streaming(c)
     if c.eval.data is not None and not Path(c.eval.data).is_dir():
         raise ConfigError(f"eval.data: {c.eval.data} is not a folder (a BEIR folder with corpus.jsonl, "

@@ -185,6 +185,7 @@ class RunState:
     best: dict | None = None  # {"step", "score"} of the best evaluation so far
     evals: list[dict] = field(default_factory=list)
     base: list[dict] = field(default_factory=list)  # the base model's evaluation rows
+    general_base: list[dict] = field(default_factory=list)  # the base model's scores on eval.general
     last_rows: list[dict] | None = None  # the latest evaluation's rows (not saved)
 
     def saved(self) -> dict:
@@ -215,6 +216,7 @@ class Run:
     evaluator: object | None  # train.evaluate.RetrievalEvaluator, on the main process
     tracker: object | None  # a wandb run, on the main process
     lock: object | None  # train.lock.RunLock, on the main process
+    general: list = field(default_factory=list)  # train.evaluate.GeneralEvaluator of eval.general, main process
     position: dict | None = None  # streamed runs: where this process's streams stand
 
     @property
@@ -293,6 +295,10 @@ def set_up_claimed(cfg: Config, accelerator: Accelerator, model: BiEncoder, toke
         if run.state.step == 0 and run.evaluator is not None:
             run.state.base = run.evaluator(model, "base")
             write_metrics(out / "metrics.jsonl", {"step": 0, "eval": run.state.base})
+        run.general = build_general(cfg)
+        if run.state.step == 0 and run.general:
+            run.state.general_base = score_general(run.general, model, "base")
+            write_metrics(out / "metrics.jsonl", {"step": 0, "general": run.state.general_base})
         run.tracker = start_wandb(cfg, out, resume=run.state.step > 0) if cfg.log.wandb else None
     return run
 
@@ -404,18 +410,22 @@ def finish(run: Run) -> Path:
         if dtype != run.model.encoder.dtype:  # training is over: the export is in the base's dtype (or model.dtype's)
             run.model.to(dtype)
             state.last_rows = None  # the final rows measure the export itself
+        general = compare_general(run.state.general_base, score_general(run.general, run.model, "final"),
+                                  cfg.eval.general_tolerance) if run.general else []
+        if general:
+            write_metrics(out / "metrics.jsonl", {"step": state.step, "general": general})
         rows = []
         if run.evaluator is not None:
             if state.last_rows is None:  # resumed after the last checkpoint, or converted
                 state.last_rows = run.evaluator(run.model, f"step-{state.step}")
             final_rows = [dict(r, model="final") for r in state.last_rows]
             rows = state.base + final_rows + (run.evaluator.bm25_rows() if cfg.eval.bm25 else [])
-        run.model.save_pretrained(final, info=run_info(cfg, run.datasets, state, rows, run.data_report))
+        run.model.save_pretrained(final, info=run_info(cfg, run.datasets, state, rows, run.data_report, general))
         if run.evaluator is not None:
             from twinfold.train.eval.report import write_report
 
             write_report(rows, out / "eval", info={**run.evaluator.describe(), "config": cfg.to_dict(),
-                                                   **run.data_report})
+                                                   **run.data_report, **general_info(cfg, general)})
         if run.tracker:
             run.tracker.finish()
         run.lock.release()
@@ -559,7 +569,44 @@ def build_evaluator(cfg: Config, out: Path):
                               query_prompt_name=e.query_prompt_name, query_prompt=e.query_prompt)
 
 
-def run_info(cfg: Config, datasets, state: RunState, rows: list[dict], data_report: dict) -> dict:
+def build_general(cfg: Config) -> list:
+    """The evaluators of `eval.general` (none when it is empty)."""
+    from twinfold.train.evaluate import GeneralEvaluator
+
+    return [GeneralEvaluator(path, cfg.eval.general_split, cfg.eval.batch_size) for path in cfg.eval.general]
+
+
+def score_general(evaluators: list, model: BiEncoder, name: str) -> list[dict]:
+    """One row per general set: {"data", "metric", "model": name, "score"}."""
+    rows = [{"data": g.path, "metric": g.metric, "model": name, "score": g(model)} for g in evaluators]
+    for r in rows:
+        log.info("general %s (%s) %s: %.4f", r["data"], r["metric"], name, r["score"])
+    return rows
+
+
+def compare_general(base: list[dict], final: list[dict], tolerance: float) -> list[dict]:
+    """Per general set the base's and the final model's score; a warning for each that fell more than `tolerance`."""
+    out = []
+    base_of = {r["data"]: r for r in base}
+    for f in final:
+        if (b := base_of.get(f["data"])) is None:  # a set added to a resumed run: no base score to compare
+            continue
+        fell = b["score"] - f["score"] > tolerance
+        if fell:
+            log.warning("eval.general: %s (%s) fell from %.4f (base) to %.4f (final), more than "
+                        "eval.general_tolerance %g", f["data"], f["metric"], b["score"], f["score"], tolerance)
+        out.append({"data": f["data"], "metric": f["metric"], "base": b["score"], "final": f["score"],
+                    "change": f["score"] - b["score"], "fell_beyond_tolerance": fell})
+    return out
+
+
+def general_info(cfg: Config, general: list[dict]) -> dict:
+    """What the report and twinfold.json record of `eval.general` (nothing when it is empty)."""
+    return {"general": {"tolerance": cfg.eval.general_tolerance, "results": general}} if general else {}
+
+
+def run_info(cfg: Config, datasets, state: RunState, rows: list[dict], data_report: dict,
+             general: list[dict] = ()) -> dict:
     """What twinfold.json (and the model card) records about training: recipe, data, checks and eval results."""
     t = cfg.train
     info = {"training": {"base_model": cfg.model.name_or_path, "steps": state.step,
@@ -574,7 +621,7 @@ def run_info(cfg: Config, datasets, state: RunState, rows: list[dict], data_repo
     if rows:
         info["eval"] = {"data": cfg.eval.data, "split": cfg.eval.split, "results": [
             {k: r[k] for k in EVAL_KEYS if k in r} for r in rows]}
-    return info
+    return {**info, **general_info(cfg, list(general))}
 
 
 def drop_metrics_after(path: Path, step: int) -> None:

@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.me
             record["auto"] = {"dev": str(args.dev), "dev_split": args.dev_split, "dev_metric": "ndcg@10",
                               "general": [{"data": g.path, "metric": g.metric} for g in general],
                               "keep_gain": args.keep_gain, "scores": scores}
-        info = {**{k: v for k, v in tuned.info.items() if k != "eval"}, "merge": {**record, "alpha": alpha}}
+        kept = {k: v for k, v in tuned.info.items() if k not in ("eval", "general")}  # scores of TUNED, not of this
+        info = {**kept, "merge": {**record, "alpha": alpha}}
         model = merge(base, tuned, alpha, info)
         model.save_pretrained(args.out, overwrite=args.overwrite)
     except (MergeError, ModelLoadError, BeirFormatError, StsFormatError, OverwriteRefused, OSError, ValueError) as e:

@@ -1,10 +1,10 @@
 """Weight merging (models.merge) and `twinfold merge` (train.merge): exact interpolation, checks, automatic alpha."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.builders import small_beir, small_sts
 from twinfold.models import BiEncoder
 from twinfold.models.merge import interpolate
 from twinfold.train.eval.beir import load_beir
@@ -114,27 +114,12 @@ def test_choose_alpha_keeps_the_gain_share_with_the_largest_general_score():
     assert choose_alpha(worse, 0.8)["alpha"] == 0.0  # a negative gain: alpha 1 is below dev(0) + 0.8 x gain
 
 
-def small_beir(nano: Path, folder: Path, queries: int = 10, others: int = 100) -> Path:
-    """The first `queries` judged queries of SciFact-nano with their judged documents and `others` more documents."""
-    qrels = (nano / "qrels" / "test.tsv").read_text().splitlines()
-    kept = [line for line in qrels[1:] if line.split("\t")[0] in {q.split("\t")[0] for q in qrels[1:queries + 1]}]
-    judged = {line.split("\t")[1] for line in kept}
-    corpus = (nano / "corpus.jsonl").read_text().splitlines()
-    docs = [d for i, d in enumerate(corpus) if i < others or json.loads(d)["_id"] in judged]
-    (folder / "qrels").mkdir(parents=True)
-    (folder / "qrels" / "test.tsv").write_text("\n".join([qrels[0], *kept]) + "\n")
-    (folder / "corpus.jsonl").write_text("\n".join(docs) + "\n")
-    (folder / "queries.jsonl").write_text((nano / "queries.jsonl").read_text())
-    return folder
-
-
 def test_auto_alpha_scores_the_grid_with_the_shared_evaluators(tmp_path, tiny_bert_path, tuned_path, data_dir):
     from twinfold.models.merge import merge
 
     out = tmp_path / "auto"
     dev_dir = small_beir(data_dir / "scifact-nano", tmp_path / "dev")
-    sts = tmp_path / "sts.tsv"
-    sts.write_text("".join((data_dir / "stsb" / "test.tsv").read_text().splitlines(keepends=True)[:101]))
+    sts = small_sts(data_dir / "stsb" / "test.tsv", tmp_path / "sts.tsv")
     assert main([str(tiny_bert_path), str(tuned_path), "--alpha", "auto", "--dev", str(dev_dir),
                  "--dev-split", "test", "--general", str(sts), "--grid", "0.5", "--keep-gain", "0.5",
                  "--out", str(out)]) == 0

@@ -3,6 +3,7 @@ import io
 import json
 from pathlib import Path
 
+from twinfold.models.card import general_lines
 from twinfold.models.files.atomic import atomic_write_bytes
 from twinfold.models.quantize import PRECISIONS, format_megabytes
 
@@ -28,12 +29,15 @@ def write_report(rows: list[dict], out_dir: str | Path, info: dict | None = None
 
 
 def notes_of(rows: list[dict], info: dict | None) -> list[str]:
-    """Lines under the table: the settings of BM25 rows and the training data's overlap with the eval set."""
+    """Lines under the table: the settings of BM25 rows, the training data's overlap with the eval set and the general
+    sets' scores (eval.general)."""
     lines = [f"BM25 settings: {r['bm25']}." for r in rows if r.get("bm25")]
     if info and info.get("leakage"):
         from twinfold.train.data.leakage import summary_lines
 
         lines.append("## Training data against the eval set\n\n" + "\n".join(summary_lines(info["leakage"])))
+    if info and info.get("general"):
+        lines.append("\n".join(general_lines(info["general"])))
     return lines
 
 
