@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from twinfold.train.config import DatasetConfig
+from tests.helpers import REPO
+from twinfold.train.config import DatasetConfig, load_config
 from twinfold.train.corpus_pairs import corpus_pairs, main, sentences, write_corpus_pairs
 from twinfold.train.data.pairs import load_pairs
 from twinfold.train.eval.beir import BeirFormatError
@@ -131,11 +132,15 @@ def test_command_errors_are_one_line_and_out_is_replaced_only_when_twinfold_wrot
 
 
 @pytest.mark.parametrize("method", ["title", "crop", "ict"])
-def test_scifact_nano_pairs_load_as_training_data(tmp_path, data_dir, method):
-    out = tmp_path / f"{method}.jsonl"
+def test_scifact_nano_pairs_load_as_training_data_of_the_corpus_recipe(tmp_path, data_dir, method, monkeypatch):
+    out = tmp_path / f"scifact-{method}.jsonl"
     assert main(["--corpus", str(data_dir / "scifact-nano"), "--method", method, "--out", str(out)]) == 0
-    provenance = json.loads((tmp_path / f"{method}.jsonl.provenance.json").read_text())
+    provenance = json.loads((tmp_path / f"scifact-{method}.jsonl.provenance.json").read_text())
     pairs = load_pairs(DatasetConfig(path=str(out), columns=provenance["columns"]))
     assert provenance["documents"] == 1000 and len(pairs) == provenance["rows_out"] == 1000 - provenance["skipped"]
     assert provenance["method"] == method and provenance["corpus"] == str(data_dir / "scifact-nano")
+    monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))
+    monkeypatch.setenv("TWINFOLD_PAIRS", str(tmp_path))
+    cfg = load_config(REPO / "configs" / f"scifact_corpus_{method}.yaml")
+    assert cfg.data.train[0].path == str(out) and cfg.eval.general == [str(data_dir / "stsb" / "test.tsv")]
 
