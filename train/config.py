@@ -399,6 +399,9 @@ def validate(c: Config) -> None:
     for i, path in enumerate(c.eval.general):
         if not Path(path).exists():
             raise ConfigError(f"eval.general[{i}]: {path} does not exist (an STS file or a BEIR folder)")
+        if Path(path).is_dir() and not (Path(path) / "qrels" / f"{c.eval.general_split}.tsv").exists():
+            raise ConfigError(f"eval.general[{i}]: the BEIR folder {path} has no qrels/{c.eval.general_split}.tsv "
+                              "(eval.general_split)")
     check_streaming(c)
     if c.eval.data is not None and not Path(c.eval.data).is_dir():
         raise ConfigError(f"eval.data: {c.eval.data} is not a folder (a BEIR folder with corpus.jsonl, "

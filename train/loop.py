@@ -271,6 +271,7 @@ def set_up_claimed(cfg: Config, accelerator: Accelerator, model: BiEncoder, toke
     if main:
         check_output_dir(out, disk_needed(model, t.save_total_limit))
         save_config(cfg, out / "config.yaml")
+    general = build_general(cfg) if main else []  # the sets are read (and checked) before any data work
     log.info("preparing %d training datasets", len(cfg.data.train))
     datasets, data_report = prepare_data(cfg, model, out, accelerator)  # mining, eval-overlap and duplicate checks
     batches = TrainingBatches(cfg, model, datasets, accelerator, tokenizers)
@@ -286,7 +287,7 @@ def set_up_claimed(cfg: Config, accelerator: Accelerator, model: BiEncoder, toke
     recipe = {**cfg.to_dict(), "data_content": {ds.name: ds.fingerprint for ds in datasets
                                                 if isinstance(ds, PairDataset)}}
     run = Run(cfg, accelerator, model, model, loss_fn, optimizer, scheduler, batches, total_steps, RunState(),
-              recipe, datasets, data_report, evaluator=None, tracker=None, lock=lock)
+              recipe, datasets, data_report, evaluator=None, tracker=None, lock=lock, general=general)
     if t.resume:
         resume(run)
     run.wrapped, run.optimizer = accelerator.prepare(model, optimizer)
@@ -295,7 +296,6 @@ def set_up_claimed(cfg: Config, accelerator: Accelerator, model: BiEncoder, toke
         if run.state.step == 0 and run.evaluator is not None:
             run.state.base = run.evaluator(model, "base")
             write_metrics(out / "metrics.jsonl", {"step": 0, "eval": run.state.base})
-        run.general = build_general(cfg)
         if run.state.step == 0 and run.general:
             run.state.general_base = score_general(run.general, model, "base")
             write_metrics(out / "metrics.jsonl", {"step": 0, "general": run.state.general_base})

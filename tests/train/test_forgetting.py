@@ -45,14 +45,15 @@ def test_general_sets_are_scored_for_base_and_final_everywhere_with_a_warning_wh
 @pytest.mark.parametrize("override, message", [
     ("eval.general_tolerance=-0.1", "eval.general_tolerance: -0.1 must not be negative"),
     ("eval.general=[/no/such/set]", "eval.general[0]: /no/such/set does not exist (an STS file or a BEIR folder)"),
+    ("eval.general_split=dev", "eval.general[0]: the BEIR folder {nano} has no qrels/dev.tsv (eval.general_split)"),
     ("eval.general_tolerence=0.1",
      "unknown config key 'eval.general_tolerence'; did you mean 'eval.general_tolerance'?"),
     ("eval.general_tolerance=much", "eval.general_tolerance: expected float, got 'much'"),
 ])
-def test_general_keys_are_checked_like_every_key(override, message):
+def test_general_keys_are_checked_like_every_key(override, message, data_dir):
     with pytest.raises(ConfigError) as e:
-        load_config(SMOKE, [override])
-    assert str(e.value) == message
+        load_config(SMOKE, [f"eval.general=[{data_dir / 'scifact-nano'}]", override])
+    assert str(e.value) == message.format(nano=data_dir / "scifact-nano")
 
 
 def test_a_general_key_in_a_recipe_must_be_a_list(tmp_path):
