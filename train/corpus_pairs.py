@@ -1,5 +1,6 @@
-"""Training pairs from a corpus alone, written as an ordinary pair file (`anchor`, `positive`) beside
-`OUT.provenance.json`.
+"""Training pairs from a corpus alone (title, crop or ict), written as an ordinary pair file with its provenance.
+
+The file has `anchor` and `positive` columns; `OUT.provenance.json` goes beside it.
 
     python -m twinfold.train.corpus_pairs --corpus BEIR_DIR|DOCS.jsonl --method title|crop|ict --out PAIRS.jsonl
         [--per-doc 1] [--seed 42] [--overwrite]

@@ -1,5 +1,6 @@
-"""Merge a fine-tuned model with its base: weights `base * (1 - alpha) + tuned * alpha` (models.merge), written as an
-export that twinfold and sentence-transformers load.
+"""Merge a fine-tuned model with its base: weights base * (1 - alpha) + tuned * alpha, written as an export.
+
+The interpolation and its checks are models.merge; the folder loads in twinfold and sentence-transformers.
 
     python -m twinfold.train.merge BASE TUNED --alpha A --out DIR
     python -m twinfold.train.merge BASE TUNED --alpha auto --dev BEIR_DIR [--dev-split dev] --general STS_OR_BEIR
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.me
     p.add_argument("--alpha", required=True, type=_alpha, help=f"{FORMULA}: a number in [0, 1], or auto")
     p.add_argument("--out", required=True, type=Path, help="the merged model folder")
     p.add_argument("--dev", type=Path, help="auto: BEIR folder whose --dev-split measures the domain gain")
-    p.add_argument("--dev-split", default="dev")
+    p.add_argument("--dev-split", default="dev", help="auto: the split of --dev (qrels/SPLIT.tsv)")
     p.add_argument("--general", type=Path, action="append", default=[],
                    help="auto: STS file or BEIR folder that measures forgetting (repeat for several)")
     p.add_argument("--general-split", default="test", help="the split of a BEIR --general folder")

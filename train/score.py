@@ -1,5 +1,6 @@
-"""Teacher scores for a pair file: each row gets `score_positive` and `score_negative_1..k`, the teacher's score of its
-anchor against the positive and against each negative, for distillation.
+"""Teacher scores for a pair file: each row gets score_positive and score_negative_1..k, for distillation.
+
+A row's scores are the teacher's score of its anchor against the positive and against each negative.
 
     python -m twinfold.train.score --teacher M --data PAIRS.jsonl --out SCORED.jsonl [--teacher-kind auto]
         [--batch-size 32] [--max-length N] [--overwrite]
