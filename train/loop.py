@@ -414,7 +414,8 @@ def finish(run: Run) -> Path:
                 state.last_rows = run.evaluator(run.model, f"step-{state.step}")
             final_rows = [dict(r, model="final") for r in state.last_rows]
             rows = state.base + final_rows + (run.evaluator.bm25_rows() if cfg.eval.bm25 else [])
-        run.model.save_pretrained(final, info=run_info(cfg, run.datasets, state, rows, run.data_report))
+        run.model.save_pretrained(final, info=run_info(cfg, run.datasets, state, rows, run.data_report,
+                                                        run.evaluator))
         if run.evaluator is not None:
             from twinfold.train.eval.report import write_report
 
@@ -564,7 +565,7 @@ def build_evaluator(cfg: Config, out: Path):
                               rescore_multiplier=e.rescore_multiplier)
 
 
-def run_info(cfg: Config, datasets, state: RunState, rows: list[dict], data_report: dict) -> dict:
+def run_info(cfg: Config, datasets, state: RunState, rows: list[dict], data_report: dict, evaluator=None) -> dict:
     """What twinfold.json (and the model card) records about training: recipe, data, checks and eval results."""
     t = cfg.train
     info = {"training": {"base_model": cfg.model.name_or_path, "steps": state.step,
@@ -579,6 +580,8 @@ def run_info(cfg: Config, datasets, state: RunState, rows: list[dict], data_repo
     if rows:
         info["eval"] = {"data": cfg.eval.data, "split": cfg.eval.split, "results": [
             {k: r[k] for k in EVAL_KEYS if k in r} for r in rows]}
+        if evaluator is not None:
+            info["eval"].update({k: evaluator.describe()[k] for k in ("k_values", "rescore_multiplier")})
     return info
 
 
