@@ -12,6 +12,7 @@ import yaml
 
 from twinfold.models.families import ENCODER_ONLY
 from twinfold.models.quantize import format_megabytes
+from twinfold.models.search import rescoring_note
 
 CARD_FILE = "README.md"
 METRICS = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@10", "Recall@10"), ("recall@100", "Recall@100"),
@@ -154,6 +155,8 @@ def _evaluation(results: list[dict], evaluation: dict) -> str:
         cells += [f"{r['ndcg@10']:.4f}", f"{r.get('mrr@10', float('nan')):.4f}",
                   f"{r.get('recall@100', float('nan')):.4f}", format_megabytes(r["storage_mb_per_million_docs"])]
         lines.append("| " + " | ".join(cells) + " |")
+    if "rescore_multiplier" in evaluation and any(r["precision"] == "binary" for r in final):
+        lines += ["", rescoring_note(evaluation["rescore_multiplier"], max(evaluation["k_values"]))]
     for r in results:
         if r["model"] == "bm25":
             lines += ["", f"BM25 on the same queries: nDCG@10 {r['ndcg@10']:.4f} ({r.get('bm25', 'bm25s defaults')})."]
@@ -201,7 +204,8 @@ def _training(training: dict) -> str:
              f"{training.get('batch_size')} (in-batch negatives), AdamW lr {training.get('lr')}, warm-up ratio "
              f"{training.get('warmup_ratio')}, seed {training.get('seed')}",
              f"- loss: InfoNCE at temperature {loss.get('temperature')}"
-             + (f" inside Matryoshka {dims}" if dims else "") + (", symmetric" if loss.get("symmetric") else "")]
+             + (f" inside Matryoshka {dims}" if dims else "") + (", symmetric" if loss.get("symmetric") else "")
+             + _quantization(loss.get("quantization"), dims)]
     for data in training.get("data", []):
         negatives = data.get("negatives_per_pair", 0)
         lines.append(f"- data: {data['name']}, " + (f"{data['pairs']} pairs" if "pairs" in data else "streamed")
@@ -222,6 +226,17 @@ def _training(training: dict) -> str:
                      f"eval set, {dup['exact']} exact and {dup['near']} near duplicate pairs, "
                      f"{check['dropped']} dropped")
     return "\n".join(lines)
+
+
+def _quantization(q: dict | None, dims: list[int] | None) -> str:
+    """The loss line's account of the quantization-aware terms: which stored forms, weights and dims."""
+    if not q:
+        return ""
+    forms = " and ".join(f"{name} (weight {q[key]})" for key, name in (("binary", "sign bits"), ("int8", "int8 codes"))
+                         if q.get(key))
+    at = q.get("dims") or dims
+    return (f"; trained for search over the documents' {forms}" + (f" at dims {at}" if at else "")
+            + f", {q.get('estimator', 'ste')} estimator")
 
 
 def _fingerprint(model) -> str:

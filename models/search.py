@@ -59,6 +59,12 @@ def binary_search(queries, corpus: np.ndarray, k: int, rescore_multiplier: int =
     return torch.cat(scores), torch.cat(indices)
 
 
+def rescoring_note(rescore_multiplier: int, k: int) -> str:
+    """How binary results were searched, for reports: the rescoring depth in words."""
+    return (f"binary: sign bits searched by Hamming distance; the {rescore_multiplier * k} nearest documents per query "
+            f"(rescore multiplier {rescore_multiplier} x top {k}) rescored with the float32 query.")
+
+
 def rescore_binary(queries, codes: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each float32 query [q, d] among its candidates' packed sign bits [q, c, ceil(d/8)], scored by
     the query times the candidate's ±1 vector: (scores, positions among the candidates), best first."""

@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py [--batch-size 32] [--mini-batch-size N] [--steps 3] [--rounds 3]
         [--device cpu|cuda] [--model PATH] [--mixed-precision no|bf16] [--lora R] [--dtype float32|bfloat16]
+        [--quantization binary|int8|binary,int8]
 
 Both sides fine-tune the same model (all-MiniLM-L6-v2 unless `--model` names a folder, e.g. a BERT-base-size
 one; max_length 256) on the same SciFact train batches with in-batch InfoNCE at temperature 0.05
@@ -30,6 +31,10 @@ the same seed, so the check still compares one computation (sentence-transformer
 >= 0.22, newer than PyPI's 0.21.2 on 2026-12-07: its Transformer module is wrapped with peft's `get_peft_model`,
 which is what `add_adapter` does). `--dtype bfloat16` loads the weights in bf16 on both
 sides (twinfold's `model.dtype`, sentence-transformers' `model_kwargs`).
+
+`--quantization binary` (or `int8`, `binary,int8`) adds a third side: twinfold with those quantization-aware
+terms at weight 1 (`loss.quantization`), timed in the same rounds; its loss is not part of the check (the terms
+add to it), and its ratio to plain twinfold is what the terms cost.
 """
 import argparse
 import json
@@ -58,6 +63,7 @@ from benchlib import (  # noqa: E402
 DIMS = [384, 256, 128, 64]
 TEMPERATURE, LR, WEIGHT_DECAY, MAX_GRAD_NORM = 0.05, 3e-5, 0.01, 1.0
 SIDES = ("sentence-transformers", "twinfold")
+QUANTIZED = "twinfold + quantization terms"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,7 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the weights' dtype")
     parser.add_argument("--chunk-tokens", type=int, help="twinfold's train.chunk_tokens (default: the device's)")
     parser.add_argument("--profile", type=Path, help="write a torch.profiler table of one more step per side here")
-    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--quantization", help="also time twinfold with these terms: binary, int8 or binary,int8")
+    parser.add_argument("--child", choices=(*SIDES, QUANTIZED), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.mixed_precision = args.mixed_precision or ("bf16" if args.device == "cuda" else "no")
     return args
@@ -133,6 +140,8 @@ def twinfold_step(args):
                  f"train.output_dir={tempfile.mkdtemp(prefix='bench-train-')}"]
     if args.lora:
         overrides.append(f"model.lora={{r: {args.lora}, alpha: {2 * args.lora}}}")
+    if args.child == QUANTIZED:
+        overrides.append(f"loss.quantization={{{', '.join(f'{q}: 1.0' for q in args.quantization.split(','))}}}")
     cfg = load_config(REPO / "configs" / "scifact.yaml", overrides)
     accelerator = make_accelerator(args.mixed_precision)
     torch.manual_seed(0)  # the adapter's initial weights: the same draw as sentence-transformers'
@@ -264,16 +273,19 @@ def main(argv=None) -> int:
           f"{args.model}, {args.device}, mixed precision {args.mixed_precision}, max_length {args.max_length}, "
           f"batch {args.batch_size} ({mode}), Matryoshka {model_dims(args.model)}, weights {args.dtype}"
           f"{f', LoRA r {args.lora}' if args.lora else ''}, "
+          f"{f', quantization terms {args.quantization}' if args.quantization else ''}, "
           f"{args.steps} timed steps x {args.rounds} rounds per side", flush=True)
 
-    runs = {side: [] for side in SIDES}
+    sides = (*SIDES, QUANTIZED) if args.quantization else SIDES
+    runs = {side: [] for side in sides}
     for r in range(args.rounds):
-        for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+        for side in sides if r % 2 == 0 else sides[::-1]:
             flags = ["--child", side, "--pairs", str(args.pairs), "--batch-size", str(args.batch_size),
                      "--mini-batch-size", str(args.mini_batch_size), "--max-length", str(args.max_length),
                      "--steps", str(args.steps), "--rounds", "1", "--device", args.device, "--model", args.model,
                      "--mixed-precision", args.mixed_precision, "--lora", str(args.lora), "--dtype", args.dtype,
                      *(["--chunk-tokens", str(args.chunk_tokens)] if args.chunk_tokens else []),
+                     *(["--quantization", args.quantization] if args.quantization else []),
                      *(["--profile", str(args.profile)] if args.profile else [])]
             result = run_child(__file__, flags)
             runs[side].append(result)
@@ -298,6 +310,9 @@ def main(argv=None) -> int:
         cells = rate_cells(items, seconds, [r["peak"] for r in rs], flops, rate, reference)
         print(f"| {side} | {cells} | {1000 * median(seconds) / args.steps:.1f} "
               f"| {median([r['sys_share'] for r in rs]):.0%} |")
+    if args.quantization:
+        plain, terms = (median([r["seconds"] for r in runs[side]]) for side in (SIDES[1], QUANTIZED))
+        print(f"\nquantization terms ({args.quantization}): {terms / plain:.3f}x the time of plain twinfold's step")
     tolerance = 3e-2 if args.mixed_precision == "bf16" else 1e-5
     if diff > tolerance:
         print(f"FAILED: the sides' losses differ by {diff:.1e} (> {tolerance:.0e})")

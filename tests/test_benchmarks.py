@@ -17,10 +17,11 @@ def run_script(name: str, *args: str, data_dir: Path) -> str:
 
 def test_bench_train_matches_sentence_transformers_losses(data_dir):
     out = run_script("bench_train.py", "--batch-size", "4", "--max-length", "32", "--steps", "1", "--rounds", "1",
-                     data_dir=data_dir)
+                     "--quantization", "binary,int8", data_dir=data_dir)
     check = next(line for line in out.splitlines() if line.startswith("loss check"))
     assert float(check.rsplit(" ", 1)[1]) <= 1e-5
     assert "| twinfold |" in out and "| sentence-transformers |" in out
+    assert "| twinfold + quantization terms |" in out and "quantization terms (binary,int8): " in out
 
 
 def test_bench_train_cached_mode_with_lora_matches_sentence_transformers_with_peft(data_dir):

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from twinfold.losses import DEFAULT_TEMPERATURE, MIN_TEMPERATURE, ROLES, SIMILARITIES, check_dims
+from twinfold.losses import DEFAULT_TEMPERATURE, ESTIMATORS, MIN_TEMPERATURE, ROLES, SIMILARITIES, check_dims
 from twinfold.models.families import ATTN_IMPLEMENTATIONS, DTYPES, check_attn_implementation
 from twinfold.models.loading import ModelLoadError
 from twinfold.models.lora import LoraSettings
 from twinfold.models.pooling import POOLING_MODES
 from twinfold.models.quantize import COMPUTES, PRECISIONS
+from twinfold.models.search import RESCORE_MULTIPLIER
 from twinfold.train.eval.bm25 import settings_from
 from twinfold.train.eval.metrics import DEFAULT_K_VALUES, METRICS, metric_names
 
@@ -94,6 +95,16 @@ class DataConfig:
 
 
 @dataclass
+class QuantizationConfig:
+    """Loss terms that train the embeddings for the precisions they are searched in (losses.quantization)."""
+
+    binary: float = 0.0  # weight of the term on the documents' sign bits
+    int8: float = 0.0  # weight of the term on the documents' int8 codes
+    dims: list[int] | None = None  # null: every Matryoshka dim (the full dim without Matryoshka)
+    estimator: str = "ste"  # ste (exact codes forward, gradient straight through) | tanh (smooth sign bits)
+
+
+@dataclass
 class LossConfig:
     temperature: float = DEFAULT_TEMPERATURE
     learnable_temperature: bool = False
@@ -104,6 +115,7 @@ class LossConfig:
     mini_batch_size: int | None = None  # set: cached (GradCache) mode, memory grows with this, not the batch
     mask_false_negatives: bool = True
     check_replay: bool = False  # cached mode: fail if a re-encoded chunk differs from its cached embeddings
+    quantization: QuantizationConfig | None = None  # set (e.g. {binary: 1.0}): train for binary / int8 search
 
 
 @dataclass
@@ -148,6 +160,7 @@ class EvalConfig:
     general_tolerance: float = 0.01
     batch_size: int = 64
     ignore_identical_ids: bool = False
+    rescore_multiplier: int = RESCORE_MULTIPLIER  # binary: Hamming candidates per result, rescored by the float query
     metric: str = "ndcg@10"  # decides the best checkpoint
     compute: str = "float32"  # models.quantize.COMPUTES: how evaluation encodes
     query_prompt_name: str | None = None  # the queries' prompt in place of the model's query prefix: a prompt name...
@@ -329,6 +342,7 @@ def validate(c: Config) -> None:
         raise ConfigError(f"loss.temperature: {loss.temperature} is below the loss's minimum {MIN_TEMPERATURE}")
     _positive("loss.temperature_lr", loss.temperature_lr)
     _positive("eval.batch_size", c.eval.batch_size)
+    _positive("eval.rescore_multiplier", c.eval.rescore_multiplier)
     _positive("train.log_steps", t.log_steps)
     for key, value in (("train.max_steps", t.max_steps), ("train.save_steps", t.save_steps),
                        ("train.eval_steps", t.eval_steps), ("loss.mini_batch_size", loss.mini_batch_size),
@@ -356,6 +370,8 @@ def validate(c: Config) -> None:
             check_dims(loss.matryoshka_dims, loss.matryoshka_weights)
         except ValueError as e:
             raise ConfigError(f"loss.matryoshka_{str(e).split(' ')[0].rstrip(':')}: {e}") from None
+    if loss.quantization is not None:
+        check_quantization(loss.quantization, loss.matryoshka_dims)
     if c.eval.dims is not None and any(d <= 0 for d in c.eval.dims):
         raise ConfigError(f"eval.dims: {c.eval.dims} must all be greater than 0")
     if bad := [p for p in c.eval.precisions if p not in PRECISIONS]:
@@ -406,6 +422,23 @@ def validate(c: Config) -> None:
     if c.eval.data is not None and not Path(c.eval.data).is_dir():
         raise ConfigError(f"eval.data: {c.eval.data} is not a folder (a BEIR folder with corpus.jsonl, "
                           "queries.jsonl, qrels/)")
+
+
+def check_quantization(q: QuantizationConfig, matryoshka_dims: list[int]) -> None:
+    for key in ("binary", "int8"):
+        if getattr(q, key) < 0:
+            raise ConfigError(f"loss.quantization.{key}: {getattr(q, key)} must not be negative")
+    if q.binary == q.int8 == 0:
+        raise ConfigError("loss.quantization: both weights are 0; give binary and/or int8 a weight (e.g. binary: 1.0), "
+                          "or remove loss.quantization")
+    if q.estimator not in ESTIMATORS:
+        raise ConfigError(f"loss.quantization.estimator: {q.estimator!r} is not one of {', '.join(ESTIMATORS)}")
+    if q.dims is not None:
+        if not q.dims or min(q.dims) < 1:
+            raise ConfigError(f"loss.quantization.dims: {q.dims} must be positive integers, or null for every dim")
+        if matryoshka_dims and (outside := sorted(set(q.dims) - set(matryoshka_dims))):
+            raise ConfigError(f"loss.quantization.dims: {outside} are not among loss.matryoshka_dims "
+                              f"{matryoshka_dims}; the terms apply to the dims the loss trains")
 
 
 def check_lora(lora: LoraSettings) -> None:

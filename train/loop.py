@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from twinfold.losses import InfoNCE, Matryoshka, cached_backward, uncached_backward
+from twinfold.losses import InfoNCE, Matryoshka, Quantized, cached_backward, uncached_backward
 from twinfold.models import BiEncoder
 from twinfold.models.bi_encoder import freeze_unused
 from twinfold.models.files.atomic import atomic_write_bytes
@@ -94,6 +94,9 @@ def build_loss(cfg: Config, similarity: str = "cosine") -> torch.nn.Module:
     """The configured loss on the model's `similarity` (`EncoderSettings.similarity`: what search ranks by)."""
     c = cfg.loss
     loss = InfoNCE(c.temperature, learnable=c.learnable_temperature, symmetric=c.symmetric, similarity=similarity)
+    if c.quantization is not None:
+        q = c.quantization
+        loss = Quantized(loss, binary=q.binary, int8=q.int8, dims=q.dims, estimator=q.estimator)
     if not c.matryoshka_dims:
         return loss
     return Matryoshka(loss, c.matryoshka_dims, c.matryoshka_weights, normalize=similarity == "cosine")
@@ -343,7 +346,8 @@ def run_steps(run: Run, stop: StopOnSignal) -> None:
         run.position = inputs[-1].get("position")
         record = {"step": state.step, "epoch": state.epoch, "lr": lr, "loss": loss}
         if cfg.loss.learnable_temperature:
-            record["temperature"] = getattr(run.loss_fn, "inner", run.loss_fn).temperature.detach().clone()
+            info_nce = next(m for m in run.loss_fn.modules() if isinstance(m, InfoNCE))  # inside any wrappers
+            record["temperature"] = info_nce.temperature.detach().clone()
         window.add(record, sum(x["pairs"] for x in inputs))
         progress.update(1)
         after_step(run, window, stop, progress)
@@ -420,7 +424,8 @@ def finish(run: Run) -> Path:
                 state.last_rows = run.evaluator(run.model, f"step-{state.step}")
             final_rows = [dict(r, model="final") for r in state.last_rows]
             rows = state.base + final_rows + (run.evaluator.bm25_rows() if cfg.eval.bm25 else [])
-        run.model.save_pretrained(final, info=run_info(cfg, run.datasets, state, rows, run.data_report, general))
+        run.model.save_pretrained(final, info=run_info(cfg, run.datasets, state, rows, run.data_report, general,
+                                                        run.evaluator))
         if run.evaluator is not None:
             from twinfold.train.eval.report import write_report
 
@@ -566,7 +571,8 @@ def build_evaluator(cfg: Config, out: Path):
                          split_identifiers=e.bm25_split_identifiers)
     return RetrievalEvaluator(data, dims=dims, precisions=e.precisions, batch_size=e.batch_size, sts=e.sts,
                               out_dir=out / "eval", show_progress_bar=True, compute=e.compute, bm25=bm25,
-                              query_prompt_name=e.query_prompt_name, query_prompt=e.query_prompt)
+                              query_prompt_name=e.query_prompt_name, query_prompt=e.query_prompt,
+                              rescore_multiplier=e.rescore_multiplier)
 
 
 def build_general(cfg: Config) -> list:
@@ -606,7 +612,7 @@ def general_info(cfg: Config, general: list[dict]) -> dict:
 
 
 def run_info(cfg: Config, datasets, state: RunState, rows: list[dict], data_report: dict,
-             general: list[dict] = ()) -> dict:
+             general: list[dict] = (), evaluator=None) -> dict:
     """What twinfold.json (and the model card) records about training: recipe, data, checks and eval results."""
     t = cfg.train
     info = {"training": {"base_model": cfg.model.name_or_path, "steps": state.step,
@@ -621,6 +627,8 @@ def run_info(cfg: Config, datasets, state: RunState, rows: list[dict], data_repo
     if rows:
         info["eval"] = {"data": cfg.eval.data, "split": cfg.eval.split, "results": [
             {k: r[k] for k in EVAL_KEYS if k in r} for r in rows]}
+        if evaluator is not None:
+            info["eval"].update({k: evaluator.describe()[k] for k in ("k_values", "rescore_multiplier")})
     return {**info, **general_info(cfg, list(general))}
 
 

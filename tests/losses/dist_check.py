@@ -3,12 +3,13 @@
     python dist_check.py MODEL_DIR PAIRS_JSONL OUT_DIR [--mini-batch-sizes 0,3]
 
 Used by test_two_processes.py (one launch per mode keeps the test fast on a small CPU):
-- with 2 processes, the helpers are checked against hand-written values (an AssertionError fails the launch)
-  and OUT_DIR/helpers-rank{r}.ok is written;
+- with 2 processes, the helpers are checked against hand-written values, and the quantization terms against
+  one process (an AssertionError fails the launch); OUT_DIR/helpers-rank{r}.ok is written;
 - then 3 training steps on a global batch of 8 pairs, once per mini-batch size (0: uncached), each from the
   same start; with N processes, process r takes rows [r*8/N, (r+1)*8/N). The loss covers every gathered
-  path: Matryoshka(symmetric InfoNCE with a learnable temperature), hard negatives, and false-negative
-  masking across processes (positive 5, on process 1, repeats positive 1, on process 0). Dropout is 0.
+  path: Matryoshka(symmetric InfoNCE with a learnable temperature, and its term on the documents' sign bits),
+  hard negatives, and false-negative masking across processes (positive 5, on process 1, repeats positive 1,
+  on process 0). Dropout is 0.
   Writes OUT_DIR/mini{M}/losses.json (mean loss over processes, per step) and OUT_DIR/mini{M}/rank{r}.safetensors.
 """
 import argparse
@@ -19,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from twinfold.losses import InfoNCE, Matryoshka, cached_backward, chunked, text_keys, uncached_backward
+from twinfold.losses import InfoNCE, Matryoshka, Quantized, cached_backward, chunked, text_keys, uncached_backward
 from twinfold.losses.distributed import (
     average_gradient,
     gather_no_grad,
@@ -53,6 +54,25 @@ def check_helpers():
     tau = torch.tensor(2.0, requires_grad=True)
     (average_gradient(tau) * (r + 1)).backward()  # local gradients 1 and 2 -> 1.5 on both processes
     assert tau.grad.item() == 1.5
+    check_quantized_terms()
+
+
+def check_quantized_terms():
+    """Quantized InfoNCE on each process's half of a batch = on the whole batch in one process: the int8 ranges
+    come from every process's documents. Gradients: the local rows get twice the whole-batch mean's (the loss is
+    each process's mean, and gathered rows sum the gradients of both)."""
+    g = torch.Generator().manual_seed(0)
+    whole = {role: torch.randn(8, 16, generator=g, dtype=torch.float64) for role in ("anchor", "positive", "negative")}
+    whole["positive"][1, 0] = 40.0  # one process's document sets the int8 range of dimension 0 for both
+    mine = {role: e[4 * rank():4 * rank() + 4].clone().requires_grad_() for role, e in whole.items()}
+    loss = Quantized(InfoNCE(), binary=1.0, int8=1.0)(mine)
+    loss.backward()
+    alone = {role: e.clone().requires_grad_() for role, e in whole.items()}
+    expected = Quantized(InfoNCE(gather=False), binary=1.0, int8=1.0, gather=False)(alone)
+    expected.backward()
+    assert abs(gather_no_grad(loss.detach().reshape(1)).mean().item() - expected.item()) < 1e-12
+    for role, e in mine.items():
+        assert torch.allclose(e.grad, 2 * alone[role].grad[4 * rank():4 * rank() + 4], rtol=0, atol=1e-12), role
 
 
 def load_pairs(path: Path) -> dict[str, list[str]]:
@@ -67,7 +87,7 @@ def load_pairs(path: Path) -> dict[str, list[str]]:
 def train(accelerator: Accelerator, args, mini_batch_size: int):
     torch.manual_seed(0)
     model = BiEncoder.from_pretrained(args.model_dir, dropout=0.0).train()
-    loss_fn = Matryoshka(InfoNCE(learnable=True, symmetric=True), dims=[128, 32])
+    loss_fn = Matryoshka(Quantized(InfoNCE(learnable=True, symmetric=True), binary=0.5), dims=[128, 32])
     optimizer = torch.optim.SGD([p for m in (model, loss_fn) for p in m.parameters() if p.requires_grad], lr=LR)
     model, optimizer = accelerator.prepare(model, optimizer)
     tokenize = accelerator.unwrap_model(model).tokenize
@@ -94,7 +114,7 @@ def train(accelerator: Accelerator, args, mini_batch_size: int):
     out = args.out_dir / f"mini{mini_batch_size}"
     out.mkdir(parents=True, exist_ok=True)
     weights = {f"encoder.{k}": v for k, v in accelerator.unwrap_model(model).encoder.state_dict().items()}
-    weights["loss.log_temperature"] = loss_fn.inner.log_temperature.detach()
+    weights["loss.log_temperature"] = loss_fn.inner.inner.log_temperature.detach()
     save_file({k: v.contiguous() for k, v in weights.items()}, out / f"rank{accelerator.process_index}.safetensors")
     if accelerator.is_main_process:
         (out / "losses.json").write_text(json.dumps(losses))

@@ -5,7 +5,16 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from twinfold.losses import InfoNCE, Matryoshka, ReplayMismatch, cached_backward, chunked, text_keys, uncached_backward
+from twinfold.losses import (
+    InfoNCE,
+    Matryoshka,
+    Quantized,
+    ReplayMismatch,
+    cached_backward,
+    chunked,
+    text_keys,
+    uncached_backward,
+)
 from twinfold.models import BiEncoder
 
 KIND = {"anchor": "query", "positive": "document", "negative": "document"}
@@ -82,6 +91,11 @@ LOSSES = {
     "negatives+symmetric+masking+learnable": (
         lambda: Matryoshka(InfoNCE(learnable=True, symmetric=True), [128, 32]),
         ("anchor", "positive", "negative"), True),
+    "quantized-binary+int8": (
+        lambda: Matryoshka(Quantized(InfoNCE(symmetric=True), binary=1.0, int8=0.5), [128, 32]),
+        ("anchor", "positive", "negative"), True),
+    "quantized-tanh": (lambda: Matryoshka(Quantized(InfoNCE(), binary=1.0, estimator="tanh"), [128, 32]),
+                       ("anchor", "positive"), False),
 }
 
 

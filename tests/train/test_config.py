@@ -126,7 +126,7 @@ def test_hard_negatives_and_checks_round_trip(tmp_path, pairs):
 
 
 @pytest.mark.parametrize("name", ["scifact.yaml", "scifact_gpu.yaml", "scifact_mined.yaml", "smoke.yaml",
-                                  "bge_m3_scifact.yaml", "qwen3_embedding_lora.yaml"])
+                                  "bge_m3_scifact.yaml", "qwen3_embedding_lora.yaml", "scifact_binary.yaml"])
 def test_shipped_recipes_load_and_point_at_the_shared_data(name, data_dir, monkeypatch):
     monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))
     cfg = load_config(REPO / "configs" / name)
@@ -164,6 +164,12 @@ def test_string_keys_keep_numbers_as_written(tmp_path, pairs):
     ("train.save_total_limit=0", r"train.save_total_limit: 0; keep at least the last checkpoint"),
     ("eval.dims=[0]", r"eval.dims: \[0\] must all be greater than 0"),
     ("eval.precisions=[float16]", r"eval.precisions: 'float16' is not one of float32, int8, binary"),
+    ("eval.rescore_multiplier=0", r"eval.rescore_multiplier: 0 must be greater than 0"),
+    ("loss.quantization.int8=0", r"loss.quantization: both weights are 0"),
+    ("loss.quantization.binary=-1", r"loss.quantization.binary: -1.0 must not be negative"),
+    ("loss.quantization={binary: 1, estimator: sigmoid}", r"loss.quantization.estimator: 'sigmoid' is not one of"),
+    ("loss.quantization={binary: 1, dims: [32]}", r"loss.quantization.dims: \[32\] are not among loss.matryoshka_dims"),
+    ("loss.quantization={binary: 1, bits: 2}", r"unknown config key 'loss.quantization.bits'"),
 ])
 def test_values_no_run_can_use_are_refused_naming_the_key(tmp_path, pairs, override, message):
     with pytest.raises(ConfigError, match=message):

@@ -6,6 +6,7 @@ from pathlib import Path
 from twinfold.models.card import general_lines
 from twinfold.models.files.atomic import atomic_write_bytes
 from twinfold.models.quantize import PRECISIONS, format_megabytes
+from twinfold.models.search import rescoring_note
 
 COLUMNS = (("ndcg@10", "nDCG@10"), ("mrr@10", "MRR@10"), ("recall@10", "R@10"), ("recall@100", "R@100"),
            ("map@100", "MAP@100"))
@@ -29,9 +30,11 @@ def write_report(rows: list[dict], out_dir: str | Path, info: dict | None = None
 
 
 def notes_of(rows: list[dict], info: dict | None) -> list[str]:
-    """Lines under the table: the settings of BM25 rows, the training data's overlap with the eval set and the general
-    sets' scores (eval.general)."""
+    """Lines under the table: the settings of BM25 rows, the rescoring depth of binary rows, the training data's
+    overlap with the eval set and the general sets' scores (eval.general)."""
     lines = [f"BM25 settings: {r['bm25']}." for r in rows if r.get("bm25")]
+    if info and "rescore_multiplier" in info and any(r["precision"] == "binary" for r in rows):
+        lines.append(rescoring_note(info["rescore_multiplier"], max(info["k_values"])))
     if info and info.get("leakage"):
         from twinfold.train.data.leakage import summary_lines
 

@@ -1,0 +1,111 @@
+"""Quantization-aware training: the loss also sees the documents as they will be stored.
+
+Search over sign bits ranks a document d by q . sign(d) (Hamming candidates rescored with the float query,
+`models.search.binary_search`); search over int8 codes ranks it by q . dequantize(int8(d)) (`int8_search`). Both
+keep the query in float. `Quantized(inner)` adds, for each such precision, the inner loss on the same batch with
+every document role (all but `anchor`) replaced by its stored form:
+
+    loss = inner(e) + w_binary * inner(e, documents -> sign bits) + w_int8 * inner(e, documents -> int8 codes)
+
+at every embedding width in `dims` (all widths when None), so inside `Matryoshka` each prefix is trained for its
+own sign bits and codes. Sign bits enter as sign(d) / sqrt(dim), a unit vector that ranks exactly as the ±1 codes
+do. int8 codes use per-dimension ranges of the batch's documents (min and max over every process, as the
+corpus-wide calibration of `encode --precision int8` does over its corpus) cut in 255 steps, each value read
+back at its bucket's centre, exactly as `models.quantize` stores and reads int8 codes.
+
+Rounding has no useful gradient. `estimator="ste"` (the default) keeps the exact stored value in the forward pass
+and passes the gradient straight through (Bengio et al. 2013): d loss / d e := d loss / d q(e). `estimator="tanh"`
+replaces sign(d) by tanh(TANH_SHARPNESS * sqrt(dim) * d) / sqrt(dim), differentiable everywhere but only close to
+the sign bits for large entries. docs/quantization.md compares both on SciFact.
+"""
+import math
+
+import torch
+from torch import nn
+
+from twinfold.losses.distributed import gather_no_grad
+
+ESTIMATORS = ("ste", "tanh")
+TANH_SHARPNESS = 4.0  # tanh(4 z) is within 1e-3 of sign(z) for |z| > 1, z = sqrt(dim) * entry
+INT8_STEPS = 255  # per-dimension range / 255 per bucket, buckets 0..255 (models.quantize.calibrate_int8)
+DOCUMENT_ROLES = ("positive", "negative")
+
+
+def binarize(x: torch.Tensor, estimator: str = "ste") -> torch.Tensor:
+    """The sign bits of `x` [..., dim] as unit vectors: +-1 / sqrt(dim), with +1 where x > 0 (the stored bit).
+
+    "ste": that exact value, with the identity as its gradient; "tanh": its smooth relaxation.
+    """
+    root = math.sqrt(x.shape[-1])
+    if estimator == "tanh":
+        return torch.tanh(x * (TANH_SHARPNESS * root)) / root
+    if estimator != "ste":
+        raise ValueError(f"estimator must be one of {ESTIMATORS}; got {estimator!r}")
+    return _StraightThrough.apply(x, torch.where(x > 0, 1.0, -1.0).to(x.dtype) / root)
+
+
+def fake_int8(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """`x` [..., dim] through int8 codes of the per-dimension ranges [low, high] and back (bucket centres), with
+    the identity as its gradient. A dimension whose range is empty reads back as `low`."""
+    step = (high - low) / INT8_STEPS
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    buckets = torch.clamp(torch.floor((x.detach() - low) / safe), 0, INT8_STEPS)
+    stored = torch.where(step > 0, (buckets + 0.5) * step + low, low)
+    return _StraightThrough.apply(x, stored.to(x.dtype))
+
+
+def int8_ranges(documents: list[torch.Tensor], gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension min and max over every document row (of every process with `gather`), without gradient."""
+    rows = torch.cat([d.detach().reshape(-1, d.shape[-1]) for d in documents])
+    if gather:
+        rows = gather_no_grad(rows)
+    return rows.min(0).values, rows.max(0).values
+
+
+class _StraightThrough(torch.autograd.Function):
+    """`stored` exactly in the forward pass; the gradient goes to `x` unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        return stored
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class Quantized(nn.Module):
+    """Wrap `inner(embeddings, keys) -> scalar` (e.g. `InfoNCE`): add its value on binary and int8 documents."""
+
+    def __init__(self, inner: nn.Module, binary: float = 0.0, int8: float = 0.0, dims: list[int] | None = None,
+                 estimator: str = "ste", gather: bool = True):
+        super().__init__()
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}; got {estimator!r}")
+        if min(binary, int8) < 0 or binary == int8 == 0:
+            raise ValueError(f"weights binary={binary}, int8={int8}: both at least 0 and one of them above 0")
+        if dims is not None and (not dims or min(dims) < 1):
+            raise ValueError(f"dims {dims} must be positive integers, or None for every width")
+        self.inner = inner
+        self.binary, self.int8 = float(binary), float(int8)
+        self.dims = None if dims is None else [int(d) for d in dims]
+        self.estimator = estimator
+        self.gather = gather
+
+    def forward(self, embeddings: dict[str, torch.Tensor], keys: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        loss = self.inner(embeddings, keys)
+        width = next(iter(embeddings.values())).shape[-1]
+        if self.dims is not None and width not in self.dims:
+            return loss
+        documents = [e for role, e in embeddings.items() if role in DOCUMENT_ROLES]
+        if self.binary:
+            stored = {r: binarize(e, self.estimator) if r in DOCUMENT_ROLES else e for r, e in embeddings.items()}
+            loss = loss + self.binary * self.inner(stored, keys)
+        if self.int8:
+            low, high = int8_ranges(documents, self.gather)
+            stored = {r: fake_int8(e, low, high) if r in DOCUMENT_ROLES else e for r, e in embeddings.items()}
+            loss = loss + self.int8 * self.inner(stored, keys)
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"binary={self.binary}, int8={self.int8}, dims={self.dims}, estimator={self.estimator}"
