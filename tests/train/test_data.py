@@ -243,6 +243,21 @@ def test_a_tsv_quote_running_over_lines_is_named_where_it_opens(tmp_path):
     assert len(ds) == 15 and ds.positive[2] == "abstract 2, quoted"
 
 
+def test_a_csv_quote_that_never_closes_is_named_where_it_opens(tmp_path):
+    lines = [f"claim {i},abstract {i}" for i in range(15)]
+    lines[2] = 'claim 2,"abstract 2, with a quote that never closes'
+    path = tmp_path / "pairs.csv"
+    path.write_text("anchor,positive\n" + "\n".join(lines) + "\n")
+    with pytest.raises(DataError) as e:
+        load_pairs(DatasetConfig(path=str(path)))
+    assert str(e.value) == (f'{path}:4: a quote (") opens a field that never closes (the file ends inside it, on '
+                            "line 16): close the quote on line 4 or remove it")
+    lines[2] = 'claim 2,"abstract 2,\nover two lines"'  # a CSV field may hold a quoted line break
+    path.write_text("anchor,positive\n" + "\n".join(lines) + "\n")
+    ds = load_pairs(DatasetConfig(path=str(path)))
+    assert len(ds) == 15 and ds.positive[2] == "abstract 2,\nover two lines"
+
+
 def test_two_columns_for_one_role_and_a_repeated_header_are_refused(tmp_path):
     path = jsonl(tmp_path, [{"q": "claim", "doc": "title", "p": "abstract"}, {"q": "c2", "doc": "t2", "p": "a2"}])
     with pytest.raises(DataError) as e:

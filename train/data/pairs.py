@@ -223,6 +223,8 @@ def read_error(path: Path, e: Exception) -> DataError:
     if builder == "json":
         _check_json_lines(path)  # raises at the first line that is not UTF-8, not JSON or not an object
         _check_json_types(path)  # ... or whose field's type differs from an earlier line's
+    else:
+        _check_csv_quotes(path)  # raises at the line where a quote opens a field that never closes
     cause = e.__cause__ or e
     return DataError(f"{path}: cannot be read as {builder}: {type(cause).__name__}: {cause}")
 
@@ -258,6 +260,22 @@ def _check_csv(path: Path) -> None:
                 raise DataError(f"{path}:{start}: a quote (\") opens a field that runs on to line {reader.line_num}; "
                                 f"a TSV field holds no line break: close the quote on line {start} or remove it")
             start = reader.line_num + 1
+
+
+def _check_csv_quotes(path: Path) -> None:
+    """Name the line where a quote opens a field that never closes (the parser names a 0-based row of its own).
+    Only the end of the file inside a quote is named here; other parser errors keep the parser's message."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        reader = csv.reader(f, delimiter="\t" if path.suffix == ".tsv" else ",", strict=True)
+        start = 1
+        try:
+            for _ in reader:
+                start = reader.line_num + 1
+        except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise DataError(f"{path}:{start}: a quote (\") opens a field that never closes (the file ends inside "
+                                f"it, on line {reader.line_num}): close the quote on line {start} or remove it"
+                                ) from None
 
 
 def _check_json_lines(path: Path) -> None:
