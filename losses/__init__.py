@@ -12,9 +12,9 @@ from twinfold.losses.infonce import (
                                      text_keys,
 )
 from twinfold.losses.matryoshka import Matryoshka, check_dims, truncate
-from twinfold.losses.quantization import ESTIMATORS, Quantized, binarize, fake_int8, int8_ranges
+from twinfold.losses.quantization import ESTIMATORS, Quantized, binarize, fake_int8, int8_ranges, sign_misalignment
 
 __all__ = ["DEFAULT_TEMPERATURE", "ESTIMATORS", "MIN_TEMPERATURE", "ROLES", "SIMILARITIES", "InfoNCE", "Matryoshka",
            "Quantized", "ReplayMismatch", "average_gradient", "binarize", "cached_backward", "check_dims", "chunked",
-           "fake_int8", "gather_no_grad", "gather_with_grad", "info_nce", "int8_ranges", "rank_offset", "text_keys",
-           "truncate", "uncached_backward"]
+           "fake_int8", "gather_no_grad", "gather_with_grad", "info_nce", "int8_ranges", "rank_offset",
+           "sign_misalignment", "text_keys", "truncate", "uncached_backward"]

@@ -6,9 +6,12 @@ keep the query in float. `Quantized(inner)` adds, for each such precision, the i
 every document role (all but `anchor`) replaced by its stored form:
 
     loss = inner(e) + w_binary * inner(e, documents -> sign bits) + w_int8 * inner(e, documents -> int8 codes)
+           + w_alignment * mean over every embedding row x of (1 - cos(x, sign(x)))
 
 at every embedding width in `dims` (all widths when None), so inside `Matryoshka` each prefix is trained for its
-own sign bits and codes. Sign bits enter as sign(d) / sqrt(dim), a unit vector that ranks exactly as the ±1 codes
+own sign bits and codes. The alignment term needs no estimator: it asks every embedding (queries too: their bits
+choose the Hamming candidates) to lie near its own sign bits, so that a score against the bits is near the float
+score (`sign_misalignment`). Sign bits enter as sign(d) / sqrt(dim), a unit vector that ranks exactly as the ±1 codes
 do. int8 codes use per-dimension ranges of the batch's documents (min and max over every process, as the
 corpus-wide calibration of `encode --precision int8` does over its corpus) cut in 255 steps, each value read
 back at its bucket's centre, exactly as `models.quantize` stores and reads int8 codes.
@@ -62,6 +65,13 @@ def int8_ranges(documents: list[torch.Tensor], gather: bool = True) -> tuple[tor
     return rows.min(0).values, rows.max(0).values
 
 
+def sign_misalignment(x: torch.Tensor) -> torch.Tensor:
+    """1 - cos(x, sign(x)) per row of `x` [..., dim]: 0 when every entry has the same magnitude (the sign bits hold
+    all of x), about 0.2 for Gaussian entries. Scoring a float query against sign bits instead of x adds an error
+    whose variance is 2 * this (both unit vectors), which is why the alignment term lowers it."""
+    return 1 - x.abs().sum(-1) / (math.sqrt(x.shape[-1]) * x.norm(dim=-1).clamp_min(1e-12))
+
+
 class _StraightThrough(torch.autograd.Function):
     """`stored` exactly in the forward pass; the gradient goes to `x` unchanged."""
 
@@ -78,16 +88,17 @@ class Quantized(nn.Module):
     """Wrap `inner(embeddings, keys) -> scalar` (e.g. `InfoNCE`): add its value on binary and int8 documents."""
 
     def __init__(self, inner: nn.Module, binary: float = 0.0, int8: float = 0.0, dims: list[int] | None = None,
-                 estimator: str = "ste", gather: bool = True):
+                 estimator: str = "ste", gather: bool = True, alignment: float = 0.0):
         super().__init__()
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}; got {estimator!r}")
-        if min(binary, int8) < 0 or binary == int8 == 0:
-            raise ValueError(f"weights binary={binary}, int8={int8}: both at least 0 and one of them above 0")
+        if min(binary, int8, alignment) < 0 or binary == int8 == alignment == 0:
+            raise ValueError(f"weights binary={binary}, int8={int8}, alignment={alignment}: all at least 0 and one "
+                             "of them above 0")
         if dims is not None and (not dims or min(dims) < 1):
             raise ValueError(f"dims {dims} must be positive integers, or None for every width")
         self.inner = inner
-        self.binary, self.int8 = float(binary), float(int8)
+        self.binary, self.int8, self.alignment = float(binary), float(int8), float(alignment)
         self.dims = None if dims is None else [int(d) for d in dims]
         self.estimator = estimator
         self.gather = gather
@@ -105,7 +116,11 @@ class Quantized(nn.Module):
             low, high = int8_ranges(documents, self.gather)
             stored = {r: fake_int8(e, low, high) if r in DOCUMENT_ROLES else e for r, e in embeddings.items()}
             loss = loss + self.int8 * self.inner(stored, keys)
+        if self.alignment:
+            rows = torch.cat([e.reshape(-1, width) for e in embeddings.values()])
+            loss = loss + self.alignment * sign_misalignment(rows).mean()
         return loss
 
     def extra_repr(self) -> str:
-        return f"binary={self.binary}, int8={self.int8}, dims={self.dims}, estimator={self.estimator}"
+        return (f"binary={self.binary}, int8={self.int8}, alignment={self.alignment}, dims={self.dims}, "
+                f"estimator={self.estimator}")

@@ -100,6 +100,7 @@ class QuantizationConfig:
 
     binary: float = 0.0  # weight of the term on the documents' sign bits
     int8: float = 0.0  # weight of the term on the documents' int8 codes
+    alignment: float = 0.0  # weight of 1 - cos(e, sign bits of e), mean over every embedding (queries too)
     dims: list[int] | None = None  # null: every Matryoshka dim (the full dim without Matryoshka)
     estimator: str = "ste"  # ste (exact codes forward, gradient straight through) | tanh (smooth sign bits)
 
@@ -425,12 +426,12 @@ def validate(c: Config) -> None:
 
 
 def check_quantization(q: QuantizationConfig, matryoshka_dims: list[int]) -> None:
-    for key in ("binary", "int8"):
+    for key in ("binary", "int8", "alignment"):
         if getattr(q, key) < 0:
             raise ConfigError(f"loss.quantization.{key}: {getattr(q, key)} must not be negative")
-    if q.binary == q.int8 == 0:
-        raise ConfigError("loss.quantization: both weights are 0; give binary and/or int8 a weight (e.g. binary: 1.0), "
-                          "or remove loss.quantization")
+    if q.binary == q.int8 == q.alignment == 0:
+        raise ConfigError("loss.quantization: every weight is 0; give binary, int8 and/or alignment a weight (e.g. "
+                          "binary: 1.0), or remove loss.quantization")
     if q.estimator not in ESTIMATORS:
         raise ConfigError(f"loss.quantization.estimator: {q.estimator!r} is not one of {', '.join(ESTIMATORS)}")
     if q.dims is not None:

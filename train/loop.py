@@ -96,7 +96,8 @@ def build_loss(cfg: Config, similarity: str = "cosine") -> torch.nn.Module:
     loss = InfoNCE(c.temperature, learnable=c.learnable_temperature, symmetric=c.symmetric, similarity=similarity)
     if c.quantization is not None:
         q = c.quantization
-        loss = Quantized(loss, binary=q.binary, int8=q.int8, dims=q.dims, estimator=q.estimator)
+        loss = Quantized(loss, binary=q.binary, int8=q.int8, dims=q.dims, estimator=q.estimator,
+                         alignment=q.alignment)
     if not c.matryoshka_dims:
         return loss
     return Matryoshka(loss, c.matryoshka_dims, c.matryoshka_weights, normalize=similarity == "cosine")

@@ -65,10 +65,10 @@ def check_quantized_terms():
     whole = {role: torch.randn(8, 16, generator=g, dtype=torch.float64) for role in ("anchor", "positive", "negative")}
     whole["positive"][1, 0] = 40.0  # one process's document sets the int8 range of dimension 0 for both
     mine = {role: e[4 * rank():4 * rank() + 4].clone().requires_grad_() for role, e in whole.items()}
-    loss = Quantized(InfoNCE(), binary=1.0, int8=1.0)(mine)
+    loss = Quantized(InfoNCE(), binary=1.0, int8=1.0, alignment=1.0)(mine)
     loss.backward()
     alone = {role: e.clone().requires_grad_() for role, e in whole.items()}
-    expected = Quantized(InfoNCE(gather=False), binary=1.0, int8=1.0, gather=False)(alone)
+    expected = Quantized(InfoNCE(gather=False), binary=1.0, int8=1.0, alignment=1.0, gather=False)(alone)
     expected.backward()
     assert abs(gather_no_grad(loss.detach().reshape(1)).mean().item() - expected.item()) < 1e-12
     for role, e in mine.items():

@@ -92,7 +92,7 @@ LOSSES = {
         lambda: Matryoshka(InfoNCE(learnable=True, symmetric=True), [128, 32]),
         ("anchor", "positive", "negative"), True),
     "quantized-binary+int8": (
-        lambda: Matryoshka(Quantized(InfoNCE(symmetric=True), binary=1.0, int8=0.5), [128, 32]),
+        lambda: Matryoshka(Quantized(InfoNCE(symmetric=True), binary=1.0, int8=0.5, alignment=0.3), [128, 32]),
         ("anchor", "positive", "negative"), True),
     "quantized-tanh": (lambda: Matryoshka(Quantized(InfoNCE(), binary=1.0, estimator="tanh"), [128, 32]),
                        ("anchor", "positive"), False),

@@ -7,7 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from twinfold.losses import InfoNCE, Matryoshka, Quantized, binarize, fake_int8, info_nce, int8_ranges
+from twinfold.losses import (
+    InfoNCE,
+    Matryoshka,
+    Quantized,
+    binarize,
+    fake_int8,
+    info_nce,
+    int8_ranges,
+    sign_misalignment,
+)
 from twinfold.models.quantize import (
     calibrate_int8,
     dequantize_int8,
@@ -97,6 +106,18 @@ def test_total_is_float_plus_weighted_stored_terms():
     assert got.item() == pytest.approx(expected.item(), rel=1e-12)
 
 
+def test_alignment_term_by_hand_and_its_gradient():
+    x = torch.tensor([[3.0, -4.0], [1.0, 1.0]], dtype=torch.float64)  # cos with its signs: 7 / (5 sqrt 2); 1
+    assert sign_misalignment(x).tolist() == pytest.approx([1 - 7 / (5 * math.sqrt(2)), 0.0], abs=1e-12)
+    e = {"anchor": unit(4, 6), "positive": unit(4, 6, seed=1), "negative": unit(4, 2, 6, seed=2)}
+    inner = InfoNCE()
+    rows = torch.cat([e["anchor"], e["positive"], e["negative"].reshape(-1, 6)])
+    expected = inner(e) + 0.5 * sign_misalignment(rows).mean()
+    assert Quantized(inner, alignment=0.5)(e).item() == pytest.approx(expected.item(), rel=1e-12)
+    x = unit(3, 5, seed=3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: sign_misalignment(v).sum(), (x,))
+
+
 class Spy(torch.nn.Module):
     """Records each call's embeddings; returns 0."""
 
@@ -123,6 +144,7 @@ def test_inside_matryoshka_each_named_prefix_gets_its_own_sign_bits():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({}, "one of them above 0"),
+    ({"alignment": -1.0, "binary": 1.0}, "at least 0"),
     ({"binary": -1.0, "int8": 1.0}, "at least 0"),
     ({"binary": 1.0, "estimator": "sigmoid"}, "estimator"),
     ({"binary": 1.0, "dims": []}, "positive integers"),

@@ -165,7 +165,7 @@ def test_string_keys_keep_numbers_as_written(tmp_path, pairs):
     ("eval.dims=[0]", r"eval.dims: \[0\] must all be greater than 0"),
     ("eval.precisions=[float16]", r"eval.precisions: 'float16' is not one of float32, int8, binary"),
     ("eval.rescore_multiplier=0", r"eval.rescore_multiplier: 0 must be greater than 0"),
-    ("loss.quantization.int8=0", r"loss.quantization: both weights are 0"),
+    ("loss.quantization.int8=0", r"loss.quantization: every weight is 0"),
     ("loss.quantization.binary=-1", r"loss.quantization.binary: -1.0 must not be negative"),
     ("loss.quantization={binary: 1, estimator: sigmoid}", r"loss.quantization.estimator: 'sigmoid' is not one of"),
     ("loss.quantization={binary: 1, dims: [32]}", r"loss.quantization.dims: \[32\] are not among loss.matryoshka_dims"),
