@@ -32,6 +32,7 @@ another model, or changed input rows, are refused (`--update DIR` brings the dat
 """
 import argparse
 import math
+import os
 import shlex
 import sys
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from twinfold.models.bi_encoder import BiEncoder
@@ -55,7 +57,7 @@ from twinfold.models.quantize import (
     quantize_binary,
     quantize_int8,
 )
-from twinfold.models.runtime import keep_freed_memory
+from twinfold.models.runtime import keep_freed_memory, share_cpu_cores
 from twinfold.models.shards import OVERWRITE_REMEDY as DATASET_REMEDY
 from twinfold.models.shards import (
     calibration_of,
@@ -275,7 +277,11 @@ def encode_dataset(args, model: BiEncoder, prompt: str | None) -> int:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    state = PartialState(timeout=DISTRIBUTED_TIMEOUT)
+    cpu_only = not torch.cuda.is_available()
+    if cpu_only:
+        share_cpu_cores()
+    # without GPUs, only cpu=True makes accelerate join the launched processes (over gloo)
+    state = PartialState(cpu=cpu_only and int(os.environ.get("WORLD_SIZE", "1")) > 1, timeout=DISTRIBUTED_TIMEOUT)
     out = args.update or args.output
     files = input_files(args.input)
     if args.compute in ("float32", "bf16"):
