@@ -18,6 +18,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +165,7 @@ class ShardedEmbeddings:
     def __len__(self) -> int:
         return self.header["rows"]
 
-    @property
+    @cached_property
     def ids(self) -> list[str]:
         return [i for p in self.header["parts"] for i in pq.read_table(self.path / p["file"], columns=["id"])
                 .column("id").to_pylist()]
