@@ -186,7 +186,8 @@ def start_dataset(model: BiEncoder, args, prompt: str | None, files: list[Path],
             header["calibration"] = sample_calibration(model, files, header, args.batch_size, args.calibration_sample)
     for leftover in out.glob(f"{LEFTOVERS[0]}part-*"):  # a part whose writing was killed
         leftover.unlink(missing_ok=True)
-    write_header(out, header)
+    if old is None or args.update:  # a resumed run leaves the manifest as it is until every part is there
+        write_header(out, header)
 
 
 def sample_calibration(model: BiEncoder, files: list[Path], header: dict, batch_size: int,
@@ -289,7 +290,7 @@ def encode_dataset(args, model: BiEncoder, prompt: str | None) -> int:
     if state.is_main_process:
         start_dataset(model, args, prompt, files, out)
     state.wait_for_everyone()
-    header = read_header(out)
+    header = {**read_header(out), "input": str(args.input)}
     counts = encode_parts(model, files, out, header, state.process_index, state.num_processes, bool(args.update),
                           args.batch_size, state.is_main_process and not args.no_progress)
     every = gather_object([counts]) if state.num_processes > 1 else [counts]
