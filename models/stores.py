@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 try:
     import faiss
@@ -38,7 +37,7 @@ except ImportError as e:
 from twinfold.models.embeddings import EmbeddingSet, check_same_model
 from twinfold.models.files.atomic import OverwriteRefused, atomic_write_bytes
 from twinfold.models.quantize import dequantize_int8, quantize_binary
-from twinfold.models.search import RESCORE_MULTIPLIER, binary_search, exact_search, rescore_binary
+from twinfold.models.search import RESCORE_MULTIPLIER, binary_search, exact_search, rescore_binary, search_parts
 from twinfold.models.shards import ShardedEmbeddings, embedding_parts, load_embeddings
 
 FAISS_INDEXES = ("flat", "hnsw", "binary-flat", "binary-hnsw")
@@ -83,13 +82,8 @@ def exact_hits(corpus: EmbeddingSet | ShardedEmbeddings, queries: np.ndarray, k:
         bits = np.concatenate([store_vectors(part, True) for part in embedding_parts(corpus)])
         scores, rows = binary_search(queries, bits, k, rescore_multiplier)
         return _hits(corpus.ids, scores.numpy(), rows.numpy())
-    scores, rows, start = None, None, 0
-    for part in embedding_parts(corpus):
-        found, where = exact_search(queries, store_vectors(part, False), k)
-        found, where, start = (found, where + start, start + len(part)) if scores is None else \
-            (torch.cat([scores, found], 1), torch.cat([rows, where + start], 1), start + len(part))
-        scores, best = found.topk(min(k, found.shape[1]), dim=1)
-        rows = where.gather(1, best)
+    scores, rows = search_parts(embedding_parts(corpus),
+                                lambda part: exact_search(queries, store_vectors(part, False), k), k)
     return _hits(corpus.ids, scores.numpy(), rows.numpy())
 
 
