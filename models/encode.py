@@ -180,7 +180,7 @@ def start_dataset(model: BiEncoder, args, prompt: str | None, files: list[Path],
             if difference := settings_difference(old, header):
                 raise ValueError(f"{out} holds embeddings of other settings, another model or another input: "
                                  f"{'; '.join(difference)}. Run the command that made it to finish it, bring it "
-                                 f"in step with --update {out}, or {DATASET_REMEDY[0].lower()}{DATASET_REMEDY[1:]}")
+                                 f"in step with --update {out}, or {DATASET_REMEDY}")
             header["calibration"] = old["calibration"]
         if args.precision == "int8" and header["calibration"] is None:
             header["calibration"] = sample_calibration(model, files, header, args.batch_size, args.calibration_sample)
@@ -299,7 +299,7 @@ def encode_dataset(args, model: BiEncoder, prompt: str | None) -> int:
         return 0
     counts = {key: sum(c[key] for c in every) for key in counts}
     parts = math.ceil(header["rows"] / header["part_rows"])
-    counts["removed"] += sum(p["rows"] for p in header["parts"] if int(p["file"][5:11]) >= parts)
+    counts["removed"] += sum(p["rows"] for p in header["parts"] if p["first_row"] >= header["rows"])
     finish(out, header, parts)
     if args.update:
         print(f"re-encoded {counts['new'] + counts['changed']} documents ({counts['new']} new, {counts['changed']} "

@@ -31,7 +31,7 @@ from twinfold.models.quantize import Int8Calibration
 
 PART = re.compile(r"part-(\d{6})\.(parquet|json)")
 SETTINGS = ("fingerprint", "precision", "dim", "kind", "compute", "prompt", "field", "id_field", "part_rows")
-OVERWRITE_REMEDY = "Choose another --output, or pass --overwrite to encode into it from scratch"
+OVERWRITE_REMEDY = "choose another --output, or pass --overwrite to encode into it from scratch"
 
 
 def part_file(k: int) -> str:
@@ -89,7 +89,7 @@ def check_dataset_output(folder: Path) -> None:
     if not folder.exists() and not folder.is_symlink():
         return
     if not folder.is_dir() or folder.is_symlink():
-        raise OverwriteRefused(f"{folder} exists and is not a folder twinfold wrote; nothing was changed. "
+        raise OverwriteRefused(f"{folder} exists and is not a folder twinfold wrote; nothing was changed: "
                                f"{OVERWRITE_REMEDY}")
     names = [p.name for p in folder.iterdir()]
     own = [n for n in names if PART.fullmatch(n) or n == MANIFEST]
@@ -97,7 +97,7 @@ def check_dataset_output(folder: Path) -> None:
     if (MANIFEST in names and read_header(folder) is None) or (own and MANIFEST not in names) or foreign:
         example = foreign[0] if foreign else MANIFEST
         raise OverwriteRefused(f"{folder} holds files that are not a twinfold embedding dataset (e.g. {example!r}); "
-                               f"nothing was changed. {OVERWRITE_REMEDY}")
+                               f"nothing was changed: {OVERWRITE_REMEDY}")
 
 
 def clear_dataset(folder: Path) -> None:
