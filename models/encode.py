@@ -58,8 +58,8 @@ from twinfold.models.quantize import (
     quantize_int8,
 )
 from twinfold.models.runtime import keep_freed_memory, share_cpu_cores
-from twinfold.models.shards import OVERWRITE_REMEDY as DATASET_REMEDY
 from twinfold.models.shards import (
+    OVERWRITE_REMEDY,
     calibration_of,
     check_dataset_output,
     clear_dataset,
@@ -180,7 +180,7 @@ def start_dataset(model: BiEncoder, args, prompt: str | None, files: list[Path],
             if difference := settings_difference(old, header):
                 raise ValueError(f"{out} holds embeddings of other settings, another model or another input: "
                                  f"{'; '.join(difference)}. Run the command that made it to finish it, bring it "
-                                 f"in step with --update {out}, or {DATASET_REMEDY}")
+                                 f"in step with --update {out}, or {OVERWRITE_REMEDY}")
             header["calibration"] = old["calibration"]
         if args.precision == "int8" and header["calibration"] is None:
             header["calibration"] = sample_calibration(model, files, header, args.batch_size, args.calibration_sample)
