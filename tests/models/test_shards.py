@@ -255,3 +255,29 @@ def test_an_output_folder_holding_other_files_is_refused(tiny_bert_path, tmp_pat
                           "--format", "parquet")
     assert code == 2 and "holds files that are not a twinfold embedding dataset (e.g. 'keep.txt')" in err
     assert [p.name for p in (tmp_path / "notes").iterdir()] == ["keep.txt"]
+
+
+def test_stores_take_a_dataset_part_by_part_as_they_take_the_file(tiny_bert_path, tmp_path, postgres_dsn):
+    import psycopg
+
+    from twinfold.models.stores import build_faiss, exact_hits, faiss_search, load_pgvector, pgvector_search
+
+    docs = write(tmp_path / "docs.jsonl", corpus(230))
+    queries = write(tmp_path / "queries.jsonl", corpus(5, seed=1))
+    model = ["--model", tiny_bert_path]
+    assert encode(*model, "--input", docs, "--output", tmp_path / "ds", "--format", "parquet",
+                  "--part-rows", 50)[0] == 0
+    assert encode(*model, "--input", docs, "--output", tmp_path / "one.safetensors")[0] == 0
+    assert encode(*model, "--input", queries, "--kind", "query", "--output", tmp_path / "q.safetensors")[0] == 0
+    dataset, whole = ShardedEmbeddings(tmp_path / "ds"), EmbeddingSet.load(tmp_path / "one.safetensors")
+    q = EmbeddingSet.load(tmp_path / "q.safetensors").embeddings
+    expected = exact_hits(whole, q, 10)
+    assert [list(h) for h in exact_hits(dataset, q, 10)] == [list(h) for h in expected]
+    index = build_faiss(dataset, "flat")
+    assert index.ntotal == 230
+    assert [list(h) for h in faiss_search(index, dataset.ids, q, 10)] == [list(h) for h in expected]
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        load_pgvector(conn, dataset, "sharded")
+        assert conn.execute("SELECT count(*) FROM sharded").fetchone()[0] == 230
+        found = pgvector_search(conn, EmbeddingSet.load(tmp_path / "q.safetensors"), 10, "sharded", ef_search=1000)
+    assert [list(h) for h in found] == [list(h) for h in expected]
