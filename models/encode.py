@@ -99,6 +99,13 @@ def unique_ids(rows: list[Row]) -> list[Row]:
     return rows
 
 
+def too_few_to_calibrate(source, count: int) -> InputError:
+    """The error for int8 embeddings of fewer documents than a calibration needs."""
+    return InputError(f"{source}: int8 embeddings are calibrated on the documents encoded, and {count} cannot give "
+                      f"each dimension a range: encode at least {MIN_CALIBRATION_ROWS} documents together, or use "
+                      "--precision float32")
+
+
 def encode_texts(model: BiEncoder, texts: list[str], kind: str, dim: int | None, precision: str, compute: str,
                  batch_size: int, calibration=None, show_progress_bar: bool = False, prompt: str | None = None):
     """Embeddings of `texts` in `precision` (int8: with `calibration`, or calibrated on them) and the calibration;
@@ -196,9 +203,7 @@ def sample_calibration(model: BiEncoder, files: list[Path], header: dict, batch_
     embeddings, sample_size, CALIBRATION_SEED)` gives, without holding them all."""
     rows = header["rows"]
     if rows < MIN_CALIBRATION_ROWS:
-        raise InputError(f"{header['input']}: int8 embeddings are calibrated on the documents encoded, and {rows} "
-                         f"cannot give each dimension a range: encode at least {MIN_CALIBRATION_ROWS} documents "
-                         "together, or use --precision float32")
+        raise too_few_to_calibrate(header["input"], rows)
     picked = np.arange(rows) if sample_size >= rows else \
         np.random.default_rng(CALIBRATION_SEED).choice(rows, sample_size, replace=False)
     wanted = set(picked.tolist())
@@ -370,9 +375,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.e
         prompt = model.prompt_text(args.prompt_name, args.prompt)
         texts, ids = read_texts(args.input, args.field, args.id_field) if args.input and not dataset else ([], [])
         if args.precision == "int8" and not args.update and not dataset and len(texts) < MIN_CALIBRATION_ROWS:
-            raise InputError(f"{args.input}: int8 embeddings are calibrated on the documents encoded, and "
-                             f"{len(texts)} cannot give each dimension a range: encode at least "
-                             f"{MIN_CALIBRATION_ROWS} documents together, or use --precision float32")
+            raise too_few_to_calibrate(args.input, len(texts))
         if args.update and dataset:
             rebuild = (f"{prog} --model {args.model} --input {args.input} --output {args.update} --format parquet "
                        f"--precision {old['precision']} --dim {old['dim']} --kind {old['kind']} --overwrite"
