@@ -59,6 +59,9 @@ class EmbeddingSet:
                 raise ValueError("binary embeddings need `dim`, the number of sign bits packed in each row")
             self.dim = self.embeddings.shape[1]
 
+    def __len__(self) -> int:
+        return len(self.ids)
+
     def save(self, path: str | Path, overwrite: bool = False, format: str = "safetensors") -> None:
         """Write atomically as `format`; an existing file is replaced only if it is a twinfold embedding file
         (or `overwrite`)."""

@@ -35,6 +35,16 @@ def keep_freed_memory() -> bool:
     return applied
 
 
+def share_cpu_cores() -> int:
+    """Give this process its share of the cores among the machine's processes (`LOCAL_WORLD_SIZE`, set by
+    `accelerate launch`, which pins each process to one thread otherwise); `TWINFOLD_NUM_THREADS` overrides.
+    Returns the number of threads."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = int(os.environ.get("TWINFOLD_NUM_THREADS", max(1, len(os.sched_getaffinity(0)) // local_processes)))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 matrix units (AVX512_BF16 or AMX_BF16); without them bf16 runs far slower than fp32."""
     try:

@@ -4,7 +4,8 @@ The corpus is scored in chunks of `chunk_size` rows against blocks of queries, k
 so no full [queries, corpus] score matrix is ever built. Every function returns `(scores, indices)`:
 float32 and int64 tensors [queries, min(k, corpus)], best first.
 """
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,6 +64,22 @@ def rescoring_note(rescore_multiplier: int, k: int) -> str:
     """How binary results were searched, for reports: the rescoring depth in words."""
     return (f"binary: sign bits searched by Hamming distance; the {rescore_multiplier * k} nearest documents per query "
             f"(rescore multiplier {rescore_multiplier} x top {k}) rescored with the float32 query.")
+
+
+def search_parts(parts: Iterable, search: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
+                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over a corpus stored in parts (each with a length), one part at a time: `search(part)` gives the
+    part's top-k (scores, rows in the part); the merged rows are numbered across the parts."""
+    scores = rows = None
+    start = 0
+    for part in parts:
+        found, where = search(part)
+        where, start = where + start, start + len(part)
+        if scores is not None:
+            found, where = torch.cat([scores, found], 1), torch.cat([rows, where], 1)
+        scores, best = found.topk(min(k, found.shape[1]), dim=1)
+        rows = where.gather(1, best)
+    return scores, rows
 
 
 def rescore_binary(queries, codes: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:

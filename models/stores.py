@@ -37,7 +37,8 @@ except ImportError as e:
 from twinfold.models.embeddings import EmbeddingSet, check_same_model
 from twinfold.models.files.atomic import OverwriteRefused, atomic_write_bytes
 from twinfold.models.quantize import dequantize_int8, quantize_binary
-from twinfold.models.search import RESCORE_MULTIPLIER, binary_search, exact_search, rescore_binary
+from twinfold.models.search import RESCORE_MULTIPLIER, binary_search, exact_search, rescore_binary, search_parts
+from twinfold.models.shards import ShardedEmbeddings, embedding_parts, load_embeddings
 
 FAISS_INDEXES = ("flat", "hnsw", "binary-flat", "binary-hnsw")
 PG_OPCLASSES = {"vector": "vector_ip_ops", "halfvec": "halfvec_ip_ops", "bit": "bit_hamming_ops"}
@@ -73,14 +74,16 @@ def query_vectors(queries: EmbeddingSet, fingerprint: str, similarity: str, dim:
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-def exact_hits(corpus: EmbeddingSet, queries: np.ndarray, k: int, binary: bool = False,
+def exact_hits(corpus: EmbeddingSet | ShardedEmbeddings, queries: np.ndarray, k: int, binary: bool = False,
                rescore_multiplier: int = RESCORE_MULTIPLIER) -> Hits:
-    """Exact top-k over what a store holds for `corpus` (`exact_search`, or `binary_search` for sign bits)."""
-    vectors = store_vectors(corpus, binary)
+    """Exact top-k over what a store holds for `corpus`: `binary_search` over the sign bits of every part
+    (1 bit a dimension), or `exact_search` part by part, the parts' top-k merged."""
     if binary:
-        scores, rows = binary_search(queries, vectors, k, rescore_multiplier)
-    else:
-        scores, rows = exact_search(queries, vectors, k)
+        bits = np.concatenate([store_vectors(part, True) for part in embedding_parts(corpus)])
+        scores, rows = binary_search(queries, bits, k, rescore_multiplier)
+        return _hits(corpus.ids, scores.numpy(), rows.numpy())
+    scores, rows = search_parts(embedding_parts(corpus),
+                                lambda part: exact_search(queries, store_vectors(part, False), k), k)
     return _hits(corpus.ids, scores.numpy(), rows.numpy())
 
 
@@ -91,14 +94,14 @@ def recall_at_k(found: Hits, exact: Hits, k: int) -> float:
 
 
 # --- FAISS ----------------------------------------------------------------------------------------------
-def build_faiss(corpus: EmbeddingSet, index: str = "hnsw", m: int = 32, ef_construction: int = 200):
-    """A FAISS index over `corpus`: flat or HNSW inner product over float32 rows, or flat or HNSW Hamming
-    distance over sign bits (`binary-*`). Row i is `corpus.ids[i]`."""
+def build_faiss(corpus: EmbeddingSet | ShardedEmbeddings, index: str = "hnsw", m: int = 32,
+                ef_construction: int = 200):
+    """A FAISS index over `corpus` (a dataset: added part by part): flat or HNSW inner product over float32
+    rows, or flat or HNSW Hamming distance over sign bits (`binary-*`). Row i is `corpus.ids[i]`."""
     if index not in FAISS_INDEXES:
         raise ValueError(f"unknown FAISS index {index!r}: choose from {', '.join(FAISS_INDEXES)}")
     binary = index.startswith("binary")
-    vectors = store_vectors(corpus, binary)
-    width = vectors.shape[1] * 8 if binary else vectors.shape[1]  # binary indexes count bits: whole bytes
+    width = (corpus.dim + 7) // 8 * 8 if binary else corpus.dim  # binary indexes count bits: whole bytes
     if index == "flat":
         built = faiss.IndexFlatIP(width)
     elif index == "hnsw":
@@ -107,7 +110,8 @@ def build_faiss(corpus: EmbeddingSet, index: str = "hnsw", m: int = 32, ef_const
         built = faiss.IndexBinaryFlat(width) if index == "binary-flat" else faiss.IndexBinaryHNSW(width, m)
     if index.endswith("hnsw"):
         built.hnsw.efConstruction = ef_construction
-    built.add(vectors)
+    for part in embedding_parts(corpus):
+        built.add(store_vectors(part, binary))
     return built
 
 
@@ -137,14 +141,13 @@ def save_faiss(index, path: str | Path, overwrite: bool = False) -> None:
 
 
 # --- PostgreSQL with pgvector ---------------------------------------------------------------------------
-def load_pgvector(conn, corpus: EmbeddingSet, table: str = DEFAULT_TABLE, column: str = "vector", m: int = 16,
-                  ef_construction: int = 64, overwrite: bool = False) -> None:
+def load_pgvector(conn, corpus: EmbeddingSet | ShardedEmbeddings, table: str = DEFAULT_TABLE, column: str = "vector",
+                  m: int = 16, ef_construction: int = 64, overwrite: bool = False) -> None:
     """Create `table` holding `corpus` in a `column` column (vector, halfvec or bit) with an HNSW index, in
-    one transaction on the psycopg connection `conn`. A table this function made before is replaced; any
-    other table of that name raises `OverwriteRefused` unless `overwrite`."""
+    one transaction on the psycopg connection `conn` (one COPY per part of a dataset). A table this function
+    made before is replaced; any other table of that name raises `OverwriteRefused` unless `overwrite`."""
     if column not in PG_OPCLASSES:
         raise ValueError(f"unknown pgvector column type {column!r}: choose from {', '.join(PG_OPCLASSES)}")
-    vectors = store_vectors(corpus, column == "bit")
     name = sql.Identifier(table)
     with conn.transaction():
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
@@ -159,9 +162,11 @@ def load_pgvector(conn, corpus: EmbeddingSet, table: str = DEFAULT_TABLE, column
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(name))
         conn.execute(sql.SQL("CREATE TABLE {} (id text PRIMARY KEY, embedding {}({}))").format(
             name, sql.SQL(column), sql.Literal(corpus.dim)))
-        with conn.cursor().copy(sql.SQL("COPY {} (id, embedding) FROM STDIN").format(name)) as copy:
-            for doc_id, row in zip(corpus.ids, vectors, strict=True):
-                copy.write_row((doc_id, _pg_literal(row, column, corpus.dim)))
+        for part in embedding_parts(corpus):
+            vectors = store_vectors(part, column == "bit")
+            with conn.cursor().copy(sql.SQL("COPY {} (id, embedding) FROM STDIN").format(name)) as copy:
+                for doc_id, row in zip(part.ids, vectors, strict=True):
+                    copy.write_row((doc_id, _pg_literal(row, column, corpus.dim)))
         conn.execute(sql.SQL("CREATE INDEX {} ON {} USING hnsw (embedding {}) WITH (m = {}, ef_construction = {})")
                      .format(sql.Identifier(f"{table}_embedding_hnsw"), name, sql.SQL(PG_OPCLASSES[column]),
                              sql.Literal(m), sql.Literal(ef_construction)))
@@ -240,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     pg.add_argument("--column", default="vector", choices=list(PG_OPCLASSES))
     pg.add_argument("--overwrite", action="store_true", help="replace a --table that twinfold did not make")
     for sub, m, ef_construction, ef_search in ((faiss_p, 32, 200, 128), (pg, 16, 64, 100)):
-        sub.add_argument("--embeddings", required=True, type=Path, help="embedding file of the documents")
+        sub.add_argument("--embeddings", required=True, type=Path,
+                         help="embedding file or sharded dataset (folder) of the documents")
         sub.add_argument("--queries", type=Path, help="embedding file of queries: print recall@k against exact search")
         sub.add_argument("--k", type=int, default=10)
         sub.add_argument("--m", type=int, default=m, help="HNSW: links per node")
@@ -250,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                          help="sign bits: Hamming candidates per result, rescored with the float32 query")
     args = p.parse_args(argv)
     try:
-        corpus = EmbeddingSet.load(args.embeddings)
+        corpus = load_embeddings(args.embeddings)
         queries = EmbeddingSet.load(args.queries) if args.queries else None
         run = _faiss_command if args.store == "faiss" else _pgvector_command
         found, binary, seconds = run(args, corpus, queries)
@@ -267,10 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _faiss_command(args, corpus: EmbeddingSet, queries: EmbeddingSet | None) -> tuple[Hits | None, bool, float]:
+def _faiss_command(args, corpus: EmbeddingSet | ShardedEmbeddings,
+                   queries: EmbeddingSet | None) -> tuple[Hits | None, bool, float]:
     start = time.perf_counter()
     index = build_faiss(corpus, args.index, args.m, args.ef_construction)
-    print(f"faiss {args.index}: {len(corpus.ids)} vectors of dim {corpus.dim} in {time.perf_counter() - start:.1f}s")
+    print(f"faiss {args.index}: {len(corpus)} vectors of dim {corpus.dim} in {time.perf_counter() - start:.1f}s")
     if args.out:
         save_faiss(index, args.out, args.overwrite)
         print(f"wrote {args.out}")
@@ -282,11 +289,12 @@ def _faiss_command(args, corpus: EmbeddingSet, queries: EmbeddingSet | None) -> 
     return found, args.index.startswith("binary"), time.perf_counter() - start
 
 
-def _pgvector_command(args, corpus: EmbeddingSet, queries: EmbeddingSet | None) -> tuple[Hits | None, bool, float]:
+def _pgvector_command(args, corpus: EmbeddingSet | ShardedEmbeddings,
+                      queries: EmbeddingSet | None) -> tuple[Hits | None, bool, float]:
     with psycopg.connect(args.dsn, autocommit=True) as conn:
         start = time.perf_counter()
         load_pgvector(conn, corpus, args.table, args.column, args.m, args.ef_construction, args.overwrite)
-        print(f"pgvector: {len(corpus.ids)} rows of {args.column}({corpus.dim}) with an HNSW index in table "
+        print(f"pgvector: {len(corpus)} rows of {args.column}({corpus.dim}) with an HNSW index in table "
               f"{args.table} in {time.perf_counter() - start:.1f}s")
         if queries is None:
             return None, False, 0.0

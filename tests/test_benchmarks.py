@@ -43,6 +43,17 @@ def test_bench_encode_gives_sentence_transformers_embeddings(data_dir):
         assert float(rows[side].split("|")[-3]) <= 1e-4
 
 
+def test_bench_encode_scale_gives_sentence_transformers_embeddings(data_dir):
+    out = run_script("bench_encode.py", "--scale", "--scale-docs", "64", "--minilm-docs", "64", "--processes", "1",
+                     data_dir=data_dir)
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [(r[0].strip(), r[2].strip()) for r in rows] == [
+        ("tiny BERT", "twinfold, 1 process"), ("all-MiniLM-L6-v2", "twinfold, 1 process"),
+        ("all-MiniLM-L6-v2", "sentence-transformers"),
+        ("all-MiniLM-L6-v2", "sentence-transformers (multi-process pool)")]
+    assert all(float(r[5]) <= 1e-5 for r in rows[2:])  # the same vectors as twinfold's
+
+
 def test_encoder_flops_by_hand(tiny_bert_path):
     sys.path.insert(0, str(REPO / "scripts"))
     from benchlib import encoder_flops

@@ -13,7 +13,7 @@ COMMANDS = {  # command: (module whose main(argv, prog) it runs, summary for `tw
     "pairs": ("twinfold.train.corpus_pairs", "make a pair file from a corpus alone (title, crop, ict)"),
     "score": ("twinfold.train.score", "add a teacher's scores (cross-encoder or bi-encoder) to a pair file"),
     "merge": ("twinfold.train.merge", "interpolate a fine-tuned model's weights with its base's (alpha, or auto)"),
-    "encode": ("twinfold.models.encode", "embed a JSONL file, or bring an embedding file up to date"),
+    "encode": ("twinfold.models.encode", "embed texts into an embedding file or a sharded dataset; keep it up to date"),
     "export": ("twinfold.models.export", "export a model folder that sentence-transformers loads too"),
 }
 

@@ -7,7 +7,8 @@
 
 The corpus is encoded once per model at full dimension; every dim and precision is derived from that
 encoding, and it is cached by the model's fingerprint for the evaluator's lifetime (training calls the same
-evaluator before, during and after).
+evaluator before, during and after). `--corpus-embeddings PATH` (one model) searches a corpus embedded beforehand
+instead, an embedding file or a sharded dataset of `models.encode`, part by part: only the queries are encoded.
 """
 import argparse
 import csv
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from twinfold.models import BiEncoder, ModelLoadError, truncate
+from twinfold.models import BiEncoder, ModelLoadError, check_same_model, truncate
+from twinfold.models.embeddings import EmbeddingSet
 from twinfold.models.encode import non_positive_option
 from twinfold.models.files.atomic import check_output_folder, refuse_symlinks
 from twinfold.models.quantize import (
@@ -36,7 +38,8 @@ from twinfold.models.quantize import (
     quantize_int8,
 )
 from twinfold.models.runtime import keep_freed_memory
-from twinfold.models.search import RESCORE_MULTIPLIER, binary_search, exact_search, int8_search
+from twinfold.models.search import RESCORE_MULTIPLIER, binary_search, exact_search, int8_search, search_parts
+from twinfold.models.shards import ShardedEmbeddings, embedding_parts, load_embeddings
 from twinfold.train.eval.beir import BeirData, load_beir
 from twinfold.train.eval.bm25 import PRESETS, BM25Index, BM25Settings, settings_from
 from twinfold.train.eval.metrics import DEFAULT_K_VALUES, evaluate_run, spearman, write_trec_run
@@ -136,6 +139,46 @@ class RetrievalEvaluator:
                          rows[-1]["ndcg@10"], time.perf_counter() - start)
         return rows
 
+    def score_stored(self, model: BiEncoder, corpus: EmbeddingSet | ShardedEmbeddings, name: str) -> list[dict]:
+        """Rows for a corpus that `model` embedded beforehand (an embedding file, or a sharded dataset searched part
+        by part): the queries are encoded with the corpus's compute; each dim (a float32 corpus; else its own dim)
+        is scored in the corpus's precision."""
+        fingerprint = model.fingerprint(corpus.compute)
+        check_same_model(corpus.fingerprint, fingerprint, "the corpus embeddings and the queries")
+        if self.precisions != (corpus.precision,):
+            raise ValueError(f"--precision: the corpus embeddings are {corpus.precision}; evaluate them with "
+                             f"--precision {corpus.precision}")
+        dims = self._dims(corpus.dim, name)
+        if corpus.precision != "float32" and dims != [corpus.dim]:
+            raise ValueError(f"--dims: {corpus.precision} corpus embeddings are searched at their dim {corpus.dim} "
+                             "only")
+        ids = corpus.ids
+        if len(ids) != len(self.data.corpus_ids) or set(ids) != set(self.data.corpus_ids):
+            raise ValueError(f"the corpus embeddings hold {len(ids)} documents, not the {len(self.data.corpus_ids)} "
+                             "of the evaluation corpus: embed that corpus (its title + text) with `twinfold encode`")
+        queries = model.encode(self.data.query_texts, self.batch_size, kind="query", compute=corpus.compute,
+                               prompt=model.prompt_text(self.query_prompt_name, self.query_prompt),
+                               convert_to_tensor=True, show_progress_bar=self.show_progress_bar)
+        cosine = corpus.similarity == "cosine"
+        normalize = cosine or model.settings.normalize
+        rows, k = [], self._k_searched
+        for dim in dims:
+            q = truncate(F.normalize(queries, dim=-1) if cosine else queries, dim, normalize)
+            if corpus.precision == "binary":
+                bits = np.concatenate([part.embeddings for part in embedding_parts(corpus)])
+                scores, indices = binary_search(q, bits, k, self.rescore_multiplier)
+            elif corpus.precision == "int8":
+                scores, indices = search_parts(embedding_parts(corpus), lambda part: int8_search(
+                    q, part.embeddings, part.calibration, k), k)
+            else:
+                scores, indices = search_parts(embedding_parts(corpus), lambda part: exact_search(q, truncate(
+                    F.normalize(torch.tensor(part.embeddings), dim=-1) if cosine else torch.tensor(part.embeddings),
+                    dim, normalize), k), k)
+            rows.append({"model": name, "dim": dim, "precision": corpus.precision,
+                         **self._score(scores, indices, name, f"{dim}.{corpus.precision}", ids),
+                         **storage(bytes_per_vector(dim, corpus.precision)), "fingerprint": fingerprint})
+        return rows
+
     def bm25_rows(self) -> list[dict]:
         """One row for BM25 with `self.bm25` settings (default: bm25s's, k1 1.5, b 0.75, no stemming)."""
         if self._bm25_rows is None:
@@ -186,9 +229,11 @@ class RetrievalEvaluator:
             return binary_search(queries, quantize_binary(corpus), k, self.rescore_multiplier)
         return exact_search(queries, corpus, k)
 
-    def _score(self, scores: torch.Tensor, indices: torch.Tensor, name: str, what: str) -> dict[str, float]:
-        """Metrics of a search result (NaN scores are no hit); its TREC run is written when `out_dir` is set."""
-        ids, skip_self = self.data.corpus_ids, self.data.ignore_identical_ids
+    def _score(self, scores: torch.Tensor, indices: torch.Tensor, name: str, what: str,
+               ids: list[str] | None = None) -> dict[str, float]:
+        """Metrics of a search result over `ids` (default: the corpus's; NaN scores are no hit); its TREC run is
+        written when `out_dir` is set."""
+        ids, skip_self = ids or self.data.corpus_ids, self.data.ignore_identical_ids
         run = {}
         for qid, row_scores, row_indices in zip(self.data.query_ids, scores.tolist(), indices.tolist()):
             hits = [(ids[i], s) for s, i in zip(row_scores, row_indices)
@@ -286,6 +331,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.ev
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", required=True, help="model folder or name (repeat to compare)")
     p.add_argument("--data", required=True, type=Path, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/")
+    p.add_argument("--corpus-embeddings", type=Path, metavar="PATH",
+                   help="search this embedding file or sharded dataset of the corpus (one --model) instead of "
+                        "encoding the corpus")
     p.add_argument("--split", default="test")
     p.add_argument("--dims", type=_int_list, help="Matryoshka dims, e.g. 384,256,128,64 (default: full)")
     p.add_argument("--precision", type=_precision_list, default=["float32"], help="float32,int8,binary")
@@ -320,6 +368,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.ev
     if len(set(args.model)) != len(args.model):
         print("error: the same --model is given twice", file=sys.stderr)
         return 2
+    if args.corpus_embeddings and len(args.model) > 1:
+        print("error: --corpus-embeddings: the embeddings of one model; give one --model", file=sys.stderr)
+        return 2
     if problem := non_positive_option({"--batch-size": args.batch_size,
                                        "--rescore-multiplier": args.rescore_multiplier}):
         print(f"error: {problem}", file=sys.stderr)
@@ -337,9 +388,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.ev
                                            args.bm25_preset, k1=args.bm25_k1, b=args.bm25_b, stemmer=args.bm25_stemmer,
                                            split_identifiers=args.bm25_split_identifiers or None),
                                        query_prompt_name=args.query_prompt_name, query_prompt=args.query_prompt)
+        stored = load_embeddings(args.corpus_embeddings) if args.corpus_embeddings else None
         rows = []
         for name in args.model:
-            rows += evaluator(BiEncoder.from_pretrained(name, allow_pickle=args.allow_pickle), name)
+            model = BiEncoder.from_pretrained(name, allow_pickle=args.allow_pickle)
+            rows += evaluator.score_stored(model, stored, name) if stored else evaluator(model, name)
         if args.bm25:
             rows += evaluator.bm25_rows()
     except (ValueError, ModelLoadError, OSError) as e:  # BeirFormatError, StsFormatError: ValueErrors

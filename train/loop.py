@@ -21,7 +21,7 @@ from twinfold.models import BiEncoder
 from twinfold.models.bi_encoder import freeze_unused
 from twinfold.models.files.atomic import atomic_write_bytes
 from twinfold.models.lora import LoraSettings, add_lora, check_same_adapter, has_lora, make_trainable, merged_encoder
-from twinfold.models.runtime import cpu_has_bf16, keep_freed_memory
+from twinfold.models.runtime import cpu_has_bf16, keep_freed_memory, share_cpu_cores
 from twinfold.train.checkpoint import checkpoint_streams, load_checkpoint, prune_checkpoints, save_checkpoint
 from twinfold.train.config import Config, ConfigError, save_config
 from twinfold.train.data.loader import TrainingBatches, dataset_tokenizers
@@ -137,9 +137,7 @@ def make_accelerator(mixed_precision: str | None = None) -> Accelerator:
     cpu_only = not torch.cuda.is_available()
     if cpu_only:
         keep_freed_memory()
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        share = max(1, len(os.sched_getaffinity(0)) // local_processes)
-        torch.set_num_threads(int(os.environ.get("TWINFOLD_NUM_THREADS", share)))
+        share_cpu_cores()
         if mixed_precision == "bf16" and not cpu_has_bf16():
             log.warning("train.mixed_precision=bf16 on a CPU without bf16 units (avx512_bf16/amx_bf16): "
                         "expect it to be far slower than fp32")

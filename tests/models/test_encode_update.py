@@ -102,7 +102,7 @@ def test_duplicate_ids_are_an_error_naming_the_line(tiny_bert_path, tmp_path, ca
     path = write(tmp_path / "dup.jsonl", [{"_id": "a", "text": "one"}, {"_id": "b", "text": "two"},
                                          {"_id": "a", "text": "three"}])
     assert main(["--model", str(tiny_bert_path), "--input", str(path), "--output", str(tmp_path / "o")]) == 2
-    assert f"{path}:3: duplicate id 'a' (first at line 1)" in capsys.readouterr().err
+    assert f"{path}:3: duplicate id 'a' (first at {path}:1)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("precision", ["float32", "int8", "binary"])

@@ -261,3 +261,29 @@ def test_overwrite_never_writes_the_report_through_a_link(hand_folder, tiny_bert
                  "--overwrite", "--no-progress"])
     assert code == 2 and mine.read_text() == "a user's file"
     assert f"{out / 'report.md'} is a symbolic link" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8", "binary"])
+def test_a_corpus_embedded_beforehand_scores_as_encoding_it_does(hand_folder, tiny_bert_path, tmp_path, capsys,
+                                                                 precision):
+    """`--corpus-embeddings DATASET` (parts of 4 documents, searched one by one) gives the rows that encoding the
+    corpus gives: int8 calibrated on every document, binary rescored alike."""
+    from twinfold.models.encode import main as encode_main
+
+    data = load_beir(hand_folder)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"_id": i, "text": t}) + "\n"
+                            for i, t in zip(data.corpus_ids, data.corpus_texts)))
+    assert encode_main(["--model", str(tiny_bert_path), "--input", str(docs), "--output", str(tmp_path / "ds"),
+                        "--format", "parquet", "--part-rows", "4", "--precision", precision, "--dim", "64",
+                        "--no-progress"]) == 0
+    common = ["--model", str(tiny_bert_path), "--data", str(hand_folder), "--k", "1,3", "--no-progress"]
+    capsys.readouterr()
+    assert main([*common, "--precision", precision, "--dims", "64"]) == 0
+    encoded = capsys.readouterr().out
+    assert main([*common, "--precision", precision, "--dims", "64", "--corpus-embeddings", str(tmp_path / "ds")]) == 0
+    assert capsys.readouterr().out == encoded
+    if precision != "float32":
+        assert main([*common, "--corpus-embeddings", str(tmp_path / "ds")]) == 2
+        assert f"error: --precision: the corpus embeddings are {precision}; evaluate them with --precision " \
+            f"{precision}" in capsys.readouterr().err

@@ -1,0 +1,186 @@
+"""Sharded embedding datasets: a folder of Parquet parts and one manifest, for corpora too big for one file or
+one process; read part by part.
+
+    DIR/part-000000.parquet     input rows [0, part_rows) as a twinfold Parquet embedding file (id, embedding,
+                                content_hash; the fingerprint, settings and int8 calibration as its metadata)
+    DIR/part-000000.json        its record: first row, rows, size and SHA-256 of the Parquet file, and the hash
+                                of the input rows it was made from
+    DIR/twinfold-manifest.json  "files": size and SHA-256 of each file; "embeddings": the model fingerprint,
+                                the settings, the input's row count, the int8 calibration, the parts, and
+                                "complete": true once every part is written
+
+Part k holds input rows [k * part_rows, (k + 1) * part_rows): which rows go together depends on the input and
+`part_rows` alone, so one process and N processes write the same parts. A part is written atomically, then its
+record; it is complete when its record is there and its file has the recorded size and checksum.
+`python -m twinfold.models.encode --format parquet --output DIR` writes it (see there).
+"""
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from twinfold.models.embeddings import EmbeddingSet
+from twinfold.models.files.atomic import LEFTOVERS, MANIFEST, OverwriteRefused, atomic_write_bytes, file_sha256
+from twinfold.models.files.rows import Row
+from twinfold.models.quantize import Int8Calibration
+
+PART = re.compile(r"part-(\d{6})\.(parquet|json)")
+SETTINGS = ("fingerprint", "precision", "dim", "kind", "compute", "prompt", "field", "id_field", "part_rows")
+OVERWRITE_REMEDY = "choose another --output, or pass --overwrite to encode into it from scratch"
+
+
+def part_file(k: int) -> str:
+    return f"part-{k:06d}.parquet"
+
+
+def record_file(k: int) -> str:
+    return f"part-{k:06d}.json"
+
+
+def is_dataset_path(path: str | Path, format: str | None) -> bool:
+    """True if `path` names a sharded dataset: a folder, or (with `format` parquet) a name without `.parquet`."""
+    path = Path(path)
+    return path.is_dir() or (format == "parquet" and path.suffix != ".parquet")
+
+
+def input_digest(rows: list[Row]) -> str:
+    """The hash of a part's input rows (ids and texts, in order): a resumed run refuses input that changed."""
+    digest = hashlib.blake2b(digest_size=16)
+    for row in rows:
+        digest.update(row.id.encode() + b"\0" + row.text.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def read_header(folder: str | Path) -> dict | None:
+    """The manifest's "embeddings" entry (settings, rows, calibration, parts), or None if there is none."""
+    try:
+        header = json.loads((Path(folder) / MANIFEST).read_text())["embeddings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def write_header(folder: Path, header: dict, files: dict | None = None) -> None:
+    atomic_write_bytes(folder / MANIFEST, (json.dumps({"files": files or {}, "embeddings": header}, indent=1)
+                                           + "\n").encode())
+
+
+def settings_difference(old: dict, new: dict) -> list[str]:
+    """`KEY VALUE (now VALUE)` for each setting (and the input's row count) that differs."""
+    return [f"{key} {old.get(key)!r} (now {new.get(key)!r})" for key in (*SETTINGS, "rows")
+            if old.get(key) != new.get(key)]
+
+
+def calibration_of(header: dict) -> Int8Calibration | None:
+    found = header.get("calibration")
+    if found is None:
+        return None
+    return Int8Calibration(np.asarray(found["starts"], np.float32), np.asarray(found["steps"], np.float32))
+
+
+def check_dataset_output(folder: Path) -> None:
+    """Raise `OverwriteRefused` unless `folder` is missing, empty or a sharded dataset (finished or not) holding
+    nothing else."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not folder.is_dir() or folder.is_symlink():
+        raise OverwriteRefused(f"{folder} exists and is not a folder twinfold wrote; nothing was changed: "
+                               f"{OVERWRITE_REMEDY}")
+    names = [p.name for p in folder.iterdir()]
+    own = [n for n in names if PART.fullmatch(n) or n == MANIFEST]
+    foreign = sorted(n for n in names if n not in own and not n.startswith(LEFTOVERS))
+    if (MANIFEST in names and read_header(folder) is None) or (own and MANIFEST not in names) or foreign:
+        example = foreign[0] if foreign else MANIFEST
+        raise OverwriteRefused(f"{folder} holds files that are not a twinfold embedding dataset (e.g. {example!r}); "
+                               f"nothing was changed: {OVERWRITE_REMEDY}")
+
+
+def clear_dataset(folder: Path) -> None:
+    """Delete a dataset's parts, records and manifest from `folder` (other files stay)."""
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if PART.fullmatch(path.name) or path.name == MANIFEST:
+                path.unlink()
+
+
+def write_part(folder: Path, k: int, part: EmbeddingSet, first_row: int, digest: str) -> None:
+    """Part `k` (atomically), then its record."""
+    path = folder / part_file(k)
+    part.save(path, overwrite=True, format="parquet")
+    record = {"file": path.name, "first_row": first_row, "rows": len(part.ids), "size": path.stat().st_size,
+              "sha256": file_sha256(path), "input_hash": digest}
+    atomic_write_bytes(folder / record_file(k), (json.dumps(record) + "\n").encode())
+
+
+def complete_record(folder: Path, k: int) -> dict | None:
+    """Part `k`'s record if the part is complete (its file has the recorded size and checksum), else None."""
+    try:
+        record = json.loads((folder / record_file(k)).read_text())
+        path = folder / part_file(k)
+        if path.stat().st_size == record["size"] and file_sha256(path) == record["sha256"]:
+            return record
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def finish(folder: Path, header: dict, parts: int) -> None:
+    """Write the manifest of a dataset whose `parts` parts are all complete; remove parts beyond them."""
+    records = [json.loads((folder / record_file(k)).read_text()) for k in range(parts)]
+    files = {}
+    for k, record in enumerate(records):
+        files[part_file(k)] = {"size": record["size"], "sha256": record["sha256"]}
+        files[record_file(k)] = {"size": (folder / record_file(k)).stat().st_size,
+                                 "sha256": file_sha256(folder / record_file(k))}
+    header = {**header, "complete": True,
+              "parts": [{"file": r["file"], "first_row": r["first_row"], "rows": r["rows"]} for r in records]}
+    write_header(folder, header, files)
+    for path in folder.iterdir():
+        if (match := PART.fullmatch(path.name)) and int(match[1]) >= parts:
+            path.unlink()
+
+
+class ShardedEmbeddings:
+    """A finished sharded dataset: its settings (`fingerprint`, `precision`, `dim`, `similarity`, `calibration`,
+    `kind`, `compute`, `prompt`), `ids` (read from the parts' id columns) and its parts one at a time."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder)
+        header = read_header(self.path)
+        if header is None:
+            raise ValueError(f"{self.path}: not a twinfold embedding dataset (no manifest with embeddings in it)")
+        if not header.get("complete"):
+            raise ValueError(f"{self.path}: an unfinished embedding dataset (a run stopped before writing every "
+                             "part); run the command that writes it again to finish it")
+        self.header = header
+        self.fingerprint, self.precision, self.dim = header["fingerprint"], header["precision"], header["dim"]
+        self.similarity, self.kind, self.compute = header["similarity"], header["kind"], header["compute"]
+        self.prompt, self.calibration = header["prompt"], calibration_of(header)
+
+    def __len__(self) -> int:
+        return self.header["rows"]
+
+    @cached_property
+    def ids(self) -> list[str]:
+        return [i for p in self.header["parts"] for i in pq.read_table(self.path / p["file"], columns=["id"])
+                .column("id").to_pylist()]
+
+    def parts(self) -> Iterator[EmbeddingSet]:
+        """Each part as an embedding set, in row order (one in memory at a time)."""
+        for part in self.header["parts"]:
+            yield EmbeddingSet.load(self.path / part["file"])
+
+
+def load_embeddings(path: str | Path) -> EmbeddingSet | ShardedEmbeddings:
+    """An embedding file read whole, or a sharded dataset opened for reading part by part."""
+    return ShardedEmbeddings(path) if Path(path).is_dir() else EmbeddingSet.load(path)
+
+
+def embedding_parts(embeddings: EmbeddingSet | ShardedEmbeddings) -> Iterator[EmbeddingSet]:
+    """The parts of a dataset one by one, or a file's embeddings as one part."""
+    return embeddings.parts() if isinstance(embeddings, ShardedEmbeddings) else iter([embeddings])
