@@ -15,7 +15,15 @@ from pathlib import Path
 
 import yaml
 
-from twinfold.losses import DEFAULT_TEMPERATURE, ESTIMATORS, MIN_TEMPERATURE, ROLES, SIMILARITIES, check_dims
+from twinfold.losses import (
+    DEFAULT_TEMPERATURE,
+    DISTILLATION_KINDS,
+    ESTIMATORS,
+    MIN_TEMPERATURE,
+    ROLES,
+    SIMILARITIES,
+    check_dims,
+)
 from twinfold.models.families import ATTN_IMPLEMENTATIONS, DTYPES, check_attn_implementation
 from twinfold.models.loading import ModelLoadError
 from twinfold.models.lora import LoraSettings
@@ -106,7 +114,11 @@ class QuantizationConfig:
 
 @dataclass
 class LossConfig:
+    # infonce (in-batch and hard negatives) | margin_mse | kl: distillation from the teacher scores of the data's
+    # score_positive and score_negative_1..k columns (`twinfold score`), over each row's positive and negatives
+    kind: str = "infonce"
     temperature: float = DEFAULT_TEMPERATURE
+    teacher_temperature: float | None = None  # margin_mse, kl: divides the teacher's scores; null: loss.temperature
     learnable_temperature: bool = False
     temperature_lr: float = 1e-2  # the learnable temperature's own peak learning rate (on log temperature)
     symmetric: bool = False
@@ -192,7 +204,8 @@ _CHOICES = {"data.mixing": ("proportional", "round_robin"), "train.scheduler": (
             "train.mixed_precision": (None, "no", "bf16", "fp16"), "model.pooling": (None, *POOLING_MODES),
             "model.similarity": (None, *SIMILARITIES), "eval.compute": COMPUTES, "model.dtype": DTYPES,
             "model.attn_implementation": ATTN_IMPLEMENTATIONS,
-            "log.wandb_mode": (None, "online", "offline", "disabled"), "eval.bm25_preset": ("bm25s", "anserini")}
+            "log.wandb_mode": (None, "online", "offline", "disabled"), "eval.bm25_preset": ("bm25s", "anserini"),
+            "loss.kind": ("infonce", *DISTILLATION_KINDS)}
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -372,6 +385,8 @@ def validate(c: Config) -> None:
             raise ConfigError(f"loss.matryoshka_{str(e).split(' ')[0].rstrip(':')}: {e}") from None
     if loss.quantization is not None:
         check_quantization(loss.quantization, loss.matryoshka_dims)
+    if loss.kind != "infonce":
+        check_distillation(c)
     if c.eval.dims is not None and any(d <= 0 for d in c.eval.dims):
         raise ConfigError(f"eval.dims: {c.eval.dims} must all be greater than 0")
     if bad := [p for p in c.eval.precisions if p not in PRECISIONS]:
@@ -439,6 +454,26 @@ def check_quantization(q: QuantizationConfig, matryoshka_dims: list[int]) -> Non
         if matryoshka_dims and (outside := sorted(set(q.dims) - set(matryoshka_dims))):
             raise ConfigError(f"loss.quantization.dims: {outside} are not among loss.matryoshka_dims "
                               f"{matryoshka_dims}; the terms apply to the dims the loss trains")
+
+
+def check_distillation(c: Config) -> None:
+    """A distillation loss reads teacher scores from loaded pair files: settings of InfoNCE alone, negatives mined
+    during the run (they have no scores) and streamed datasets are refused."""
+    kind = c.loss.kind
+    if c.loss.teacher_temperature is not None:
+        _positive("loss.teacher_temperature", c.loss.teacher_temperature)
+    for key in ("learnable_temperature", "symmetric"):
+        if getattr(c.loss, key):
+            raise ConfigError(f"loss.{key}: an InfoNCE setting; loss.kind {kind} compares each row's scores with the "
+                              "teacher's (set it to false)")
+    for i, ds in enumerate(c.data.train):
+        if ds.hard_negatives is not None:
+            raise ConfigError(f"data.train[{i}].hard_negatives: negatives mined during the run have no teacher "
+                              f"scores for loss.kind {kind}; mine and score first (twinfold mine, then twinfold score) "
+                              "and train on the scored file")
+        if ds.streaming:
+            raise ConfigError(f"data.train[{i}].streaming: loss.kind {kind} reads teacher scores from a loaded "
+                              "dataset; not with streaming: true")
 
 
 def check_lora(lora: LoraSettings) -> None:
