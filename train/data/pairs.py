@@ -432,7 +432,7 @@ def tokenize_pairs(ds: PairDataset, tokenizer: TextTokenizer, cache_dir: Path) -
         features = datasets.Features({f"{role}_{field}": kind for role in ds.roles for field, kind in (
             ("ids", datasets.Sequence(datasets.Value("int32"))), ("key", datasets.Value("int64")),
             ("truncated", datasets.Value("bool")))})
-        if ds.has_scores:  # kept as they are beside the tokens
+        if ds.has_scores:
             features[SCORES] = datasets.Sequence(datasets.Value("float64"))
         try:
             mapped = ds.table.map(partial(_tokenize_batch, tokenizer=tokenizer), batched=True, features=features,
@@ -474,6 +474,8 @@ def _tokenize_batch(batch: dict[str, list[str]], tokenizer: TextTokenizer) -> di
     """Ids, text keys and whether each text was truncated, for every role of a batch of rows."""
     out = {}
     for role, texts in batch.items():
+        if role == SCORES:  # kept as they are
+            continue
         ids, truncated = tokenizer.ids_and_truncated(texts, KIND[role.split("_")[0]])
         out[f"{role}_ids"] = ids
         out[f"{role}_key"] = text_keys(texts).tolist()
