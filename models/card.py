@@ -194,6 +194,16 @@ def general_lines(general: dict | None) -> list[str]:
     return lines
 
 
+def _loss_kind(loss: dict) -> str:
+    """The loss and its temperatures, in words."""
+    kind, temperature = loss.get("kind", "infonce"), loss.get("temperature")
+    if kind == "infonce":
+        return f"InfoNCE at temperature {temperature}"
+    teacher = loss.get("teacher_temperature") or temperature
+    name = {"margin_mse": "MarginMSE", "kl": "listwise KL"}.get(kind, kind)
+    return f"{name} distilled from teacher scores, student temperature {temperature}, teacher temperature {teacher}"
+
+
 def _training(training: dict) -> str:
     if not training:
         return ""
@@ -203,8 +213,8 @@ def _training(training: dict) -> str:
              f"- base model: `{training.get('base_model')}`; {training.get('steps')} steps, global batch "
              f"{training.get('batch_size')} (in-batch negatives), AdamW lr {training.get('lr')}, warm-up ratio "
              f"{training.get('warmup_ratio')}, seed {training.get('seed')}",
-             f"- loss: InfoNCE at temperature {loss.get('temperature')}"
-             + (f" inside Matryoshka {dims}" if dims else "") + (", symmetric" if loss.get("symmetric") else "")
+             f"- loss: {_loss_kind(loss)}" + (f" inside Matryoshka {dims}" if dims else "")
+             + (", symmetric" if loss.get("symmetric") else "")
              + _quantization(loss.get("quantization"), dims)]
     for data in training.get("data", []):
         negatives = data.get("negatives_per_pair", 0)

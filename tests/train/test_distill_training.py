@@ -143,6 +143,8 @@ def test_a_run_distils_its_first_batch_from_the_teachers_scores(scored, tiny_ber
                       "negative": model.embed([t for row in picked.negatives for t in row], "document")}
     expected = build_loss(cfg)(embeddings, {"scores": torch.tensor(picked.table["scores"])})
     assert first["loss"] == pytest.approx(expected.item(), rel=1e-4)
+    assert ("- loss: MarginMSE distilled from teacher scores, student temperature 0.05, teacher temperature 0.05 "
+            "inside Matryoshka [128, 64]") in (out / "final" / "README.md").read_text()
 
     unscored = rewrite(tmp_path / "unscored.jsonl", rows, lambda n, r: {k: v for k, v in r.items() if "score" not in k})
     result = train_in_process(recipe_args(tmp_path / "refused", data.replace(str(path), str(unscored)),
@@ -150,3 +152,12 @@ def test_a_run_distils_its_first_batch_from_the_teachers_scores(scored, tiny_ber
     assert result.returncode == 2
     assert f"error: {unscored}: no column 'score_positive' (the teacher's score of 'positive')" in result.stderr
     assert not (tmp_path / "refused" / "checkpoints").exists()
+
+
+def test_the_scifact_recipe_distils_with_margin_mse_from_the_scored_triplets(scored, data_dir, monkeypatch):
+    monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))
+    recipe = SMOKE.parent / "scifact_distill.yaml"
+    cfg = load_config(recipe, [f"data.train=[{{path: {scored[0]}}}]"])  # its own file: made by the recipe's commands
+    loss = build_loss(cfg)
+    assert isinstance(loss.inner, Distillation) and loss.inner.kind == "margin_mse" and loss.dims == [384, 256, 128, 64]
+    assert (loss.inner.temperature, loss.inner.teacher_temperature) == (0.05, 0.05)
