@@ -74,6 +74,10 @@ class HardNegativesConfig:
     corpus: str | None = None  # BEIR folder or JSONL (_id, title, text); null: the positives of the data
     seed: int = 42
     cache_dir: str | None = None  # null: OUTPUT/mined
+    # a second false-negative guard: a cross-encoder or bi-encoder (as `twinfold score --teacher`) drops candidates
+    # it scores above the row's positive's score minus teacher_margin
+    teacher: str | None = None
+    teacher_margin: float = 0.0
 
 
 @dataclass
@@ -530,6 +534,10 @@ def check_hard_negatives(ds: DatasetConfig, where: str) -> None:
                           f"num_negatives {h.num_negatives} candidates; widen it")
     if h.max_score_ratio is not None and not 0 < h.max_score_ratio <= 1:
         raise ConfigError(f"{where}.max_score_ratio: {h.max_score_ratio} must be in (0, 1] (or null: no guard)")
+    if h.teacher_margin < 0:
+        raise ConfigError(f"{where}.teacher_margin: {h.teacher_margin} must not be negative")
+    if h.teacher_margin and h.teacher is None:
+        raise ConfigError(f"{where}.teacher_margin: set without a teacher; name one (a cross-encoder or bi-encoder)")
     if h.corpus is not None and not Path(h.corpus).exists():
         raise ConfigError(f"{where}.corpus: {h.corpus} does not exist (a BEIR folder or a JSONL file of documents)")
     if "negative" in ds.columns.values():
