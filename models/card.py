@@ -228,6 +228,8 @@ def _training(training: dict) -> str:
                      f"{mined['corpus']}: {s['candidates']} candidates ranked {s['range_min']}-{s['range_max']}, "
                      + (f"guard {s['max_score_ratio']} x the positive's score, " if s["max_score_ratio"]
                         else "no guard, ")
+                     + (f"teacher `{s['teacher']}` guard (margin {s['teacher_margin']}, "
+                        f"{mined.get('teacher_dropped')} dropped), " if s.get("teacher") else "")
                      + f"{s['sampling']} sampling; "
                      f"{mined['rows_out']} of {mined['rows_in']} rows kept")
     for check in training.get("leakage", []):

@@ -293,7 +293,7 @@ def test_teacher_guard_drops_candidates_scored_within_the_margin_of_the_positive
 
 
 def test_mining_cli_with_a_bi_encoder_teacher_keeps_only_negatives_it_scores_below_the_positive(
-        tmp_path, tiny_bert_path, data_dir):
+        tmp_path, tiny_bert_path, data_dir, capsys):
     from twinfold.train.score import pair_scores
 
     pairs = tmp_path / "pairs.jsonl"
@@ -310,3 +310,7 @@ def test_mining_cli_with_a_bi_encoder_teacher_keeps_only_negatives_it_scores_bel
     provenance = json.loads((tmp_path / "mined.jsonl.provenance.json").read_text())
     assert provenance["teacher_fingerprint"] == BiEncoder.from_pretrained(folder).fingerprint()
     assert provenance["settings"]["teacher_margin"] == 0.02 and provenance["teacher_dropped"] > 0
+    assert main(["--model", str(tiny_bert_path), "--data", str(pairs), "--out", str(tmp_path / "no.jsonl"),
+                 "--teacher", str(tiny_bert_path)]) == 2  # a plain encoder folder: not a teacher
+    assert capsys.readouterr().err.startswith(f"error: --teacher {tiny_bert_path}: neither a cross-encoder")
+    assert not (tmp_path / "no.jsonl").exists()
