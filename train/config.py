@@ -391,6 +391,9 @@ def validate(c: Config) -> None:
         check_quantization(loss.quantization, loss.matryoshka_dims)
     if loss.kind != "infonce":
         check_distillation(c)
+    elif loss.teacher_temperature is not None:
+        raise ConfigError(f"loss.teacher_temperature: {loss.teacher_temperature} is for loss.kind margin_mse or kl "
+                          "(teacher scores); loss.kind is infonce")
     if c.eval.dims is not None and any(d <= 0 for d in c.eval.dims):
         raise ConfigError(f"eval.dims: {c.eval.dims} must all be greater than 0")
     if bad := [p for p in c.eval.precisions if p not in PRECISIONS]:

@@ -4,7 +4,7 @@ that are not relevant to it, written as an ordinary pair file with `negative` co
     python -m twinfold.train.mine --model M --data PAIRS --out TRIPLETS.jsonl [--corpus BEIR_DIR|DOCS.jsonl]
         [--columns question=anchor,answer=positive] [--num-negatives 1] [--range-min 0] [--range-max 50]
         [--max-score-ratio 0.95] [--candidates dense|bm25] [--sampling top|random] [--seed 42]
-        [--teacher CROSS_OR_BI_ENCODER [--teacher-margin 0]]
+        [--teacher CROSS_OR_BI_ENCODER [--teacher-margin 0] [--teacher-kind auto|cross-encoder|bi-encoder]]
 
 Never mined for an anchor: any positive of a row with the same anchor, the anchor itself, and, with a BEIR
 `--corpus`, every document judged relevant (grade > 0, any split) for a query whose text is the anchor (texts
@@ -177,12 +177,12 @@ def _teacher_guard(teacher: TeacherScores, pairs: PairDataset, documents: list[s
     return kept
 
 
-def load_teacher_scores(name_or_path: str, batch_size: int = 32) -> tuple[TeacherScores, str]:
-    """`teacher(anchors, texts)` of a cross-encoder or bi-encoder (found as `twinfold score` finds it), and its
-    fingerprint."""
+def load_teacher_scores(name_or_path: str, batch_size: int = 32, kind: str = "auto") -> tuple[TeacherScores, str]:
+    """`teacher(anchors, texts)` of a cross-encoder or bi-encoder (`kind`, or found as `twinfold score` finds it),
+    and its fingerprint."""
     from twinfold.train.score import load_teacher, pair_scores, teacher_kind  # score.py imports this module
 
-    model = load_teacher(name_or_path, teacher_kind(name_or_path))
+    model = load_teacher(name_or_path, teacher_kind(name_or_path, kind))
     return (lambda anchors, texts: pair_scores(model, anchors, texts, batch_size)), model.fingerprint()
 
 
@@ -321,6 +321,7 @@ def _columns(text: str) -> dict[str, str]:
 
 def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.mine") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    from twinfold.train.score import KINDS as TEACHER_KINDS  # score.py imports this module
     p.add_argument("--model", required=True, help="model folder or name (the base model of the training run)")
     p.add_argument("--data", required=True, help="pair file (.jsonl/.json/.csv/.tsv/.parquet) or hub id")
     p.add_argument("--out", required=True, type=Path, help="the mined pair file (JSONL)")
@@ -335,6 +336,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.mi
     p.add_argument("--teacher", help="cross-encoder or bi-encoder: drop candidates it scores near the positive")
     p.add_argument("--teacher-margin", type=float, default=defaults.teacher_margin,
                    help="drop candidates the teacher scores above the positive's score minus this")
+    p.add_argument("--teacher-kind", choices=TEACHER_KINDS, default="auto")
     p.add_argument("--batch-size", type=int, default=64, help="encoding batch")
     p.add_argument("--candidates", choices=("dense", "bm25"), default=defaults.candidates)
     p.add_argument("--sampling", choices=("top", "random"), default=defaults.sampling)
@@ -358,8 +360,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.mi
         model = BiEncoder.from_pretrained(args.model)
         encoder = MemoEncoder(model, args.batch_size, show_progress_bar=not args.no_progress)
         pairs, corpus, judged = mining_inputs(ds)
-        teacher, teacher_fingerprint = load_teacher_scores(args.teacher, args.batch_size) if args.teacher \
-            else (None, None)
+        teacher, teacher_fingerprint = load_teacher_scores(args.teacher, args.batch_size, args.teacher_kind) \
+            if args.teacher else (None, None)
         mined = mine(pairs, settings, encoder, corpus, judged, teacher=teacher)
     except (ConfigError, DataError, BeirFormatError, ModelLoadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

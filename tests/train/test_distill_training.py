@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.helpers import SMOKE, recipe_args, records, run_train, train_in_process
-from twinfold.losses import Distillation, Matryoshka
+from twinfold.losses import Distillation, InfoNCE, Matryoshka
 from twinfold.models import BiEncoder
 from twinfold.train.config import ConfigError, DatasetConfig, load_config
 from twinfold.train.data.batches import StepBatches
@@ -100,6 +100,7 @@ def test_missing_or_bad_scores_are_one_line_errors_naming_the_file(scored, tmp_p
 
 @pytest.mark.parametrize("overrides, message", [
     (["loss.kind=mse"], "loss.kind: 'mse' is not one of infonce, margin_mse, kl"),
+    (["loss.teacher_temperature=0.5"], "loss.teacher_temperature: 0.5 is for loss.kind margin_mse or kl"),
     (["loss.kind=kl", "loss.symmetric=true"], "loss.symmetric: an InfoNCE setting; loss.kind kl compares"),
     (["loss.kind=margin_mse", "loss.learnable_temperature=true"], "loss.learnable_temperature: an InfoNCE setting"),
     (["loss.kind=margin_mse", "loss.teacher_temperature=0"], "loss.teacher_temperature: 0.0 must be greater than 0"),
@@ -161,3 +162,5 @@ def test_the_scifact_recipe_distils_with_margin_mse_from_the_scored_triplets(sco
     loss = build_loss(cfg)
     assert isinstance(loss.inner, Distillation) and loss.inner.kind == "margin_mse" and loss.dims == [384, 256, 128, 64]
     assert (loss.inner.temperature, loss.inner.teacher_temperature) == (0.05, 0.05)
+    baseline = load_config(recipe, [f"data.train=[{{path: {scored[0]}}}]", "loss.kind=infonce"])  # its InfoNCE run
+    assert isinstance(build_loss(baseline).inner, InfoNCE)

@@ -312,5 +312,6 @@ def test_mining_cli_with_a_bi_encoder_teacher_keeps_only_negatives_it_scores_bel
     assert provenance["settings"]["teacher_margin"] == 0.02 and provenance["teacher_dropped"] > 0
     assert main(["--model", str(tiny_bert_path), "--data", str(pairs), "--out", str(tmp_path / "no.jsonl"),
                  "--teacher", str(tiny_bert_path)]) == 2  # a plain encoder folder: not a teacher
-    assert capsys.readouterr().err.startswith(f"error: --teacher {tiny_bert_path}: neither a cross-encoder")
+    err = capsys.readouterr().err
+    assert f"error: --teacher {tiny_bert_path}: neither a cross-encoder" in err and "--teacher-kind bi-encoder" in err
     assert not (tmp_path / "no.jsonl").exists()
