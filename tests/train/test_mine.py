@@ -315,3 +315,19 @@ def test_mining_cli_with_a_bi_encoder_teacher_keeps_only_negatives_it_scores_bel
     err = capsys.readouterr().err
     assert f"error: --teacher {tiny_bert_path}: neither a cross-encoder" in err and "--teacher-kind bi-encoder" in err
     assert not (tmp_path / "no.jsonl").exists()
+
+
+def test_mining_in_a_run_with_a_teacher_is_cached_apart_and_records_it(tmp_path, tiny_bert_path, data_dir):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(open(data_dir / "scifact-train-pairs" / "train.jsonl").readlines()[:20]))
+    teacher = BiEncoder.from_pretrained(tiny_bert_path, max_length=16).save_pretrained(tmp_path / "teacher")
+    encoder = MemoEncoder(BiEncoder.from_pretrained(tiny_bert_path, max_length=32))
+    plain = mine_dataset(DatasetConfig(path=str(pairs), hard_negatives=HardNegativesConfig(
+        max_score_ratio=None, range_max=8)), encoder, tmp_path / "cache", "tiny")
+    guarded = mine_dataset(DatasetConfig(path=str(pairs), hard_negatives=HardNegativesConfig(
+        max_score_ratio=None, range_max=8, teacher=str(teacher))), encoder, tmp_path / "cache", "tiny")
+    assert guarded.path != plain.path
+    provenance = json.loads(Path(f"{guarded.path}.provenance.json").read_text())
+    assert provenance["teacher_fingerprint"] == BiEncoder.from_pretrained(teacher).fingerprint()
+    assert provenance["settings"]["teacher"] == str(teacher) and "teacher_dropped" in provenance
+    assert "teacher" not in json.loads(Path(f"{plain.path}.provenance.json").read_text())["settings"]
