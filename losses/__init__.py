@@ -1,6 +1,7 @@
-"""Contrastive losses as functions of embeddings: InfoNCE, Matryoshka, quantization-aware terms, cross-process
-gathering, cached steps."""
+"""Contrastive losses as functions of embeddings: InfoNCE, distillation from teacher scores (MarginMSE, KL),
+Matryoshka, quantization-aware terms, cross-process gathering, cached steps."""
 from twinfold.losses.cached import ReplayMismatch, cached_backward, chunked, uncached_backward
+from twinfold.losses.distill import DISTILLATION_KINDS, Distillation, listwise_kl, margin_mse, student_scores
 from twinfold.losses.distributed import average_gradient, gather_no_grad, gather_with_grad, rank_offset
 from twinfold.losses.infonce import (
                                      DEFAULT_TEMPERATURE,
@@ -14,7 +15,8 @@ from twinfold.losses.infonce import (
 from twinfold.losses.matryoshka import Matryoshka, check_dims, truncate
 from twinfold.losses.quantization import ESTIMATORS, Quantized, binarize, fake_int8, int8_ranges, sign_misalignment
 
-__all__ = ["DEFAULT_TEMPERATURE", "ESTIMATORS", "MIN_TEMPERATURE", "ROLES", "SIMILARITIES", "InfoNCE", "Matryoshka",
-           "Quantized", "ReplayMismatch", "average_gradient", "binarize", "cached_backward", "check_dims", "chunked",
-           "fake_int8", "gather_no_grad", "gather_with_grad", "info_nce", "int8_ranges", "rank_offset",
-           "sign_misalignment", "text_keys", "truncate", "uncached_backward"]
+__all__ = ["DEFAULT_TEMPERATURE", "DISTILLATION_KINDS", "ESTIMATORS", "MIN_TEMPERATURE", "ROLES", "SIMILARITIES",
+           "Distillation", "InfoNCE", "Matryoshka", "Quantized", "ReplayMismatch", "average_gradient", "binarize",
+           "cached_backward", "check_dims", "chunked", "fake_int8", "gather_no_grad", "gather_with_grad", "info_nce",
+           "int8_ranges", "listwise_kl", "margin_mse", "rank_offset", "sign_misalignment", "student_scores",
+           "text_keys", "truncate", "uncached_backward"]

@@ -194,6 +194,16 @@ def general_lines(general: dict | None) -> list[str]:
     return lines
 
 
+def _loss_kind(loss: dict) -> str:
+    """The loss and its temperatures, in words."""
+    kind, temperature = loss.get("kind", "infonce"), loss.get("temperature")
+    if kind == "infonce":
+        return f"InfoNCE at temperature {temperature}"
+    teacher = loss.get("teacher_temperature") or temperature
+    name = {"margin_mse": "MarginMSE", "kl": "listwise KL"}.get(kind, kind)
+    return f"{name} distilled from teacher scores, student temperature {temperature}, teacher temperature {teacher}"
+
+
 def _training(training: dict) -> str:
     if not training:
         return ""
@@ -203,8 +213,8 @@ def _training(training: dict) -> str:
              f"- base model: `{training.get('base_model')}`; {training.get('steps')} steps, global batch "
              f"{training.get('batch_size')} (in-batch negatives), AdamW lr {training.get('lr')}, warm-up ratio "
              f"{training.get('warmup_ratio')}, seed {training.get('seed')}",
-             f"- loss: InfoNCE at temperature {loss.get('temperature')}"
-             + (f" inside Matryoshka {dims}" if dims else "") + (", symmetric" if loss.get("symmetric") else "")
+             f"- loss: {_loss_kind(loss)}" + (f" inside Matryoshka {dims}" if dims else "")
+             + (", symmetric" if loss.get("symmetric") else "")
              + _quantization(loss.get("quantization"), dims)]
     for data in training.get("data", []):
         negatives = data.get("negatives_per_pair", 0)
@@ -218,6 +228,8 @@ def _training(training: dict) -> str:
                      f"{mined['corpus']}: {s['candidates']} candidates ranked {s['range_min']}-{s['range_max']}, "
                      + (f"guard {s['max_score_ratio']} x the positive's score, " if s["max_score_ratio"]
                         else "no guard, ")
+                     + (f"teacher `{s['teacher']}` guard (margin {s['teacher_margin']}, "
+                        f"{mined.get('teacher_dropped')} dropped), " if s.get("teacher") else "")
                      + f"{s['sampling']} sampling; "
                      f"{mined['rows_out']} of {mined['rows_in']} rows kept")
     for check in training.get("leakage", []):
@@ -235,8 +247,9 @@ def _quantization(q: dict | None, dims: list[int] | None) -> str:
     forms = " and ".join(f"{name} (weight {q[key]})" for key, name in (("binary", "sign bits"), ("int8", "int8 codes"))
                          if q.get(key))
     at = q.get("dims") or dims
-    return (f"; trained for search over the documents' {forms}" + (f" at dims {at}" if at else "")
-            + f", {q.get('estimator', 'ste')} estimator")
+    return ((f"; trained for search over the documents' {forms}" if forms else "; trained for sign-bit search")
+            + (f", every embedding aligned with its sign bits (weight {q['alignment']})" if q.get("alignment") else "")
+            + (f" at dims {at}" if at else "") + f", {q.get('estimator', 'ste')} estimator")
 
 
 def _fingerprint(model) -> str:

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import yaml
 
-from twinfold.losses import DEFAULT_TEMPERATURE, ESTIMATORS, MIN_TEMPERATURE, ROLES, SIMILARITIES, check_dims
+from twinfold.losses import (
+    DEFAULT_TEMPERATURE,
+    DISTILLATION_KINDS,
+    ESTIMATORS,
+    MIN_TEMPERATURE,
+    ROLES,
+    SIMILARITIES,
+    check_dims,
+)
 from twinfold.models.families import ATTN_IMPLEMENTATIONS, DTYPES, check_attn_implementation
 from twinfold.models.loading import ModelLoadError
 from twinfold.models.lora import LoraSettings
@@ -66,6 +74,10 @@ class HardNegativesConfig:
     corpus: str | None = None  # BEIR folder or JSONL (_id, title, text); null: the positives of the data
     seed: int = 42
     cache_dir: str | None = None  # null: OUTPUT/mined
+    # a second false-negative guard: a cross-encoder or bi-encoder (as `twinfold score --teacher`) drops candidates
+    # it scores above the row's positive's score minus teacher_margin
+    teacher: str | None = None
+    teacher_margin: float = 0.0
 
 
 @dataclass
@@ -107,7 +119,11 @@ class QuantizationConfig:
 
 @dataclass
 class LossConfig:
+    # infonce (in-batch and hard negatives) | margin_mse | kl: distillation from the teacher scores of the data's
+    # score_positive and score_negative_1..k columns (`twinfold score`), over each row's positive and negatives
+    kind: str = "infonce"
     temperature: float = DEFAULT_TEMPERATURE
+    teacher_temperature: float | None = None  # margin_mse, kl: divides the teacher's scores; null: loss.temperature
     learnable_temperature: bool = False
     temperature_lr: float = 1e-2  # the learnable temperature's own peak learning rate (on log temperature)
     symmetric: bool = False
@@ -193,7 +209,8 @@ _CHOICES = {"data.mixing": ("proportional", "round_robin"), "train.scheduler": (
             "train.mixed_precision": (None, "no", "bf16", "fp16"), "model.pooling": (None, *POOLING_MODES),
             "model.similarity": (None, *SIMILARITIES), "eval.compute": COMPUTES, "model.dtype": DTYPES,
             "model.attn_implementation": ATTN_IMPLEMENTATIONS,
-            "log.wandb_mode": (None, "online", "offline", "disabled"), "eval.bm25_preset": ("bm25s", "anserini")}
+            "log.wandb_mode": (None, "online", "offline", "disabled"), "eval.bm25_preset": ("bm25s", "anserini"),
+            "loss.kind": ("infonce", *DISTILLATION_KINDS)}
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -373,6 +390,11 @@ def validate(c: Config) -> None:
             raise ConfigError(f"loss.matryoshka_{str(e).split(' ')[0].rstrip(':')}: {e}") from None
     if loss.quantization is not None:
         check_quantization(loss.quantization, loss.matryoshka_dims)
+    if loss.kind != "infonce":
+        check_distillation(c)
+    elif loss.teacher_temperature is not None:
+        raise ConfigError(f"loss.teacher_temperature: {loss.teacher_temperature} is for loss.kind margin_mse or kl "
+                          "(teacher scores); loss.kind is infonce")
     if c.eval.dims is not None and any(d <= 0 for d in c.eval.dims):
         raise ConfigError(f"eval.dims: {c.eval.dims} must all be greater than 0")
     if bad := [p for p in c.eval.precisions if p not in PRECISIONS]:
@@ -442,6 +464,26 @@ def check_quantization(q: QuantizationConfig, matryoshka_dims: list[int]) -> Non
                               f"{matryoshka_dims}; the terms apply to the dims the loss trains")
 
 
+def check_distillation(c: Config) -> None:
+    """A distillation loss reads teacher scores from loaded pair files: settings of InfoNCE alone, negatives mined
+    during the run (they have no scores) and streamed datasets are refused."""
+    kind = c.loss.kind
+    if c.loss.teacher_temperature is not None:
+        _positive("loss.teacher_temperature", c.loss.teacher_temperature)
+    for key in ("learnable_temperature", "symmetric"):
+        if getattr(c.loss, key):
+            raise ConfigError(f"loss.{key}: an InfoNCE setting; loss.kind {kind} compares each row's scores with the "
+                              "teacher's (set it to false)")
+    for i, ds in enumerate(c.data.train):
+        if ds.hard_negatives is not None:
+            raise ConfigError(f"data.train[{i}].hard_negatives: negatives mined during the run have no teacher "
+                              f"scores for loss.kind {kind}; mine and score first (twinfold mine, then twinfold score) "
+                              "and train on the scored file")
+        if ds.streaming:
+            raise ConfigError(f"data.train[{i}].streaming: loss.kind {kind} reads teacher scores from a loaded "
+                              "dataset; not with streaming: true")
+
+
 def check_lora(lora: LoraSettings) -> None:
     _positive("model.lora.r", lora.r)
     _positive("model.lora.alpha", lora.alpha)
@@ -496,6 +538,10 @@ def check_hard_negatives(ds: DatasetConfig, where: str) -> None:
                           f"num_negatives {h.num_negatives} candidates; widen it")
     if h.max_score_ratio is not None and not 0 < h.max_score_ratio <= 1:
         raise ConfigError(f"{where}.max_score_ratio: {h.max_score_ratio} must be in (0, 1] (or null: no guard)")
+    if h.teacher_margin < 0:
+        raise ConfigError(f"{where}.teacher_margin: {h.teacher_margin} must not be negative")
+    if h.teacher_margin and h.teacher is None:
+        raise ConfigError(f"{where}.teacher_margin: set without a teacher; name one (a cross-encoder or bi-encoder)")
     if h.corpus is not None and not Path(h.corpus).exists():
         raise ConfigError(f"{where}.corpus: {h.corpus} does not exist (a BEIR folder or a JSONL file of documents)")
     if "negative" in ds.columns.values():

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from twinfold.losses import InfoNCE, Matryoshka, Quantized, cached_backward, uncached_backward
+from twinfold.losses import Distillation, InfoNCE, Matryoshka, Quantized, cached_backward, uncached_backward
 from twinfold.models import BiEncoder
 from twinfold.models.bi_encoder import freeze_unused
 from twinfold.models.files.atomic import atomic_write_bytes
@@ -93,7 +93,10 @@ def use_lora(model: BiEncoder, lora: LoraSettings | None, base_name: str) -> Non
 def build_loss(cfg: Config, similarity: str = "cosine") -> torch.nn.Module:
     """The configured loss on the model's `similarity` (`EncoderSettings.similarity`: what search ranks by)."""
     c = cfg.loss
-    loss = InfoNCE(c.temperature, learnable=c.learnable_temperature, symmetric=c.symmetric, similarity=similarity)
+    if c.kind == "infonce":
+        loss = InfoNCE(c.temperature, learnable=c.learnable_temperature, symmetric=c.symmetric, similarity=similarity)
+    else:
+        loss = Distillation(c.kind, c.temperature, c.teacher_temperature or c.temperature, similarity)
     if c.quantization is not None:
         q = c.quantization
         loss = Quantized(loss, binary=q.binary, int8=q.int8, dims=q.dims, estimator=q.estimator,
@@ -463,7 +466,9 @@ class TrainStep:
         for micro, batch in enumerate(inputs):
             order = {role: o.to(device, non_blocking=True) for role, o in batch["order"].items()}
             keys = {role: k.to(device, non_blocking=True) for role, k in batch["keys"].items() if role != "anchor"} \
-                if cfg.loss.mask_false_negatives else None
+                if cfg.loss.mask_false_negatives else {}
+            if "scores" in batch:  # the teacher's, for a distillation loss: rows in batch order, as the loss sees them
+                keys["scores"] = batch["scores"].to(device, non_blocking=True)
 
             def loss_in_batch_order(embeddings: dict[str, torch.Tensor], keys) -> torch.Tensor:
                 restored = {role: torch.empty_like(e).index_copy(0, order[role], e) for role, e in embeddings.items()}
@@ -472,12 +477,12 @@ class TrainStep:
             sync = nullcontext() if micro == len(inputs) - 1 else accelerator.no_sync(self.wrapped)
             with sync:
                 if cfg.loss.mini_batch_size:
-                    loss = cached_backward(self.embed, batch["chunks"], loss_in_batch_order, keys=keys,
+                    loss = cached_backward(self.embed, batch["chunks"], loss_in_batch_order, keys=keys or None,
                                            scale=1 / len(inputs), backward=accelerator.backward,
                                            no_sync=lambda: accelerator.no_sync(self.wrapped),
                                            check_replay=cfg.loss.check_replay)
                 else:
-                    loss = uncached_backward(self.embed, batch["chunks"], loss_in_batch_order, keys=keys,
+                    loss = uncached_backward(self.embed, batch["chunks"], loss_in_batch_order, keys=keys or None,
                                              scale=1 / len(inputs), backward=accelerator.backward)
             losses.append(loss)
         if cfg.train.max_grad_norm:

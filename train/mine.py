@@ -4,11 +4,15 @@ that are not relevant to it, written as an ordinary pair file with `negative` co
     python -m twinfold.train.mine --model M --data PAIRS --out TRIPLETS.jsonl [--corpus BEIR_DIR|DOCS.jsonl]
         [--columns question=anchor,answer=positive] [--num-negatives 1] [--range-min 0] [--range-max 50]
         [--max-score-ratio 0.95] [--candidates dense|bm25] [--sampling top|random] [--seed 42]
+        [--teacher CROSS_OR_BI_ENCODER [--teacher-margin 0] [--teacher-kind auto|cross-encoder|bi-encoder]]
 
 Never mined for an anchor: any positive of a row with the same anchor, the anchor itself, and, with a BEIR
 `--corpus`, every document judged relevant (grade > 0, any split) for a query whose text is the anchor (texts
 compared after whitespace/case normalisation). Ranks count the remaining documents only. The guard drops
-candidates whose cosine with the anchor exceeds `max_score_ratio` x the row's positive's. Rows with fewer
+candidates whose cosine with the anchor exceeds `max_score_ratio` x the row's positive's. With `--teacher` (a
+cross-encoder or bi-encoder, found as `twinfold score` finds it), a second guard then drops candidates the teacher
+scores above the row's positive's teacher score minus `--teacher-margin`; it scores every candidate left in the
+rank range (with a cross-encoder, one forward per pair: keep `--range-max` small). Rows with fewer
 eligible candidates than `num_negatives` are dropped. The output has `anchor`, `positive` and `negative`
 (`negative_1..k` for k > 1) and sits beside `OUT.provenance.json` (model fingerprint, settings, inputs, counts,
 the file's SHA-256). An existing OUT is replaced only if it is such a mined file, unchanged (`--overwrite` replaces
@@ -21,6 +25,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +41,8 @@ from twinfold.train.eval.bm25 import BM25Index
 
 log = logging.getLogger("twinfold")
 CACHE_NEUTRAL = ("cache_dir",)  # settings that do not change the mined file
+TEACHER_SETTINGS = ("teacher", "teacher_margin")  # recorded (and part of the cache key) only with a teacher
+TeacherScores = Callable[[list[str], list[str]], torch.Tensor]  # the teacher's score of each (anchor, text) pair
 
 
 def normalize_text(text: str) -> str:
@@ -94,9 +101,11 @@ def judged_relevant(folder: str | Path) -> dict[str, set[str]]:
 
 def mine(pairs: PairDataset, settings: HardNegativesConfig, encoder: MemoEncoder,
          corpus: list[str] | None = None, judged: dict[str, set[str]] | None = None,
-         query_prompt: str | None = None) -> MinedPairs:
+         query_prompt: str | None = None, teacher: TeacherScores | None = None) -> MinedPairs:
     """Hard negatives for every row of `pairs` from `corpus` (default: the positives), as the module says; anchors
-    are encoded with `query_prompt` in place of the model's query prefix when given."""
+    are encoded with `query_prompt` in place of the model's query prefix when given. `teacher(anchors, texts)`
+    (the teacher's score of each pair): candidates it scores above the row's positive's score minus
+    `settings.teacher_margin` are dropped, after the model's guard."""
     judged = judged or {}
     first: dict[str, str] = {}
     for text in corpus or pairs.positive:
@@ -119,15 +128,23 @@ def mine(pairs: PairDataset, settings: HardNegativesConfig, encoder: MemoEncoder
     counts = {"rows_in": len(pairs), "too_few_candidates": 0, "guard_dropped": 0,
               "relevant_excluded": sum(map(len, excluded)), "documents": len(documents)}
     out = MinedPairs([], [], [], [], [], [], counts)
+    positive_scores, eligible = [], []
     for row, (a, p) in enumerate(zip(pairs.anchor, pairs.positive)):
         k = anchor_row[a]
-        positive_score = float(anchor_emb[k] @ positive_emb[row])
+        positive_scores.append(float(anchor_emb[k] @ positive_emb[row]))
         candidates = ranked[k]
         if settings.max_score_ratio is not None:
-            limit = settings.max_score_ratio * positive_score
+            limit = settings.max_score_ratio * positive_scores[-1]
             kept = [(i, s) for i, s in candidates if s <= limit]
             out.counts["guard_dropped"] += len(candidates) - len(kept)
             candidates = kept
+        eligible.append(candidates)
+    if teacher is not None:
+        kept = _teacher_guard(teacher, pairs, documents, eligible, settings.teacher_margin)
+        out.counts["teacher_dropped"] = sum(map(len, eligible)) - sum(map(len, kept))
+        eligible = kept
+    for row, (a, p) in enumerate(zip(pairs.anchor, pairs.positive)):
+        candidates, positive_score = eligible[row], positive_scores[row]
         if len(candidates) < settings.num_negatives:
             out.counts["too_few_candidates"] += 1
             continue
@@ -143,6 +160,30 @@ def mine(pairs: PairDataset, settings: HardNegativesConfig, encoder: MemoEncoder
         out.negative_scores.append([s for _, s in chosen])
     out.counts["rows_out"] = len(out.anchor)
     return out
+
+
+def _teacher_guard(teacher: TeacherScores, pairs: PairDataset, documents: list[str],
+                   eligible: list[list[tuple[int, float]]], margin: float) -> list[list[tuple[int, float]]]:
+    """Each row's candidates less those the teacher scores above its positive's score minus `margin` (every pair
+    scored in one call: a bi-encoder teacher encodes each text once)."""
+    anchors = [a for a, candidates in zip(pairs.anchor, eligible) for _ in range(1 + len(candidates))]
+    texts = [t for p, candidates in zip(pairs.positive, eligible) for t in (p, *(documents[i] for i, _ in candidates))]
+    scores = teacher(anchors, texts).tolist() if texts else []
+    kept, at = [], 0
+    for candidates in eligible:
+        positive, own = scores[at], scores[at + 1:at + 1 + len(candidates)]
+        kept.append([c for c, s in zip(candidates, own) if s < positive - margin])
+        at += 1 + len(candidates)
+    return kept
+
+
+def load_teacher_scores(name_or_path: str, batch_size: int = 32, kind: str = "auto") -> tuple[TeacherScores, str]:
+    """`teacher(anchors, texts)` of a cross-encoder or bi-encoder (`kind`, or found as `twinfold score` finds it),
+    and its fingerprint."""
+    from twinfold.train.score import load_teacher, pair_scores, teacher_kind  # score.py imports this module
+
+    model = load_teacher(name_or_path, teacher_kind(name_or_path, kind))
+    return (lambda anchors, texts: pair_scores(model, anchors, texts, batch_size)), model.fingerprint()
 
 
 def _ranked_candidates(anchors, documents, anchor_emb, doc_emb, excluded, settings) -> list[list[tuple[int, float]]]:
@@ -215,12 +256,16 @@ def mining_inputs(ds: DatasetConfig) -> tuple[PairDataset, list[str] | None, dic
     return load_pairs(ds), list(load_corpus(corpus).values()) if corpus else None, judged
 
 
-def provenance_of(ds: DatasetConfig, model_name: str, fingerprint: str, query_prompt: str | None = None) -> dict:
-    """What the provenance file records besides the counts (`query_prompt`: the anchors' prompt, when given)."""
+def provenance_of(ds: DatasetConfig, model_name: str, fingerprint: str, query_prompt: str | None = None,
+                  teacher_fingerprint: str | None = None) -> dict:
+    """What the provenance file records besides the counts (`query_prompt`: the anchors' prompt, and the teacher's
+    fingerprint, when given)."""
     h = ds.hard_negatives
     prompt = {"query_prompt": query_prompt} if query_prompt is not None else {}
-    return {"model": model_name, "fingerprint": fingerprint,
-            "settings": {**{k: v for k, v in dataclasses.asdict(h).items() if k not in CACHE_NEUTRAL}, **prompt},
+    teacher = {"teacher_fingerprint": teacher_fingerprint} if teacher_fingerprint is not None else {}
+    return {"model": model_name, "fingerprint": fingerprint, **teacher,
+            "settings": {**{k: v for k, v in dataclasses.asdict(h).items() if k not in CACHE_NEUTRAL
+                            and not (h.teacher is None and k in TEACHER_SETTINGS)}, **prompt},
             "data": ds.path, "corpus": h.corpus or "the positives of the data"}
 
 
@@ -238,8 +283,10 @@ def mine_dataset(ds: DatasetConfig, encoder: MemoEncoder, out_dir: Path, model_n
     h = ds.hard_negatives
     pairs, corpus, judged = mining_inputs(ds)
     query_prompt = encoder.model.prompt_text(ds.query_prompt_name, ds.query_prompt)
-    provenance = provenance_of(ds, model_name, encoder.model.fingerprint(), query_prompt)
+    teacher, teacher_fingerprint = load_teacher_scores(h.teacher, encoder.batch_size) if h.teacher else (None, None)
+    provenance = provenance_of(ds, model_name, encoder.model.fingerprint(), query_prompt, teacher_fingerprint)
     key = _digest({"model": provenance["fingerprint"], "settings": provenance["settings"],
+                   **({"teacher": teacher_fingerprint} if teacher else {}),
                    "rows": [pairs.anchor, pairs.positive], "corpus": corpus,
                    "judged": sorted((q, sorted(d)) for q, d in judged.items())})
     path = out_dir / f"{pairs.name}.{key[:16]}.jsonl"
@@ -248,7 +295,7 @@ def mine_dataset(ds: DatasetConfig, encoder: MemoEncoder, out_dir: Path, model_n
         log.info("%s: hard negatives from cache %s (%d of %d rows)", pairs.name, path, provenance["rows_out"],
                  provenance["rows_in"])
     else:
-        mined = mine(pairs, h, encoder, corpus, judged, query_prompt)
+        mined = mine(pairs, h, encoder, corpus, judged, query_prompt, teacher)
         if not mined.anchor:
             raise DataError(f"{ds.path}: hard-negative mining left no row ({mined.counts}); widen "
                             "hard_negatives.range_max, raise max_score_ratio or give a larger corpus")
@@ -274,6 +321,7 @@ def _columns(text: str) -> dict[str, str]:
 
 def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.mine") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    from twinfold.train.score import KINDS as TEACHER_KINDS  # score.py imports this module
     p.add_argument("--model", required=True, help="model folder or name (the base model of the training run)")
     p.add_argument("--data", required=True, help="pair file (.jsonl/.json/.csv/.tsv/.parquet) or hub id")
     p.add_argument("--out", required=True, type=Path, help="the mined pair file (JSONL)")
@@ -285,6 +333,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.mi
         kind = float if name == "max_score_ratio" else int
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
     p.add_argument("--no-guard", action="store_true", help="keep candidates whatever their score")
+    p.add_argument("--teacher", help="cross-encoder or bi-encoder: drop candidates it scores near the positive")
+    p.add_argument("--teacher-margin", type=float, default=defaults.teacher_margin,
+                   help="drop candidates the teacher scores above the positive's score minus this")
+    p.add_argument("--teacher-kind", choices=TEACHER_KINDS, default="auto")
     p.add_argument("--batch-size", type=int, default=64, help="encoding batch")
     p.add_argument("--candidates", choices=("dense", "bm25"), default=defaults.candidates)
     p.add_argument("--sampling", choices=("top", "random"), default=defaults.sampling)
@@ -296,7 +348,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.mi
 
     settings = HardNegativesConfig(args.num_negatives, args.range_min, args.range_max,
                                    None if args.no_guard else args.max_score_ratio, args.candidates, args.sampling,
-                                   args.corpus, args.seed)
+                                   args.corpus, args.seed, teacher=args.teacher, teacher_margin=args.teacher_margin)
     ds = DatasetConfig(path=args.data, columns=args.columns, split=args.split, hard_negatives=settings)
     if problem := non_positive_option({"--batch-size": args.batch_size}):
         print(f"error: {problem}", file=sys.stderr)
@@ -308,7 +360,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.mi
         model = BiEncoder.from_pretrained(args.model)
         encoder = MemoEncoder(model, args.batch_size, show_progress_bar=not args.no_progress)
         pairs, corpus, judged = mining_inputs(ds)
-        mined = mine(pairs, settings, encoder, corpus, judged)
+        teacher, teacher_fingerprint = load_teacher_scores(args.teacher, args.batch_size, args.teacher_kind) \
+            if args.teacher else (None, None)
+        mined = mine(pairs, settings, encoder, corpus, judged, teacher=teacher)
     except (ConfigError, DataError, BeirFormatError, ModelLoadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -316,10 +370,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.mi
         print(f"error: no row kept ({mined.counts}); widen --range-max, raise --max-score-ratio or give --corpus",
               file=sys.stderr)
         return 2
-    write_mined(args.out, mined, provenance_of(ds, args.model, model.fingerprint()))
+    write_mined(args.out, mined, provenance_of(ds, args.model, model.fingerprint(),
+                                               teacher_fingerprint=teacher_fingerprint))
     c = mined.counts
     print(f"wrote {c['rows_out']} of {c['rows_in']} rows with {settings.num_negatives} negative(s) to {args.out} "
           f"({c['documents']} documents; guard dropped {c['guard_dropped']} candidates; "
+          + (f"teacher dropped {c['teacher_dropped']}; " if "teacher_dropped" in c else "") +
           f"{c['too_few_candidates']} rows had too few)")
     return 0
 

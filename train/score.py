@@ -19,7 +19,6 @@ if it is a pair file twinfold wrote, unchanged (`--overwrite`: anything but the 
 import argparse
 import hashlib
 import json
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,11 +32,10 @@ from twinfold.models.encode import non_positive_option
 from twinfold.models.files.atomic import OverwriteRefused, atomic_file, atomic_write_bytes, check_writable
 from twinfold.models.files.jsonl import iter_json_lines
 from twinfold.models.resolve import resolve_model_path
-from twinfold.train.data.pairs import DataError, text_problem
+from twinfold.train.data.pairs import DataError, teacher_score_names, text_problem
 from twinfold.train.mine import check_pair_output, provenance_path
 
 KINDS = ("auto", "cross-encoder", "bi-encoder")
-NEGATIVE = re.compile(r"negative(_(\d+))?")
 BLOCK_ROWS = 1024  # rows read, scored and written together
 
 
@@ -91,8 +89,7 @@ def text_columns(path: Path, line: int, row: dict) -> list[str]:
         if name not in row:
             raise DataError(f"{path}:{line}: no {name!r} field; a pair file to score has anchor, positive and "
                             f"optionally negative or negative_1..k (fields: {sorted(row)})")
-    negatives = sorted((m for m in map(NEGATIVE.fullmatch, row) if m), key=lambda m: int(m.group(2) or 0))
-    return ["positive", *(m.group(0) for m in negatives)]
+    return list(teacher_score_names(row))
 
 
 def blocks(path: Path) -> Iterator[list[tuple[int, dict]]]:
@@ -126,7 +123,7 @@ def score_file(teacher, data: Path, out: Path, batch_size: int = 32) -> dict:
             anchors = [row["anchor"] for _, row in block for _ in columns]
             texts = [row[c] for _, row in block for c in columns]
             scores = pair_scores(teacher, anchors, texts, batch_size).view(len(block), len(columns)).tolist()
-            names = ["score_positive", *(f"score_negative_{j}" for j in range(1, len(columns)))]
+            names = list(teacher_score_names(columns).values())
             for (_, row), row_scores in zip(block, scores):
                 line = (json.dumps({**row, **dict(zip(names, row_scores))}, ensure_ascii=False) + "\n").encode()
                 f.write(line)

@@ -10,7 +10,10 @@ Used by test_two_processes.py (one launch per mode keeps the test fast on a smal
   path: Matryoshka(symmetric InfoNCE with a learnable temperature, and its term on the documents' sign bits),
   hard negatives, and false-negative masking across processes (positive 5, on process 1, repeats positive 1,
   on process 0). Dropout is 0.
-  Writes OUT_DIR/mini{M}/losses.json (mean loss over processes, per step) and OUT_DIR/mini{M}/rank{r}.safetensors.
+  Writes OUT_DIR/infonce/mini{M}/losses.json (mean loss over processes, per step) and rank{r}.safetensors beside it;
+- the same steps with distillation from teacher scores, Matryoshka(MarginMSE and its term on the documents' sign
+  bits), into OUT_DIR/margin_mse/mini{M}/ (int8 codes are left out here: embeddings of 4 and of 8 rows differ by
+  float rounding, enough to move a value across an int8 bucket; check_quantized_terms covers their ranges).
 """
 import argparse
 import json
@@ -20,7 +23,16 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from twinfold.losses import InfoNCE, Matryoshka, Quantized, cached_backward, chunked, text_keys, uncached_backward
+from twinfold.losses import (
+    Distillation,
+    InfoNCE,
+    Matryoshka,
+    Quantized,
+    cached_backward,
+    chunked,
+    text_keys,
+    uncached_backward,
+)
 from twinfold.losses.distributed import (
     average_gradient,
     gather_no_grad,
@@ -32,6 +44,8 @@ from twinfold.losses.distributed import (
 from twinfold.models import BiEncoder
 
 GLOBAL_BATCH, STEPS, LR = 8, 3, 0.1
+LOSSES = {"infonce": lambda: Matryoshka(Quantized(InfoNCE(learnable=True, symmetric=True), binary=0.5), [128, 32]),
+          "margin_mse": lambda: Matryoshka(Quantized(Distillation("margin_mse", 0.05, 0.05), binary=0.5), [128, 32])}
 KIND = {"anchor": "query", "positive": "document", "negative": "document"}
 
 
@@ -58,21 +72,25 @@ def check_helpers():
 
 
 def check_quantized_terms():
-    """Quantized InfoNCE on each process's half of a batch = on the whole batch in one process: the int8 ranges
-    come from every process's documents. Gradients: the local rows get twice the whole-batch mean's (the loss is
-    each process's mean, and gathered rows sum the gradients of both)."""
+    """Quantized InfoNCE (and MarginMSE) on each process's half of a batch = on the whole batch in one process: the
+    int8 ranges come from every process's documents. Gradients: the local rows get twice the whole-batch mean's
+    (the loss is each process's mean; gathered rows sum the gradients of both, MarginMSE's rows are local)."""
     g = torch.Generator().manual_seed(0)
     whole = {role: torch.randn(8, 16, generator=g, dtype=torch.float64) for role in ("anchor", "positive", "negative")}
     whole["positive"][1, 0] = 40.0  # one process's document sets the int8 range of dimension 0 for both
-    mine = {role: e[4 * rank():4 * rank() + 4].clone().requires_grad_() for role, e in whole.items()}
-    loss = Quantized(InfoNCE(), binary=1.0, int8=1.0, alignment=1.0)(mine)
-    loss.backward()
-    alone = {role: e.clone().requires_grad_() for role, e in whole.items()}
-    expected = Quantized(InfoNCE(gather=False), binary=1.0, int8=1.0, alignment=1.0, gather=False)(alone)
-    expected.backward()
-    assert abs(gather_no_grad(loss.detach().reshape(1)).mean().item() - expected.item()) < 1e-12
-    for role, e in mine.items():
-        assert torch.allclose(e.grad, 2 * alone[role].grad[4 * rank():4 * rank() + 4], rtol=0, atol=1e-12), role
+    scores = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    for inner, alone_inner in ((InfoNCE(), InfoNCE(gather=False)),
+                               (Distillation("margin_mse", 0.1, 0.1),) * 2):
+        mine = {role: e[4 * rank():4 * rank() + 4].clone().requires_grad_() for role, e in whole.items()}
+        terms = {"binary": 1.0, "int8": 1.0, "alignment": 1.0}
+        loss = Quantized(inner, **terms)(mine, {"scores": scores[4 * rank():4 * rank() + 4]})
+        loss.backward()
+        alone = {role: e.clone().requires_grad_() for role, e in whole.items()}
+        expected = Quantized(alone_inner, **terms, gather=False)(alone, {"scores": scores})
+        expected.backward()
+        assert abs(gather_no_grad(loss.detach().reshape(1)).mean().item() - expected.item()) < 1e-12
+        for role, e in mine.items():
+            assert torch.allclose(e.grad, 2 * alone[role].grad[4 * rank():4 * rank() + 4], rtol=0, atol=1e-12), role
 
 
 def load_pairs(path: Path) -> dict[str, list[str]]:
@@ -84,10 +102,13 @@ def load_pairs(path: Path) -> dict[str, list[str]]:
             "negative": [positives[(i + 8) % 16] for i in range(16)]}
 
 
-def train(accelerator: Accelerator, args, mini_batch_size: int):
+TEACHER_SCORES = torch.linspace(-1.0, 1.0, 32).reshape(16, 2)  # each row's positive and negative
+
+
+def train(accelerator: Accelerator, args, mini_batch_size: int, name: str):
     torch.manual_seed(0)
     model = BiEncoder.from_pretrained(args.model_dir, dropout=0.0).train()
-    loss_fn = Matryoshka(Quantized(InfoNCE(learnable=True, symmetric=True), binary=0.5), dims=[128, 32])
+    loss_fn = LOSSES[name]()
     optimizer = torch.optim.SGD([p for m in (model, loss_fn) for p in m.parameters() if p.requires_grad], lr=LR)
     model, optimizer = accelerator.prepare(model, optimizer)
     tokenize = accelerator.unwrap_model(model).tokenize
@@ -101,7 +122,8 @@ def train(accelerator: Accelerator, args, mini_batch_size: int):
     for step in range(STEPS):
         start = (step * GLOBAL_BATCH) % 16 + accelerator.process_index * local
         texts = {role: rows[start:start + local] for role, rows in data.items()}
-        keys = {role: text_keys(texts[role]) for role in ("positive", "negative")}
+        keys = {**{role: text_keys(texts[role]) for role in ("positive", "negative")},
+                "scores": TEACHER_SCORES[start:start + local]}
         optimizer.zero_grad()
         if mini_batch_size:
             loss = cached_backward(embed, chunked(texts, mini_batch_size), loss_fn, keys=keys,
@@ -111,10 +133,11 @@ def train(accelerator: Accelerator, args, mini_batch_size: int):
         optimizer.step()
         losses.append(accelerator.reduce(loss, "mean").item())
 
-    out = args.out_dir / f"mini{mini_batch_size}"
+    out = args.out_dir / name / f"mini{mini_batch_size}"
     out.mkdir(parents=True, exist_ok=True)
     weights = {f"encoder.{k}": v for k, v in accelerator.unwrap_model(model).encoder.state_dict().items()}
-    weights["loss.log_temperature"] = loss_fn.inner.inner.log_temperature.detach()
+    if name == "infonce":
+        weights["loss.log_temperature"] = loss_fn.inner.inner.log_temperature.detach()
     save_file({k: v.contiguous() for k, v in weights.items()}, out / f"rank{accelerator.process_index}.safetensors")
     if accelerator.is_main_process:
         (out / "losses.json").write_text(json.dumps(losses))
@@ -132,8 +155,9 @@ def main(argv: list[str] | None = None):
     if accelerator.num_processes > 1:
         check_helpers()
         (args.out_dir / f"helpers-rank{accelerator.process_index}.ok").touch()
-    for mini_batch_size in map(int, args.mini_batch_sizes.split(",")):
-        train(accelerator, args, mini_batch_size)
+    for name in LOSSES:
+        for mini_batch_size in map(int, args.mini_batch_sizes.split(",")):
+            train(accelerator, args, mini_batch_size, name)
     accelerator.wait_for_everyone()
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from twinfold.losses import (
+    Distillation,
     InfoNCE,
     Matryoshka,
     Quantized,
@@ -30,13 +31,15 @@ def pairs(data_dir):
 
 @pytest.fixture(scope="module")
 def batch(pairs):
-    """8 pairs; positive 5 repeats positive 1 (a false negative to mask); negatives are other pairs' positives."""
+    """8 pairs; positive 5 repeats positive 1 (a false negative to mask); negatives are other pairs' positives;
+    teacher scores of each anchor's positive and negative (for the distillation losses; InfoNCE ignores them)."""
     anchors = [a for a, _ in pairs[:8]]
     positives = [p for _, p in pairs[:8]]
     positives[5] = positives[1]
     negatives = [p for _, p in pairs[8:16]]
     texts = {"anchor": anchors, "positive": positives, "negative": negatives}
-    return texts, {"positive": text_keys(positives), "negative": text_keys(negatives)}
+    scores = torch.linspace(-1.0, 1.0, 16).reshape(8, 2)
+    return texts, {"positive": text_keys(positives), "negative": text_keys(negatives), "scores": scores}
 
 
 def load(path, dropout):
@@ -96,6 +99,11 @@ LOSSES = {
         ("anchor", "positive", "negative"), True),
     "quantized-tanh": (lambda: Matryoshka(Quantized(InfoNCE(), binary=1.0, estimator="tanh"), [128, 32]),
                        ("anchor", "positive"), False),
+    "margin_mse+matryoshka": (lambda: Matryoshka(Distillation("margin_mse", 0.05, 0.05), [128, 32]),
+                              ("anchor", "positive", "negative"), True),
+    "kl+matryoshka+quantized": (
+        lambda: Matryoshka(Quantized(Distillation("kl", 0.05, 0.5), binary=1.0, int8=0.5), [128, 32]),
+        ("anchor", "positive", "negative"), True),
 }
 
 

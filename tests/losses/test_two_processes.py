@@ -34,10 +34,11 @@ def test_distributed_helpers_on_two_processes(trained):
     assert sorted(p.name for p in (out / "two").glob("helpers-rank*.ok")) == ["helpers-rank0.ok", "helpers-rank1.ok"]
 
 
+@pytest.mark.parametrize("loss", dist_check.LOSSES)
 @pytest.mark.parametrize("mini_batch_size", MINI_BATCH_SIZES, ids=["uncached", "cached"])
-def test_two_processes_equal_one_process(trained, mini_batch_size):
+def test_two_processes_equal_one_process(trained, mini_batch_size, loss):
     out, start = trained
-    one, two = out / "one" / f"mini{mini_batch_size}", out / "two" / f"mini{mini_batch_size}"
+    one, two = (out / run / loss / f"mini{mini_batch_size}" for run in ("one", "two"))
     losses_one, losses_two = (json.loads((d / "losses.json").read_text()) for d in (one, two))
     assert len(losses_one) == 3 and losses_two == pytest.approx(losses_one, abs=1e-5)
 

@@ -199,6 +199,8 @@ def test_mining_in_a_run_is_cached_by_fingerprint_and_settings(tmp_path, tiny_be
     ("{max_score_ratio: 1.5}", "max_score_ratio: 1.5 must be in (0, 1]"),
     ("{corpus: /no/such/corpus}", "corpus: /no/such/corpus does not exist"),
     ("{num_negative: 2}", "did you mean 'data.train[0].hard_negatives.num_negatives'"),
+    ("{teacher: t, teacher_margin: -0.1}", "teacher_margin: -0.1 must not be negative"),
+    ("{teacher_margin: 0.1}", "teacher_margin: set without a teacher"),
 ])
 def test_bad_hard_negative_settings_name_the_key(setting, message, data_dir, monkeypatch):
     monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))
@@ -266,3 +268,66 @@ def test_a_dataset_name_that_is_a_path_is_refused_before_mining(tmp_path, tiny_b
         mine_dataset(ds, MemoEncoder(BiEncoder.from_pretrained(tiny_bert_path)), run / "mined", "tiny",
                      "data.train[2]")
     assert not any(tmp_path.rglob("*.jsonl")) and not list(Path("/tmp").glob("escaped*"))
+
+
+# Teacher scores of the pairs the hand case ranks (model guard off, ranks 0-2: A1 D1, D2, D3; A2 D4, D3, P2).
+TEACHER = {("A1", "P1"): 1.0, ("A1", "P2"): 0.6, ("A1", "D1"): 0.95, ("A1", "D2"): 0.55, ("A1", "D3"): 0.2,
+           ("A2", "P3"): 0.9, ("A2", "D4"): 0.1, ("A2", "D3"): 0.85, ("A2", "P2"): 0.0}
+
+
+def test_teacher_guard_drops_candidates_scored_within_the_margin_of_the_positive(hand_encoder):
+    calls = []
+
+    def teacher(anchors, texts):
+        calls.append(len(texts))
+        return torch.tensor([TEACHER[(a, t)] for a, t in zip(anchors, texts)])
+
+    settings = HardNegativesConfig(num_negatives=1, range_max=3, max_score_ratio=None, teacher="hand",
+                                   teacher_margin=0.1)
+    mined = mine(PAIRS, settings, hand_encoder, CORPUS, teacher=teacher)
+    # row P1: below 1.0 - 0.1 -> D1 (.95) dropped, D2 kept; row P2: below .5 -> D1 and D2 (.55, above the
+    # positive's .6 less the margin) dropped, D3 kept; row P3: below .8 -> D3 (.85) dropped, D4 kept
+    assert negatives(mined) == {("A1", "P1"): ["D2"], ("A1", "P2"): ["D3"], ("A2", "P3"): ["D4"]}
+    assert mined.counts["teacher_dropped"] == 1 + 2 + 1 and calls == [3 * (1 + 3)]  # every pair in one call
+    assert mined.negative_scores[0] == pytest.approx([0.7])  # the mining model's score, as without a teacher
+
+
+def test_mining_cli_with_a_bi_encoder_teacher_keeps_only_negatives_it_scores_below_the_positive(
+        tmp_path, tiny_bert_path, data_dir, capsys):
+    from twinfold.train.score import pair_scores
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(open(data_dir / "scifact-train-pairs" / "train.jsonl").readlines()[:30]))
+    teacher = BiEncoder.from_pretrained(tiny_bert_path, max_length=16)  # another model than the miner
+    folder = teacher.save_pretrained(tmp_path / "teacher")
+    out = tmp_path / "mined.jsonl"
+    assert main(["--model", str(tiny_bert_path), "--data", str(pairs), "--out", str(out), "--range-max", "8",
+                 "--no-guard", "--no-progress", "--teacher", str(folder), "--teacher-margin", "0.02"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    scores = pair_scores(BiEncoder.from_pretrained(folder), [r["anchor"] for r in rows for _ in (0, 1)],
+                         [r[c] for r in rows for c in ("positive", "negative")], 32).view(-1, 2)
+    assert rows and bool((scores[:, 1] < scores[:, 0] - 0.02).all())
+    provenance = json.loads((tmp_path / "mined.jsonl.provenance.json").read_text())
+    assert provenance["teacher_fingerprint"] == BiEncoder.from_pretrained(folder).fingerprint()
+    assert provenance["settings"]["teacher_margin"] == 0.02 and provenance["teacher_dropped"] > 0
+    assert main(["--model", str(tiny_bert_path), "--data", str(pairs), "--out", str(tmp_path / "no.jsonl"),
+                 "--teacher", str(tiny_bert_path)]) == 2  # a plain encoder folder: not a teacher
+    err = capsys.readouterr().err
+    assert f"error: --teacher {tiny_bert_path}: neither a cross-encoder" in err and "--teacher-kind bi-encoder" in err
+    assert not (tmp_path / "no.jsonl").exists()
+
+
+def test_mining_in_a_run_with_a_teacher_is_cached_apart_and_records_it(tmp_path, tiny_bert_path, data_dir):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(open(data_dir / "scifact-train-pairs" / "train.jsonl").readlines()[:20]))
+    teacher = BiEncoder.from_pretrained(tiny_bert_path, max_length=16).save_pretrained(tmp_path / "teacher")
+    encoder = MemoEncoder(BiEncoder.from_pretrained(tiny_bert_path, max_length=32))
+    plain = mine_dataset(DatasetConfig(path=str(pairs), hard_negatives=HardNegativesConfig(
+        max_score_ratio=None, range_max=8)), encoder, tmp_path / "cache", "tiny")
+    guarded = mine_dataset(DatasetConfig(path=str(pairs), hard_negatives=HardNegativesConfig(
+        max_score_ratio=None, range_max=8, teacher=str(teacher))), encoder, tmp_path / "cache", "tiny")
+    assert guarded.path != plain.path
+    provenance = json.loads(Path(f"{guarded.path}.provenance.json").read_text())
+    assert provenance["teacher_fingerprint"] == BiEncoder.from_pretrained(teacher).fingerprint()
+    assert provenance["settings"]["teacher"] == str(teacher) and "teacher_dropped" in provenance
+    assert "teacher" not in json.loads(Path(f"{plain.path}.provenance.json").read_text())["settings"]

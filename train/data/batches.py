@@ -16,8 +16,9 @@ from twinfold.train.data.plan import Batch, BatchPlan, PlanSampler
 
 
 def assemble(tokens: dict[str, tuple[list[list[int]], list[int]]], padder: Padder, token_budget: int,
-             max_texts: int | None = None) -> dict:
-    """Token ids and text keys by role (batch order) -> `{"order", "chunks", "keys"}` of one step.
+             max_texts: int | None = None, scores: list[list[float]] | None = None) -> dict:
+    """Token ids and text keys by role (batch order) -> `{"order", "chunks", "keys"}` of one step, and `"scores"`
+    [rows, 1 + k] (batch order) where the rows' teacher `scores` are given.
 
     Per role: `order[role][k]` is the batch position of the k-th text longest first; `chunks[role]` are
     consecutive pieces of that sorted list (see `models.tokens.length_chunks`), each padded to its longest
@@ -35,6 +36,8 @@ def assemble(tokens: dict[str, tuple[list[list[int]], list[int]]], padder: Padde
             start += size
         out["order"][role], out["chunks"][role] = order, chunks
         out["keys"][role] = torch.as_tensor(keys, dtype=torch.int64)
+    if scores is not None:
+        out["scores"] = torch.tensor(scores, dtype=torch.float32)
     return out
 
 
@@ -48,8 +51,8 @@ class StepBatches(Dataset):
 
     def __getitem__(self, item: tuple[int, int, Batch]) -> dict:
         epoch, index, batch = item
-        rows = batch.shard(self.rank, self.world)
-        step = assemble(self.datasets[batch.dataset].rows(rows), self.padder, self.token_budget, self.max_texts)
+        rows, ds = batch.shard(self.rank, self.world), self.datasets[batch.dataset]
+        step = assemble(ds.rows(rows), self.padder, self.token_budget, self.max_texts, ds.scores(rows))
         return {"epoch": epoch, "index": index, "pairs": len(batch.rows), **step}
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import unicodedata
 from collections import Counter
@@ -14,6 +15,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from twinfold.losses import text_keys
 from twinfold.models.files.atomic import file_sha256, remove_tree, verify_manifest, write_manifest
@@ -26,6 +28,8 @@ _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".
 KIND = {"anchor": "query", "positive": "document", "negative": "document"}
 _VALIDATE_ROWS = 10_000  # rows per pass of the validation and of each tokenization batch
 _CACHE_FORMAT = 1
+NEGATIVE_COLUMN = re.compile(r"negative(_(\d+))?")  # a pair file's negative text columns: negative, negative_1, ...
+SCORES = "scores"  # the column of each row's teacher scores: [positive, negative_0, ..., negative_{k-1}]
 
 
 class DataError(ValueError):
@@ -34,7 +38,8 @@ class DataError(ValueError):
 
 @dataclass
 class PairDataset:
-    """A validated Arrow table whose columns are roles: `anchor`, `positive`, then `negative_0` ... `negative_{k-1}`."""
+    """A validated Arrow table whose columns are roles: `anchor`, `positive`, then `negative_0` ... `negative_{k-1}`,
+    and, when a distillation loss reads them, `scores` (the teacher's score of the positive, then of each negative)."""
 
     name: str
     table: object  # datasets.Dataset
@@ -46,7 +51,11 @@ class PairDataset:
 
     @property
     def roles(self) -> list[str]:
-        return list(self.table.column_names)
+        return [c for c in self.table.column_names if c != SCORES]
+
+    @property
+    def has_scores(self) -> bool:
+        return SCORES in self.table.column_names
 
     def select(self, rows: list[int]) -> "PairDataset":
         """These rows only (their own cache key)."""
@@ -77,22 +86,79 @@ class PairDataset:
         return [list(row) for row in zip(*columns)] if columns else [[] for _ in range(len(self))]
 
 
-def load_pairs(cfg: DatasetConfig) -> PairDataset:
-    """Load one dataset of the config, keep its mapped columns under role names and check every text."""
+def load_pairs(cfg: DatasetConfig, scores_for: str | None = None) -> PairDataset:
+    """Load one dataset of the config, keep its mapped columns under role names and check every text; with
+    `scores_for` (the loss kind that needs them) also the teacher score of each positive and negative, checked."""
     path = Path(cfg.path)
     local = path.is_file()  # else a hub id or a dataset folder: datasets fingerprints it
     table = load_source(cfg)
     if len(table) == 0:
         raise DataError(f"{cfg.path}: the dataset is empty")
     renamed = role_columns(cfg, table.column_names)
+    scored = score_columns(cfg, table.column_names, renamed, scores_for) if scores_for else {}
     _validate(table.select_columns(list(renamed)), cfg.path, path if local else None)
+    scores = _read_scores(table, scored, cfg.path, path if local else None)
     table = table.select_columns(list(renamed)).rename_columns(renamed)
     table = table.select_columns(role_names(len(renamed) - 2))
+    if scores is not None:
+        table = table.add_column(SCORES, scores.tolist())
     source = file_sha256(path)[:16] if local else table._fingerprint
     # what was read, not only where from: the token cache and the checks' results are keyed by it
-    fingerprint = hashlib.sha256(json.dumps([source, renamed]).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(json.dumps([source, renamed, *([scored] if scored else [])]).encode()).hexdigest()[:16]
     log.info("%s: %d rows read and validated", dataset_name(cfg), len(table))
     return PairDataset(dataset_name(cfg), table, cfg.weight, fingerprint)
+
+
+def teacher_score_names(column_names) -> dict[str, str]:
+    """Text column -> the column of its teacher score, as `twinfold score` names them: `positive` -> `score_positive`,
+    the negative columns in the order `negative`, `negative_1`, `negative_2`, ... -> `score_negative_1..k`."""
+    negatives = sorted((m for m in map(NEGATIVE_COLUMN.fullmatch, column_names) if m),
+                       key=lambda m: int(m.group(2) or 0))
+    texts = ["positive", *(m.group(0) for m in negatives)]
+    return {text: "score_positive" if j == 0 else f"score_negative_{j}" for j, text in enumerate(texts)}
+
+
+def score_columns(cfg: DatasetConfig, column_names: list[str], renamed: dict[str, str], kind: str) -> dict[str, str]:
+    """Role (`positive`, `negative_0` ...) -> the column of its teacher score; `DataError` naming the file and the
+    missing column when the data has no negatives or lacks a score."""
+    if len(renamed) == 2:
+        raise DataError(f"{cfg.path}: no hard negatives; loss.kind {kind} distils over each row's positive and "
+                        "negatives (mine them with twinfold mine, score them with twinfold score)")
+    names = teacher_score_names(column_names)
+    out = {}
+    for source, role in renamed.items():
+        if role == "anchor":
+            continue
+        if source not in names:
+            raise DataError(f"{cfg.path}: column {source!r} ({role}) has no teacher score: loss.kind {kind} reads "
+                            "score_positive and score_negative_1..k, the scores of the columns positive and negative, "
+                            "negative_1 ... as twinfold score writes them")
+        if names[source] not in column_names:
+            raise DataError(f"{cfg.path}: no column {names[source]!r} (the teacher's score of {source!r}) for "
+                            f"loss.kind {kind}; add the scores with twinfold score --teacher MODEL --data {cfg.path} "
+                            "--out SCORED.jsonl")
+        out[role] = names[source]
+    return out
+
+
+def _read_scores(table, scored: dict[str, str], shown: str, path: Path | None) -> np.ndarray | None:
+    """The score columns as [rows, 1 + k] float64 (None without any); `DataError` naming the file line and field of
+    the first value that is not a finite number."""
+    if not scored:
+        return None
+    columns = []
+    for field in scored.values():
+        column = table.data.column(field)
+        number = pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+        values = column.to_numpy() if number else None
+        if values is None or column.null_count or not np.isfinite(values).all():
+            values = column.to_pylist()
+            row = next(i for i, v in enumerate(values) if isinstance(v, bool) or not isinstance(v, (int, float))
+                       or not np.isfinite(v))
+            raise DataError(f"{_where(shown, path, row)} field {field!r}: {values[row]!r} is not a finite number "
+                            "(a teacher score)")
+        columns.append(values.astype(np.float64))
+    return np.stack(columns, axis=1)
 
 
 def dataset_name(cfg: DatasetConfig) -> str:
@@ -308,7 +374,8 @@ class TokenizedPairs:
     """A dataset's token ids per role (truncated at `max_length`, unpadded) and text keys, memory-mapped.
 
     Columns `{role}_ids` and `{role}_key` for role in `anchor`, `positive`, `negative_0` ...; the keys are
-    `losses.text_keys` of the texts (false-negative masking and no-duplicate batches).
+    `losses.text_keys` of the texts (false-negative masking and no-duplicate batches); `scores` where the dataset
+    was read with teacher scores.
     """
 
     name: str
@@ -316,6 +383,7 @@ class TokenizedPairs:
     weight: float
     num_negatives: int
     truncated: dict[str, int]
+    has_scores: bool = False
 
     def __len__(self) -> int:
         return len(self.table)
@@ -335,6 +403,10 @@ class TokenizedPairs:
         picked = self.table[indices]
         return step_roles({role: (picked[f"{role}_ids"], picked[f"{role}_key"])
                            for role in role_names(self.num_negatives)})
+
+    def scores(self, indices: list[int]) -> list[list[float]] | None:
+        """The teacher scores of these rows (positive, then each negative), if the dataset was read with them."""
+        return self.table[indices][SCORES] if self.has_scores else None
 
 
 def step_roles(columns: dict[str, tuple[list[list[int]], list[int]]]) -> dict[str, tuple[list[list[int]], list[int]]]:
@@ -378,6 +450,8 @@ def tokenize_pairs(ds: PairDataset, tokenizer: TextTokenizer, cache_dir: Path) -
         features = datasets.Features({f"{role}_{field}": kind for role in ds.roles for field, kind in (
             ("ids", datasets.Sequence(datasets.Value("int32"))), ("key", datasets.Value("int64")),
             ("truncated", datasets.Value("bool")))})
+        if ds.has_scores:
+            features[SCORES] = datasets.Sequence(datasets.Value("float64"))
         try:
             mapped = ds.table.map(partial(_tokenize_batch, tokenizer=tokenizer), batched=True, features=features,
                                   batch_size=_VALIDATE_ROWS, num_proc=workers if workers > 1 else None,
@@ -401,7 +475,7 @@ def tokenize_pairs(ds: PairDataset, tokenizer: TextTokenizer, cache_dir: Path) -
         log.info("%s: token cache reused from %s", ds.name, folder)
     saved = json.loads(manifest.read_text())
     table = datasets.concatenate_datasets([datasets.Dataset.from_file(str(folder / f)) for f in saved["files"]])
-    return TokenizedPairs(ds.name, table, ds.weight, ds.num_negatives, saved["truncated"])
+    return TokenizedPairs(ds.name, table, ds.weight, ds.num_negatives, saved["truncated"], ds.has_scores)
 
 
 def _discard(folder: Path) -> None:
@@ -418,6 +492,8 @@ def _tokenize_batch(batch: dict[str, list[str]], tokenizer: TextTokenizer) -> di
     """Ids, text keys and whether each text was truncated, for every role of a batch of rows."""
     out = {}
     for role, texts in batch.items():
+        if role == SCORES:  # kept as they are
+            continue
         ids, truncated = tokenizer.ids_and_truncated(texts, KIND[role.split("_")[0]])
         out[f"{role}_ids"] = ids
         out[f"{role}_key"] = text_keys(texts).tolist()

@@ -26,11 +26,12 @@ def prepare_data(cfg: Config, model: BiEncoder, out: Path,
     """The training datasets (streamed ones unread), and what was done to them: {"hard_negatives": [provenance...],
     "leakage": [...]}."""
     configs, keep, report = list(cfg.data.train), None, {}
+    scores_for = None if cfg.loss.kind == "infonce" else cfg.loss.kind  # distillation reads the teacher's scores
     if accelerator.is_main_process:
         encoder = MemoEncoder(model.to(accelerator.device), cfg.eval.batch_size)
         configs = [mine_dataset(d, encoder, Path(d.hard_negatives.cache_dir or out / "mined"), cfg.model.name_or_path,
                                 f"data.train[{i}]") if d.hard_negatives else d for i, d in enumerate(configs)]
-        datasets = [load_pairs(d) for d in configs if not d.streaming]
+        datasets = [load_pairs(d, scores_for) for d in configs if not d.streaming]
         for d in configs:
             if d.streaming:
                 log.info("%s: streamed: the eval-overlap and duplicate checks are not run on it", dataset_name(d))
@@ -46,7 +47,7 @@ def prepare_data(cfg: Config, model: BiEncoder, out: Path,
     if accelerator.num_processes > 1:
         configs, keep, report = broadcast_object_list([configs, keep, report])
         if not accelerator.is_main_process:
-            datasets = [load_pairs(d) for d in configs if not d.streaming]
+            datasets = [load_pairs(d, scores_for) for d in configs if not d.streaming]
     kept = iter([_rows(ds, rows) for ds, rows in zip(datasets, keep)])
     return [StreamSource.streamed(d) if d.streaming else next(kept) for d in configs], report
 
