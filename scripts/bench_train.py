@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     print(f"machine: {machine()}; measured {dtype} matmul rate {rate / 1e12:.3f} TFLOP/s\n"
           f"{args.model}, {args.device}, mixed precision {args.mixed_precision}, max_length {args.max_length}, "
           f"batch {args.batch_size} ({mode}), Matryoshka {model_dims(args.model)}, weights {args.dtype}"
-          f"{f', LoRA r {args.lora}' if args.lora else ''}, "
+          f"{f', LoRA r {args.lora}' if args.lora else ''}"
           f"{f', quantization terms {args.quantization}' if args.quantization else ''}, "
           f"{args.steps} timed steps x {args.rounds} rounds per side", flush=True)
 
