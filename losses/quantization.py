@@ -108,12 +108,11 @@ class Quantized(nn.Module):
         width = next(iter(embeddings.values())).shape[-1]
         if self.dims is not None and width not in self.dims:
             return loss
-        documents = [e for role, e in embeddings.items() if role in DOCUMENT_ROLES]
         if self.binary:
             stored = {r: binarize(e, self.estimator) if r in DOCUMENT_ROLES else e for r, e in embeddings.items()}
             loss = loss + self.binary * self.inner(stored, keys)
         if self.int8:
-            low, high = int8_ranges(documents, self.gather)
+            low, high = int8_ranges([e for r, e in embeddings.items() if r in DOCUMENT_ROLES], self.gather)
             stored = {r: fake_int8(e, low, high) if r in DOCUMENT_ROLES else e for r, e in embeddings.items()}
             loss = loss + self.int8 * self.inner(stored, keys)
         if self.alignment:

@@ -228,32 +228,34 @@ def test_a_damaged_token_cache_is_rebuilt_with_a_warning(tmp_path, tiny_bert_pat
     assert [p.name for p in (tmp_path / "cache" / "tokens").iterdir()] == [folder.name]
 
 
+def pairs_with_row_2(tmp_path, suffix: str, row: str):
+    """A 15-row pair file (`.tsv` or `.csv`) whose row 2 (line 4) is `row`."""
+    sep = "\t" if suffix == ".tsv" else ","
+    lines = [f"claim {i}{sep}abstract {i}" for i in range(15)]
+    lines[2] = row
+    path = tmp_path / f"pairs{suffix}"
+    path.write_text(f"anchor{sep}positive\n" + "\n".join(lines) + "\n")
+    return path
+
+
 def test_a_tsv_quote_running_over_lines_is_named_where_it_opens(tmp_path):
-    lines = [f"claim {i}\tabstract {i}" for i in range(15)]
-    lines[2] = 'claim 2\t"abstract 2 with a quote that never closes'
-    path = tmp_path / "pairs.tsv"
-    path.write_text("anchor\tpositive\n" + "\n".join(lines) + "\n")
+    path = pairs_with_row_2(tmp_path, ".tsv", 'claim 2\t"abstract 2 with a quote that never closes')
     with pytest.raises(DataError) as e:
         load_pairs(DatasetConfig(path=str(path)))
     assert str(e.value) == (f'{path}:4: a quote (") opens a field that runs on to line 16; a TSV field holds no '
                             "line break: close the quote on line 4 or remove it")
-    lines[2] = 'claim 2\t"abstract 2, quoted"'  # a quote closed on its line is read as before
-    path.write_text("anchor\tpositive\n" + "\n".join(lines) + "\n")
+    path = pairs_with_row_2(tmp_path, ".tsv", 'claim 2\t"abstract 2, quoted"')  # closed on its line: read as before
     ds = load_pairs(DatasetConfig(path=str(path)))
     assert len(ds) == 15 and ds.positive[2] == "abstract 2, quoted"
 
 
 def test_a_csv_quote_that_never_closes_is_named_where_it_opens(tmp_path):
-    lines = [f"claim {i},abstract {i}" for i in range(15)]
-    lines[2] = 'claim 2,"abstract 2, with a quote that never closes'
-    path = tmp_path / "pairs.csv"
-    path.write_text("anchor,positive\n" + "\n".join(lines) + "\n")
+    path = pairs_with_row_2(tmp_path, ".csv", 'claim 2,"abstract 2, with a quote that never closes')
     with pytest.raises(DataError) as e:
         load_pairs(DatasetConfig(path=str(path)))
     assert str(e.value) == (f'{path}:4: a quote (") opens a field that never closes (the file ends inside it, on '
                             "line 16): close the quote on line 4 or remove it")
-    lines[2] = 'claim 2,"abstract 2,\nover two lines"'  # a CSV field may hold a quoted line break
-    path.write_text("anchor,positive\n" + "\n".join(lines) + "\n")
+    path = pairs_with_row_2(tmp_path, ".csv", 'claim 2,"abstract 2,\nover two lines"')  # a quoted line break
     ds = load_pairs(DatasetConfig(path=str(path)))
     assert len(ds) == 15 and ds.positive[2] == "abstract 2,\nover two lines"
 
