@@ -4,14 +4,12 @@ folder or hub id with `num_labels` 1. Scores are the raw logits (no sigmoid), as
 """
 import hashlib
 import json
-import pickle
 from pathlib import Path
 
 import torch
 
 from twinfold.models.bi_encoder import hash_tensors
-from twinfold.models.loading import ModelLoadError, check_model_folder, refused_pickle
-from twinfold.models.resolve import describe_attempts, resolve_model_path
+from twinfold.models.loading import ModelLoadError, load_head_model
 
 
 def is_cross_encoder(config) -> bool:
@@ -31,26 +29,17 @@ class CrossEncoder:
         """Load a folder or hub id; weights from safetensors unless `allow_pickle`. `max_length` (tokens of a pair):
         default the tokenizer's limit, at most the model's positions. A model that is not a one-output
         sequence-classification model raises `ModelLoadError` naming it."""
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        path = resolve_model_path(name_or_path)
-        if Path(path).is_dir():
-            check_model_folder(Path(path), allow_pickle=allow_pickle)
-        try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        def auto_class(config):
             if not is_cross_encoder(config) or config.num_labels != 1:
                 raise ModelLoadError(f"{name_or_path}: not a cross-encoder (a sequence-classification model with one "
                                      f"output); config.json has architectures {config.architectures} and "
                                      f"{config.num_labels} labels")
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, use_safetensors=not allow_pickle or None, trust_remote_code=trust_remote_code)
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except pickle.UnpicklingError as e:
-            raise refused_pickle(path, e) from e
-        except (OSError, ValueError) as e:
-            where = f"cannot load cross-encoder from {path}" if Path(path).is_dir() else \
-                f"cannot resolve cross-encoder {name_or_path!r}; tried {describe_attempts(name_or_path)}"
-            raise ModelLoadError(f"{where}: {e}") from e
+            return AutoModelForSequenceClassification
+
+        model, tokenizer, config = load_head_model(name_or_path, "cross-encoder", auto_class, allow_pickle,
+                                                   trust_remote_code)
         limits = [max_length, tokenizer.model_max_length, getattr(config, "max_position_embeddings", None)]
         return cls(model, tokenizer, min(int(x) for x in limits if x is not None and x < 1e9))
 

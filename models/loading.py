@@ -12,6 +12,35 @@ class ModelLoadError(RuntimeError):
     """A model folder or name that cannot be loaded, with what to do about it."""
 
 
+def load_head_model(name_or_path: str | Path, what: str, auto_class, allow_pickle: bool = False,
+                    trust_remote_code: bool = False):
+    """(model, tokenizer, config) of a transformers model with a task head (a cross-encoder, a generator), checked
+    like every model: a folder's weights before they are read, safetensors unless `allow_pickle`. `auto_class(config)`
+    gives the Auto class to load it with, or raises `ModelLoadError` naming what the model is instead; `what` names
+    the role in errors."""
+    import pickle
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from twinfold.models.resolve import describe_attempts, resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    if Path(path).is_dir():
+        check_model_folder(Path(path), allow_pickle=allow_pickle)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = auto_class(config).from_pretrained(path, config=config, use_safetensors=not allow_pickle or None,
+                                                   trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except pickle.UnpicklingError as e:
+        raise refused_pickle(path, e) from e
+    except (OSError, ValueError) as e:
+        where = f"cannot load {what} from {path}" if Path(path).is_dir() else \
+            f"cannot resolve {what} {str(name_or_path)!r}; tried {describe_attempts(name_or_path)}"
+        raise ModelLoadError(f"{where}: {e}") from e
+    return model, tokenizer, config
+
+
 def refused_pickle(where, error: Exception) -> ModelLoadError:
     """The one-line error for pickle weights that torch's weights-only loader refused (`pickle.UnpicklingError`)."""
     reason = next((line for line in str(error).splitlines() if "unsupported" in line), "not only tensors")

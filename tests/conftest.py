@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random BERT, the real all-MiniLM-L6-v2, the shared data folder, a PostgreSQL server."""
+"""Shared fixtures: a tiny random BERT and cross-encoder, the real all-MiniLM-L6-v2, the shared data folder, a
+PostgreSQL server."""
 import os
 import tempfile
 from pathlib import Path
@@ -51,6 +52,20 @@ def tiny_bert_path(tmp_path_factory, minilm_path) -> Path:
     torch.manual_seed(0)
     BertModel(config).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_path(tmp_path_factory, minilm_path):
+    """A 2-layer random BertForSequenceClassification with one output and MiniLM's tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("cross-encoder")
+    config = BertConfig(vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=256, max_position_embeddings=128, num_labels=1)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(path)
     return path
 
 

@@ -135,6 +135,15 @@ def score_file(teacher, data: Path, out: Path, batch_size: int = 32) -> dict:
     return {"rows": rows, "sha256": digest.hexdigest(), "columns": roles}
 
 
+def write_scores(teacher, name: str, kind: str, data: Path, out: Path, batch_size: int = 32) -> dict:
+    """`score_file`, then `OUT.provenance.json` (teacher `name`, `kind` and fingerprint, the data, the counts);
+    return the provenance."""
+    counts = score_file(teacher, data, out, batch_size)
+    provenance = {"teacher": name, "kind": kind, "fingerprint": teacher.fingerprint(), "data": str(data), **counts}
+    atomic_write_bytes(provenance_path(out), (json.dumps(provenance, indent=2) + "\n").encode())
+    return provenance
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.score") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--teacher", required=True, help="cross-encoder or bi-encoder: folder or hub id")
@@ -158,13 +167,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.sc
             raise DataError(f"--data {args.data}: not found (a JSONL pair file)")
         kind = teacher_kind(args.teacher, args.teacher_kind, args.trust_remote_code)
         teacher = load_teacher(args.teacher, kind, args.max_length, args.allow_pickle, args.trust_remote_code)
-        counts = score_file(teacher, args.data, args.out, args.batch_size)
+        counts = write_scores(teacher, args.teacher, kind, args.data, args.out, args.batch_size)
     except (DataError, ModelLoadError, OverwriteRefused, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    provenance = {"teacher": args.teacher, "kind": kind, "fingerprint": teacher.fingerprint(), "data": str(args.data),
-                  **counts}
-    atomic_write_bytes(provenance_path(args.out), (json.dumps(provenance, indent=2) + "\n").encode())
     print(f"scored {counts['rows']} rows of {args.data} with the {kind} {args.teacher} -> {args.out}")
     return 0
 

@@ -15,20 +15,6 @@ ROWS = [{"anchor": "yeast cells divide", "positive": "Budding yeast divides by m
          "negative_2": "Stock prices.", "id": 8}]
 
 
-@pytest.fixture(scope="module")
-def cross_encoder_path(tmp_path_factory, minilm_path):
-    """A 2-layer random BertForSequenceClassification with one output and MiniLM's tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    path = tmp_path_factory.mktemp("cross-encoder")
-    config = BertConfig(vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=256, max_position_embeddings=128, num_labels=1)
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(path)
-    return path
-
-
 def write_rows(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
