@@ -28,13 +28,12 @@ from pathlib import Path
 
 import yaml
 
-from twinfold.models import BiEncoder, ModelLoadError
+from twinfold.models import BiEncoder
 from twinfold.models.encode import non_positive_option
-from twinfold.models.files.atomic import atomic_write_bytes, file_sha256
+from twinfold.models.files.atomic import OverwriteRefused, atomic_write_bytes, file_sha256
 from twinfold.train.config import ConfigError, DatasetConfig, HardNegativesConfig, load_config
 from twinfold.train.corpus_pairs import add_generator_options, generator_numbers, load_generator
-from twinfold.train.data.pairs import DataError
-from twinfold.train.eval.beir import BeirFormatError, corpus_file
+from twinfold.train.eval.beir import corpus_file
 from twinfold.train.generate import write_generated_pairs
 from twinfold.train.mine import MemoEncoder, mine_dataset, provenance_path
 from twinfold.train.score import KINDS, load_teacher, teacher_kind, write_scores
@@ -161,6 +160,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.ad
         return 2
     from twinfold.train.__main__ import USER_ERRORS
     from twinfold.train.loop import TrainingError, train
+    from twinfold.train.signals import StoppedBySignal
 
     out = args.out
     try:
@@ -184,9 +184,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.ad
             print(f"done: {final} exists (remove {final.parent} to train again)")
             return 0
         final = train(cfg)
-    except (*USER_ERRORS, BeirFormatError, DataError, ModelLoadError, TrainingError, OSError, ValueError) as e:
+    except (*USER_ERRORS, TrainingError, OverwriteRefused, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StoppedBySignal as e:
+        print(f"stopped: {e} (run the same command again to go on)", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("stopped by SIGINT; run the same command again to go on from the last finished step", file=sys.stderr)
+        return 130
     print(f"done: exported model in {final}")
     return 0
 

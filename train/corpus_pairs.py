@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.co
     except (DataError, BeirFormatError, ModelLoadError, OverwriteRefused, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("stopped by SIGINT" + ("; run the same command again to go on generating" if args.method == "generate"
+                                     else ""), file=sys.stderr)
+        return 130
     c = provenance
     print(f"wrote {c['rows_out']} pair(s) ({args.method}) from {c['documents'] - c['skipped']} of {c['documents']} "
           f"documents to {args.out}; {c['skipped']} skipped ({SHORT[args.method]})")
