@@ -70,6 +70,7 @@ from twinfold.models.shards import (
     load_embeddings,
     part_file,
     read_header,
+    repeated_id,
     settings_difference,
     write_header,
     write_part,
@@ -305,6 +306,11 @@ def encode_dataset(args, model: BiEncoder, prompt: str | None) -> int:
     counts = {key: sum(c[key] for c in every) for key in counts}
     parts = math.ceil(header["rows"] / header["part_rows"])
     counts["removed"] += sum(p["rows"] for p in header["parts"] if p["first_row"] >= header["rows"])
+    if (repeated := repeated_id(out, parts, header["part_rows"])) is not None:  # each part checked its own ids
+        name, first, second = repeated
+        place = {r.index: r.place for r in iter_rows(files, args.field, args.id_field, {first, second}.__contains__)}
+        raise InputError(f"{place[second]}: duplicate id {name!r} (first at {place[first]}); ids must be unique. The "
+                         f"parts written stay: correct the input, then run with --update {out}")
     finish(out, header, parts)
     if args.update:
         print(f"re-encoded {counts['new'] + counts['changed']} documents ({counts['new']} new, {counts['changed']} "

@@ -129,6 +129,27 @@ def complete_record(folder: Path, k: int) -> dict | None:
     return None
 
 
+def _id_hashes(ids: list[str]) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") for i in ids],
+                    dtype=np.uint64)
+
+
+def repeated_id(folder: Path, parts: int, part_rows: int) -> tuple[str, int, int] | None:
+    """An id that two parts of the dataset share, with the input rows of its first two copies (None: every id is
+    unique). Memory: 8 bytes per row (a 64-bit hash of each id), never the ids of more than two parts."""
+    def ids(k: int) -> list[str]:
+        return pq.read_table(folder / part_file(k), columns=["id"]).column("id").to_pylist()
+
+    hashes = np.concatenate([_id_hashes(ids(k)) for k in range(parts)]) if parts else np.empty(0, np.uint64)
+    order = np.argsort(hashes, kind="stable")
+    for a, b in zip(order[:-1][hashes[order[:-1]] == hashes[order[1:]]],
+                    order[1:][hashes[order[:-1]] == hashes[order[1:]]]):
+        first, second = ids(a // part_rows)[a % part_rows], ids(b // part_rows)[b % part_rows]
+        if first == second:  # not a hash collision
+            return first, int(min(a, b)), int(max(a, b))
+    return None
+
+
 def finish(folder: Path, header: dict, parts: int) -> None:
     """Write the manifest of a dataset whose `parts` parts are all complete; remove parts beyond them."""
     records = [json.loads((folder / record_file(k)).read_text()) for k in range(parts)]

@@ -201,6 +201,22 @@ def test_a_bad_line_is_named_and_the_parts_before_it_are_kept(tiny_bert_path, tm
     assert code == 2 and f"{docs}:8: duplicate id 'd7' (first at {docs}:6)" in err
 
 
+def test_an_id_repeated_in_another_part_is_named_and_the_dataset_is_not_finished(tiny_bert_path, tmp_path):
+    rows = corpus(60)
+    rows[47]["_id"] = "d3"  # part 1 repeats an id of part 0: each part alone has unique ids
+    docs = write(tmp_path / "docs.jsonl", rows)
+    out = tmp_path / "ds"
+    args = ["--model", tiny_bert_path, "--input", docs, "--output", out, "--format", "parquet", "--part-rows", 30]
+    code, _, err = encode(*args)
+    assert code == 2 and err.strip().splitlines()[-1] == f"error: {docs}:48: duplicate id 'd3' (first at {docs}:4); " \
+        f"ids must be unique. The parts written stay: correct the input, then run with --update {out}"
+    assert not read_header(out).get("complete") and len(list(out.glob("part-*.parquet"))) == 2
+    rows[47]["_id"] = "d47"
+    write(docs, rows)
+    assert encode(*args[:4], "--update", out, *args[6:])[0] == 0
+    assert vectors(out)[0] == [f"d{i}" for i in range(60)]
+
+
 def test_memory_does_not_grow_with_the_corpus(tiny_bert_path, tmp_path):
     """Python's peak allocation while the parts of 1,500 documents are read, encoded and written is that of 300:
     holding every text (about 350 bytes each) or row would add more than 1,200 x 300 bytes."""
