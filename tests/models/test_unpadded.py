@@ -77,9 +77,16 @@ def assert_same_embeddings(padded, unpadded, batch_size=4):
     np.testing.assert_allclose(unpadded.encode(TEXTS, batch_size), padded.encode(TEXTS, batch_size), atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def tiny_bert_pair(tiny_bert_path):
+    return pair(tiny_bert_path)
+
+
 @pytest.mark.parametrize("pooling", POOLING_MODES)
-def test_tiny_bert_embeddings_equal_padded(tiny_bert_path, pooling):
-    assert_same_embeddings(*pair(tiny_bert_path, pooling=pooling))
+def test_tiny_bert_embeddings_equal_padded(tiny_bert_pair, pooling):
+    for model in tiny_bert_pair:
+        model.settings.pooling = pooling
+    assert_same_embeddings(*tiny_bert_pair)
 
 
 def test_minilm_embeddings_equal_padded_in_input_order(minilm_path):
@@ -96,10 +103,12 @@ def test_family_embeddings_equal_padded(family_paths, name):
     assert_same_embeddings(*pair(family_paths[name]))
 
 
-def test_training_step_loss_and_gradients_equal_padded(tiny_bert_path):
+def test_training_step_loss_and_gradients_equal_padded(tiny_bert_pair):
     anchors, positives = TEXTS, TEXTS[1:] + TEXTS[:1]
     results = []
-    for model in pair(tiny_bert_path):
+    for model in tiny_bert_pair:
+        model.settings.pooling = "mean"
+        model.zero_grad(set_to_none=True)
         model.train()
         step = assemble_texts(model, {"anchor": anchors, "positive": positives}, token_budget=40)
         assert len(step["chunks"]["anchor"]) > 1  # several chunks, packed or padded
