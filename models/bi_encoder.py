@@ -374,7 +374,8 @@ class BiEncoder(nn.Module):
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute == "bf16")
         tokenizer = self.text_tokenizer.with_prompt(check_kind(kind), self.prompt_text(prompt_name, prompt))
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        batches = TextBatches([texts[i] for i in order], kind, batch_size, tokenizer, self.padder)
+        padder = self.padder if runner is self else self.padder.padded()  # other computes take padded inputs
+        batches = TextBatches([texts[i] for i in order], kind, batch_size, tokenizer, padder)
         settings = loader_settings(device)
         loader = DataLoader(batches, batch_size=None, generator=torch.Generator(), **settings)  # global RNG untouched
         in_order = torch.empty(len(texts), self.dim, pin_memory=settings["pin_memory"])

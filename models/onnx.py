@@ -6,7 +6,6 @@ tokenizer makes them), with dynamic batch and sequence axes -> `last_hidden_stat
 Pooling, the Dense head and normalisation stay outside the graph, computed by sentence-transformers' own modules
 or by `BiEncoder`, so every pooling mode and head of the PyTorch model carries over unchanged.
 """
-import dataclasses
 import logging
 import tempfile
 import warnings
@@ -49,8 +48,7 @@ def export_onnx(model, folder: str | Path, int8: bool = False) -> None:
     except ImportError as e:
         raise ImportError(f"ONNX export needs the onnx extra (pip install 'twinfold[onnx]'): {e}") from None
     encoder = float32_module(model.encoder)  # ONNX Runtime's CPU kernels are float32: half weights are upcast
-    padder = dataclasses.replace(model.padder, packed=False, first_position=0)  # ONNX files take padded inputs
-    sample = padder(model.token_ids(["an example", "a longer example text"]))  # batch 2: not specialised
+    sample = model.padder.padded()(model.token_ids(["an example", "a longer example text"]))  # batch 2: not specialised
     names = list(sample)
     axes = {0: torch.export.Dim("batch_size"), 1: torch.export.Dim("sequence_length")}
     external = sum(p.numel() * p.element_size() for p in encoder.parameters()) >= ONNX_SIZE_LIMIT

@@ -137,6 +137,10 @@ class Padder:
         return cls(int(tokenizer.pad_token_id or 0), tokenizer.padding_side == "left",
                    "token_type_ids" in tokenizer.model_input_names, multiple, max_width, packed, first_position)
 
+    def padded(self) -> "Padder":
+        """This padder padding, not packing (for encoders that take padded inputs only: ONNX, int8 copies)."""
+        return dataclasses.replace(self, packed=False, first_position=0)
+
     def width(self, longest: int) -> int:
         """The padded width of a group whose longest text has `longest` tokens (packed: `longest`)."""
         if self.packed:
