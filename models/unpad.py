@@ -40,6 +40,15 @@ def first_position(config) -> int:
     return int(config.pad_token_id) + 1 if start is None else start
 
 
+UNPAD_HELP = ("run texts packed without padding (varlen attention): auto on CUDA, true also on the CPU (an exact "
+              "reference kernel), false padded (the default)")
+
+
+def cli_setting(text: str) -> bool | str:
+    """`--unpad auto|true|false` as a setting."""
+    return {"true": True, "false": False}.get(text, text)
+
+
 def check_setting(setting) -> None:
     """ValueError for an `unpad` setting other than auto, True, False."""
     if not any(setting is x or setting == x and isinstance(x, str) for x in SETTINGS):
