@@ -1,5 +1,6 @@
 """The unpadded path (models.unpad): packed rows by hand, then embeddings, a training step's loss and gradients equal
 to the padded path's (float32, the CPU's reference kernel), then the fallback and the decision."""
+import json
 import logging
 
 import numpy as np
@@ -166,3 +167,17 @@ def test_config_key(tmp_path):
     assert load_config(recipe).model.unpad == "auto"
     assert load_config(recipe, ["model.unpad=true"]).model.unpad is True
     assert load_config(recipe, ["model.unpad=false"]).model.unpad is False
+
+
+def test_encode_cli_unpadded_writes_the_padded_vectors(tiny_bert_path, tmp_path):
+    from twinfold.models import EmbeddingSet
+    from twinfold.models.encode import main
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": str(i), "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    for unpad in ("false", "true"):
+        assert main(["--model", str(tiny_bert_path), "--input", str(corpus), "--output",
+                     str(tmp_path / f"{unpad}.safetensors"), "--unpad", unpad, "--batch-size", "4", "--no-progress"]) == 0
+    padded, unpadded = (EmbeddingSet.load(tmp_path / f"{u}.safetensors") for u in ("false", "true"))
+    assert unpadded.ids == padded.ids
+    np.testing.assert_allclose(unpadded.embeddings, padded.embeddings, atol=1e-5)
