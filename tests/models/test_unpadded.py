@@ -176,8 +176,9 @@ def test_encode_cli_unpadded_writes_the_padded_vectors(tiny_bert_path, tmp_path)
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"_id": str(i), "text": t}) + "\n" for i, t in enumerate(TEXTS)))
     for unpad in ("false", "true"):
-        assert main(["--model", str(tiny_bert_path), "--input", str(corpus), "--output",
-                     str(tmp_path / f"{unpad}.safetensors"), "--unpad", unpad, "--batch-size", "4", "--no-progress"]) == 0
+        out = tmp_path / f"{unpad}.safetensors"
+        assert main(["--model", str(tiny_bert_path), "--input", str(corpus), "--output", str(out), "--unpad", unpad,
+                     "--batch-size", "4", "--no-progress"]) == 0
     padded, unpadded = (EmbeddingSet.load(tmp_path / f"{u}.safetensors") for u in ("false", "true"))
     assert unpadded.ids == padded.ids
     np.testing.assert_allclose(unpadded.embeddings, padded.embeddings, atol=1e-5)
