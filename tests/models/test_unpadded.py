@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.builders import assemble_texts
-from tests.models.test_families import save_family
+from tests.models.test_families import decoder_sizes, family_qwen3, save_family
 from twinfold.losses import InfoNCE, uncached_backward
 from twinfold.models import BiEncoder
 from twinfold.models.pooling import POOLING_MODES, pool
@@ -102,6 +102,22 @@ def test_minilm_embeddings_equal_padded_in_input_order(minilm_path):
 @pytest.mark.parametrize("name", ["xlmr", "qwen3"])  # positions from the padding index + 1; causal, GQA, left padding
 def test_family_embeddings_equal_padded(family_paths, name):
     assert_same_embeddings(*pair(family_paths[name]))
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
+def test_other_decoder_embeddings_equal_padded(name, tmp_path):
+    """Llama, Mistral (no sliding window) and Qwen2 as tiny decoders with the Qwen3 family's tokenizer."""
+    import transformers
+
+    _, tok, _, _ = family_qwen3(None)
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[name]
+    config = getattr(transformers, f"{prefix}Config")(vocab_size=len(tok), pad_token_id=0, eos_token_id=0,
+                                                      **decoder_sizes(), **({"sliding_window": None}
+                                                                            if name == "mistral" else {}))
+    torch.manual_seed(0)
+    getattr(transformers, f"{prefix}Model")(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert_same_embeddings(*pair(tmp_path, pooling="lasttoken"))
 
 
 def test_training_step_loss_and_gradients_equal_padded(tiny_bert_pair):
