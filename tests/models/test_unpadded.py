@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.builders import assemble_texts
+from tests.helpers import max_diff, records, run_train, weights
 from tests.models.test_families import decoder_sizes, family_qwen3, save_family
 from twinfold.losses import InfoNCE, uncached_backward
 from twinfold.models import BiEncoder
@@ -198,3 +199,14 @@ def test_encode_cli_unpadded_writes_the_padded_vectors(tiny_bert_path, tmp_path)
     padded, unpadded = (EmbeddingSet.load(tmp_path / f"{u}.safetensors") for u in ("false", "true"))
     assert unpadded.ids == padded.ids
     np.testing.assert_allclose(unpadded.embeddings, padded.embeddings, atol=1e-5)
+
+
+def test_a_run_with_model_unpad_true_trains_as_the_padded_run(tiny_bert_path, tmp_path):
+    """`python -m twinfold.train` end to end (2 steps, dropout 0): the same logged losses and final weights."""
+    steps = ("train.max_steps=2", "train.save_steps=100")
+    padded = run_train(tmp_path, "padded", *steps, tiny=tiny_bert_path)
+    unpadded = run_train(tmp_path, "unpadded", *steps, "model.unpad=true", tiny=tiny_bert_path)
+    losses = [[r["loss"] for r in records(out) if "loss" in r] for out in (padded, unpadded)]
+    assert len(losses[0]) == 2
+    np.testing.assert_allclose(losses[1], losses[0], atol=1e-5)
+    assert max_diff(weights(unpadded / "final"), weights(padded / "final")) < 1e-5
