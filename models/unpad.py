@@ -129,7 +129,7 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
                 for s, e in zip(bounds, bounds[1:])]
         return torch.cat(outs, dim=1), None
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, head_dim)
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (total, heads, head_dim)
     if kernel == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
