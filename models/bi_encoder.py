@@ -54,6 +54,7 @@ from twinfold.models.quantize import (
 from twinfold.models.resolve import describe_attempts, resolve_model_path
 from twinfold.models.runtime import attention_kernels, loader_settings, pad_multiple
 from twinfold.models.tokens import Padder, TextTokenizer, ends_with_eos
+from twinfold.models.unpad import check_setting, enable_unpadded, first_position, packs, unpack, varlen_kwargs
 
 log = logging.getLogger(__name__)
 TWINFOLD_FILE = "twinfold.json"
@@ -118,13 +119,15 @@ class BiEncoder(nn.Module):
     """A shared encoder for queries and documents: tokens -> pooled vector -> Dense head (optional) ->
     (optionally) unit length.
 
-    `max_length` lives here and only here: `tokenize`, `encode` and training all read it.
+    `max_length` lives here and only here: `tokenize`, `encode` and training all read it. `unpad` (auto, True,
+    False; see `models.unpad`): whether chunks of texts run packed into one row without padding.
     """
 
     def __init__(self, encoder: nn.Module, tokenizer, settings: EncoderSettings | None = None, info: dict | None = None,
-                 head: nn.Sequential | None = None, checkpoint_dtype: str | None = None):
+                 head: nn.Sequential | None = None, checkpoint_dtype: str | None = None, unpad: bool | str = False):
         super().__init__()
         self.encoder = encoder
+        self.unpad = enable_unpadded(encoder, unpad)
         # the dtype of the weights loaded (`models.families.DTYPES`): a training run exports in it
         self.checkpoint_dtype = checkpoint_dtype or str(encoder.dtype).removeprefix("torch.")
         self.head = head if head is not None else nn.Sequential()  # Dense layers after pooling (models.head)
@@ -152,6 +155,7 @@ class BiEncoder(nn.Module):
         dropout: float | None = None,
         dtype: str = "auto",
         attn_implementation: str = "sdpa",
+        unpad: bool | str = False,
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
     ) -> "BiEncoder":
@@ -159,12 +163,14 @@ class BiEncoder(nn.Module):
 
         Explicit arguments override what the folder stores. `dtype` (`models.families.DTYPES`): the weights' dtype,
         auto keeping the checkpoint's, as sentence-transformers does. `attn_implementation`: sdpa, flash_attention_2
-        or eager (sdpa runs eager on a model without an SDPA kernel). T5-like checkpoints load their encoder alone.
+        or eager (sdpa runs eager on a model without an SDPA kernel). `unpad`: run texts packed without padding
+        (`models.unpad`; auto: on CUDA). T5-like checkpoints load their encoder alone.
         Weights load from safetensors only unless `allow_pickle`; custom model code runs only with
         `trust_remote_code`.
         """
         from transformers import AutoConfig, AutoTokenizer
 
+        check_setting(unpad)
         path = resolve_model_path(name_or_path)
         adapter = Path(path) if is_adapter_folder(path) else None  # a LoRA adapter: the base's weights + its own
         if adapter is not None:
@@ -231,7 +237,7 @@ class BiEncoder(nn.Module):
                                      f"Dense layer's out_features {before.out_features}")
         check_eos(tokenizer, settings, path)
         # the head computes in the encoder's dtype, as sentence-transformers' does
-        model = cls(encoder, tokenizer, settings, info, head.to(encoder.dtype), stored_dtype)
+        model = cls(encoder, tokenizer, settings, info, head.to(encoder.dtype), stored_dtype, unpad)
         # ONNX compute runs the folder's files while the weights are those (not the base's files under an adapter)
         if adapter is None and (Path(path) / ONNX_DIR).is_dir():
             model.__dict__["_source"] = (Path(path), model._weights_digest())
@@ -295,21 +301,31 @@ class BiEncoder(nn.Module):
 
     @property
     def padder(self) -> Padder:
-        """Pads token ids into encoder inputs for this model's device (picklable, for DataLoader workers)."""
-        return Padder.for_tokenizer(self.tokenizer, pad_multiple(self.device), self.settings.max_length)
+        """Pads token ids into encoder inputs for this model's device, or packs them where it runs unpadded
+        (picklable, for DataLoader workers)."""
+        packed = packs(self.unpad, self.device)
+        return Padder.for_tokenizer(self.tokenizer, pad_multiple(self.device), self.settings.max_length, packed,
+                                    first_position(self.encoder.config) if packed else 0)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids -> pooled (and normalised) embeddings [batch, dim] (training goes through here)."""
-        return self.embed_tokens(input_ids, attention_mask, token_type_ids)
+        return self.embed_tokens(input_ids, attention_mask, token_type_ids, position_ids, cu_seq_lens)
 
     def embed_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The computation of `forward`. `encode` calls it directly, so a mixed-precision wrapper that an
-        Accelerator puts around `forward` for training never changes what `encode` computes."""
+                     token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                     cu_seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """The computation of `forward`, on padded inputs or packed ones (`Padder.pack`: `cu_seq_lens` given, a
+        row of texts without padding, `attention_mask` per text). `encode` calls it directly, so a mixed-precision
+        wrapper that an Accelerator puts around `forward` for training never changes what `encode` computes."""
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        if cu_seq_lens is not None:  # attention within each text; positions restart per text
+            kwargs.update(position_ids=position_ids, **varlen_kwargs(cu_seq_lens, attention_mask.shape[1]))
         with attention_kernels(input_ids.device):  # the backward runs the kernels the forward chose
-            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+            mask = None if cu_seq_lens is not None else attention_mask
+            hidden = self.encoder(input_ids=input_ids, attention_mask=mask, **kwargs).last_hidden_state
+        if cu_seq_lens is not None:
+            hidden = unpack(hidden, cu_seq_lens, attention_mask.shape[1])  # [texts, longest, dim]
         emb = self.head(pool(hidden, attention_mask, self.settings.pooling))
         return F.normalize(emb, dim=-1) if self.settings.normalize else emb
 
@@ -358,7 +374,8 @@ class BiEncoder(nn.Module):
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute == "bf16")
         tokenizer = self.text_tokenizer.with_prompt(check_kind(kind), self.prompt_text(prompt_name, prompt))
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        batches = TextBatches([texts[i] for i in order], kind, batch_size, tokenizer, self.padder)
+        padder = self.padder if runner is self else self.padder.padded()  # other computes take padded inputs
+        batches = TextBatches([texts[i] for i in order], kind, batch_size, tokenizer, padder)
         settings = loader_settings(device)
         loader = DataLoader(batches, batch_size=None, generator=torch.Generator(), **settings)  # global RNG untouched
         in_order = torch.empty(len(texts), self.dim, pin_memory=settings["pin_memory"])
@@ -419,7 +436,7 @@ class BiEncoder(nn.Module):
         if not has_lora(self.encoder):
             return self
         return BiEncoder(merged_encoder(self.encoder), self.tokenizer, self.settings, self.info, self.head,
-                         self.checkpoint_dtype)
+                         self.checkpoint_dtype, self.unpad)
 
     # --- export ---------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, info: dict | None = None, overwrite: bool = False,

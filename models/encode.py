@@ -4,6 +4,7 @@ keep it up to date.
     python -m twinfold.models.encode --model DIR --input FILE.jsonl [--field text] [--id-field _id]
         --output FILE.safetensors [--dim N] [--precision int8|binary] [--kind query|document]
         [--prompt NAME | --prompt-text TEXT] [--compute {float32,bf16,int8,onnx,onnx-int8}] [--format parquet]
+        [--unpad auto|true|false]
         [--overwrite]
     python -m twinfold.models.encode --model DIR --input FILE.jsonl --update EXISTING.safetensors [--output NEW]
     python -m twinfold.models.encode --model DIR --check FILE.safetensors
@@ -75,6 +76,7 @@ from twinfold.models.shards import (
     write_header,
     write_part,
 )
+from twinfold.models.unpad import UNPAD_HELP, cli_setting
 
 PART_ROWS = 10_000  # rows per part of a sharded dataset
 CALIBRATION_SAMPLE = 10_000  # int8 calibration rows drawn from a sharded dataset's input
@@ -343,6 +345,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.e
     p.add_argument("--compute", default="float32", choices=COMPUTES, help=COMPUTE_HELP)
     p.add_argument("--format", choices=FORMATS, help="file format (default: safetensors; with --update: the file's)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--unpad", choices=("auto", "true", "false"), default="false", help=UNPAD_HELP)
     p.add_argument("--part-rows", type=int, default=PART_ROWS, help="sharded dataset: input rows per part")
     p.add_argument("--calibration-sample", type=int, default=CALIBRATION_SAMPLE,
                    help="sharded dataset with int8: input rows drawn (seed 0) to calibrate on")
@@ -375,7 +378,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.models.e
                 raise ValueError(f"--update: {args.update} is not a twinfold embedding dataset (no manifest)")
         else:
             old = load_embeddings(args.check or args.update) if args.check or args.update else None
-        model = BiEncoder.from_pretrained(args.model, allow_pickle=args.allow_pickle)
+        model = BiEncoder.from_pretrained(args.model, allow_pickle=args.allow_pickle, unpad=cli_setting(args.unpad))
         if args.dim is not None and args.dim > model.dim and not (args.check or args.update):
             raise ValueError(f"--dim: {args.dim} is larger than the model's dimension {model.dim}")
         prompt = model.prompt_text(args.prompt_name, args.prompt)

@@ -48,7 +48,7 @@ def export_onnx(model, folder: str | Path, int8: bool = False) -> None:
     except ImportError as e:
         raise ImportError(f"ONNX export needs the onnx extra (pip install 'twinfold[onnx]'): {e}") from None
     encoder = float32_module(model.encoder)  # ONNX Runtime's CPU kernels are float32: half weights are upcast
-    sample = model.padder(model.token_ids(["an example", "a longer example text"]))  # batch 2: not specialised
+    sample = model.padder.padded()(model.token_ids(["an example", "a longer example text"]))  # batch 2: not specialised
     names = list(sample)
     axes = {0: torch.export.Dim("batch_size"), 1: torch.export.Dim("sequence_length")}
     external = sum(p.numel() * p.element_size() for p in encoder.parameters()) >= ONNX_SIZE_LIMIT

@@ -117,7 +117,8 @@ class TextTokenizer:
 
 @dataclass(frozen=True)
 class Padder:
-    """Pads lists of token ids into the tensors the encoder takes, as the tokenizer's own padding would.
+    """Pads lists of token ids into the tensors the encoder takes, as the tokenizer's own padding would; or, `packed`,
+    concatenates them into one row without padding (`models.unpad`).
 
     Small and picklable, so DataLoader workers can pad without the model.
     """
@@ -127,25 +128,52 @@ class Padder:
     token_type_ids: bool = True  # the encoder takes token_type_ids (all zero for one sequence)
     multiple: int = 1  # widths round up to a multiple of this (`models.runtime.pad_multiple`)...
     max_width: int | None = None  # ...but not past this (the model's max_length) unless the longest is longer
+    packed: bool = False  # one row of the texts without padding: each text costs its own tokens
+    first_position: int = 0  # packed: the position id of each text's first token (`models.unpad.first_position`)
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, multiple: int = 1, max_width: int | None = None) -> "Padder":
+    def for_tokenizer(cls, tokenizer, multiple: int = 1, max_width: int | None = None, packed: bool = False,
+                      first_position: int = 0) -> "Padder":
         return cls(int(tokenizer.pad_token_id or 0), tokenizer.padding_side == "left",
-                   "token_type_ids" in tokenizer.model_input_names, multiple, max_width)
+                   "token_type_ids" in tokenizer.model_input_names, multiple, max_width, packed, first_position)
+
+    def padded(self) -> "Padder":
+        """This padder padding, not packing (for encoders that take padded inputs only: ONNX, int8 copies)."""
+        return dataclasses.replace(self, packed=False, first_position=0)
 
     def width(self, longest: int) -> int:
-        """The padded width of a group whose longest text has `longest` tokens."""
+        """The padded width of a group whose longest text has `longest` tokens (packed: `longest`)."""
+        if self.packed:
+            return longest
         rounded = -(-longest // self.multiple) * self.multiple
         return max(longest, min(rounded, self.max_width)) if self.max_width else rounded
 
     def __call__(self, ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        if self.packed:
+            return self.pack(ids, lengths)
         width = self.width(int(lengths.max())) if len(ids) else 0
         positions = np.arange(width)
         mask = positions >= width - lengths[:, None] if self.left else positions < lengths[:, None]
         input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
         input_ids[mask] = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=int(lengths.sum()))
         out = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+        if self.token_type_ids:
+            out["token_type_ids"] = torch.zeros_like(out["input_ids"])
+        return out
+
+    def pack(self, ids: Sequence[Sequence[int]], lengths: np.ndarray) -> dict[str, torch.Tensor]:
+        """The texts in one row [1, total] in their order: ids, positions restarting at `first_position` per text,
+        token types (zero: one segment a text), `cu_seq_lens` [texts + 1] (int32, where each text starts, then the
+        total) and `attention_mask` [texts, longest], each text's tokens from the left: what pooling reads."""
+        total = int(lengths.sum())
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        input_ids = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=total)
+        positions = np.arange(total) - np.repeat(starts[:-1], lengths) + self.first_position
+        mask = np.arange(int(lengths.max()) if len(ids) else 0) < lengths[:, None]
+        out = {"input_ids": torch.from_numpy(input_ids)[None], "position_ids": torch.from_numpy(positions)[None],
+               "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+               "cu_seq_lens": torch.from_numpy(starts.astype(np.int32))}
         if self.token_type_ids:
             out["token_type_ids"] = torch.zeros_like(out["input_ids"])
         return out
@@ -172,16 +200,24 @@ def eos_appending_copy(tokenizer):
     return tokenizer
 
 
-def length_chunks(sorted_lengths: Sequence[int], token_budget: int, max_texts: int | None = None) -> list[int]:
-    """Sizes of consecutive chunks of texts sorted longest first, each padded to its first (longest) text.
+def length_chunks(sorted_lengths: Sequence[int], token_budget: int, max_texts: int | None = None,
+                  packed: bool = False) -> list[int]:
+    """Sizes of consecutive chunks of texts sorted longest first, each padded to its first (longest) text, or
+    `packed` (no padding).
 
-    A chunk grows while (texts x its longest) stays within `token_budget` and it holds at most `max_texts`
-    texts; a text longer than the budget gets a chunk of its own. The sizes sum to the number of texts.
+    A chunk grows while its tokens (texts x its longest; packed: the sum of its texts' lengths) stay within
+    `token_budget` and it holds at most `max_texts` texts; a text longer than the budget gets a chunk of its own.
+    The sizes sum to the number of texts.
     """
     sizes, start, n = [], 0, len(sorted_lengths)
+    cumulative = np.cumsum(np.maximum(1, np.asarray(sorted_lengths, dtype=np.int64)))
     while start < n:
-        longest = max(1, int(sorted_lengths[start]))
-        size = max(1, min(n - start, token_budget // longest, max_texts or n))
+        if packed:
+            before = int(cumulative[start - 1]) if start else 0
+            fits = int(np.searchsorted(cumulative, before + token_budget, side="right")) - start
+        else:
+            fits = token_budget // max(1, int(sorted_lengths[start]))
+        size = max(1, min(n - start, fits, max_texts or n))
         sizes.append(size)
         start += size
     return sizes

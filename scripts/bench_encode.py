@@ -2,7 +2,7 @@
 sentence-transformers on the same documents.
 
     python scripts/bench_encode.py [--docs 1024] [--batch-size 32] [--rounds 2] [--max-length 256]
-        [--device cpu|cuda] [--model PATH]
+        [--device cpu|cuda] [--model PATH] [--unpad]
     python scripts/bench_encode.py --scale [--scale-docs 100000,1000000] [--minilm-docs 100000]
         [--processes 1,2] [--max-length 32]
 
@@ -11,7 +11,9 @@ with the same model (all-MiniLM-L6-v2 unless `--model`) at max_length 256 and th
 sentence-transformers with `SentenceTransformer.encode` (on a GPU also with its weights in bf16); twinfold with
 `BiEncoder.encode` as its CLIs run it (`models.runtime` allocator setting on), in float32, with `compute="int8"`,
 `"onnx"` and `"onnx-int8"` on the CPU (ONNX Runtime on the files of `models.export --onnx-int8`, exported once
-before the rounds), and with `compute="bf16"` on a GPU or a CPU with bf16 units. Each round runs each side in a fresh
+before the rounds), and with `compute="bf16"` on a GPU or a CPU with bf16 units; with `--unpad` also unpadded
+(`models.unpad`: bf16 on a GPU, float32 on the CPU's reference kernel) and, on a GPU with flash-attn,
+sentence-transformers with flash_attention_2 (its `unpad_inputs` path). Each round runs each side in a fresh
 process (the order rotates): load, warm up on 64 other documents, time the encoding (waiting for the device at
 the end). The table gives the median docs/s, peak memory (GPU: allocated; CPU: RSS), the ratio to
 sentence-transformers (float32), the share of the machine's matmul rate (fp32; bf16 for bf16 sides) that the
@@ -57,18 +59,27 @@ from benchlib import (  # noqa: E402
 )
 
 ALL_SIDES = ("sentence-transformers", "sentence-transformers bf16", "twinfold", "twinfold int8", "twinfold onnx",
-             "twinfold onnx-int8", "twinfold bf16")
-EXACT_SIDES = ("twinfold", "twinfold onnx")  # float32 sides: within 1e-4 of sentence-transformers
+             "twinfold onnx-int8", "twinfold bf16", "twinfold unpadded", "twinfold bf16 unpadded",
+             "sentence-transformers bf16 flash")
+EXACT_SIDES = ("twinfold", "twinfold onnx", "twinfold unpadded")  # float32 sides: within 1e-4 of sentence-transformers
 
 
-def sides(device: str) -> tuple[str, ...]:
-    """What runs on this device: int8 and ONNX Runtime compute on CPUs, bf16 on GPUs and CPUs with bf16 units."""
+def sides(device: str, unpad: bool = False) -> tuple[str, ...]:
+    """What runs on this device: int8 and ONNX Runtime compute on CPUs, bf16 on GPUs and CPUs with bf16 units;
+    with `unpad`, twinfold unpadded (bf16 on a GPU, where varlen kernels run half precision; float32 on the CPU's
+    reference kernel) and, where flash-attn is installed, sentence-transformers with flash_attention_2 (its
+    `unpad_inputs` path)."""
+    import importlib.util
+
     from twinfold.models.runtime import cpu_has_bf16
 
     if device == "cuda":
-        return "sentence-transformers", "sentence-transformers bf16", "twinfold", "twinfold bf16"
+        unpadded = ("twinfold bf16 unpadded",) + (
+            ("sentence-transformers bf16 flash",) if importlib.util.find_spec("flash_attn") else ())
+        return ("sentence-transformers", "sentence-transformers bf16", "twinfold", "twinfold bf16") + (
+            unpadded if unpad else ())
     return ("sentence-transformers", "twinfold", "twinfold int8", "twinfold onnx", "twinfold onnx-int8") + (
-        ("twinfold bf16",) if cpu_has_bf16() else ())
+        ("twinfold bf16",) if cpu_has_bf16() else ()) + (("twinfold unpadded",) if unpad else ())
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,6 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="model folder or name")
+    parser.add_argument("--unpad", action="store_true", help="also the unpadded sides (models.unpad)")
     parser.add_argument("--scale", action="store_true", help="sharded encoding of synthetic documents at scale")
     parser.add_argument("--scale-docs", type=lambda v: [int(x) for x in v.split(",")], default=[100_000],
                         help="--scale: corpus sizes, e.g. 100000,1000000")
@@ -112,9 +124,10 @@ def child(args) -> dict:
     if args.child.startswith("sentence-transformers"):
         from sentence_transformers import SentenceTransformer
 
-        model = SentenceTransformer(str(resolve_model_path(args.model)), device=args.device)
+        flash = {"attn_implementation": "flash_attention_2", "dtype": torch.bfloat16} if "flash" in args.child else {}
+        model = SentenceTransformer(str(resolve_model_path(args.model)), device=args.device, model_kwargs=flash)
         model.max_seq_length = args.max_length
-        if args.child.endswith("bf16"):
+        if "bf16" in args.child:
             model.to(torch.bfloat16)
 
         def encode(texts):
@@ -124,8 +137,10 @@ def child(args) -> dict:
         from twinfold.models.runtime import keep_freed_memory
 
         keep_freed_memory()
-        model = BiEncoder.from_pretrained(args.model, max_length=args.max_length).to(args.device)
-        compute = args.child.split()[-1] if " " in args.child else "float32"
+        words = args.child.split()[1:]
+        model = BiEncoder.from_pretrained(args.model, max_length=args.max_length, unpad="unpadded" in words)
+        model = model.to(args.device)
+        compute = next((w for w in words if w != "unpadded"), "float32")
 
         def encode(texts):
             return model.encode(texts, args.batch_size, kind="document", compute=compute)
@@ -269,8 +284,8 @@ def main(argv=None) -> int:
         return 0
     _, docs = sample(args)
     flops, lengths = encoder_flops(docs, args.max_length, training=False, model=args.model)
-    order = sides(args.device)
-    dtypes = ("float32", "bfloat16") if any(side.endswith("bf16") for side in order) else ("float32",)
+    order = sides(args.device, args.unpad)
+    dtypes = ("float32", "bfloat16") if any("bf16" in side for side in order) else ("float32",)
     rates = {dtype: matmul_rate(args.device, dtype) for dtype in dtypes}  # measured again at the end
     print(f"machine: {machine()}; measured matmul rate (TFLOP/s) "
           f"{', '.join(f'{d} {r / 1e12:.3f}' for d, r in rates.items())}\n"
@@ -306,7 +321,7 @@ def main(argv=None) -> int:
           "| max abs diff to ST | lowest cosine to ST |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for side, rs in runs.items():
-        rate = rates["bfloat16" if side.endswith("bf16") else "float32"]
+        rate = rates["bfloat16" if "bf16" in side else "float32"]
         cells = rate_cells(len(docs), [r["seconds"] for r in rs], [r["peak"] for r in rs], flops, rate, speed)
         cosine = np.sum(embeddings[side] * reference, axis=1) / (
             np.linalg.norm(embeddings[side], axis=1) * np.linalg.norm(reference, axis=1))

@@ -5,7 +5,9 @@ against sentence-transformers on the same device, each table written to `--out`.
 
 Training: all-MiniLM-L6-v2 at batch 32, 256 (cached, mini-batch 64) and 256; a BERT-base-size encoder (12 layers,
 hidden 768, random weights with MiniLM's tokenizer, built here) at batch 128 and 1024 (cached, mini-batch 128).
-Encoding: the SciFact corpus with all-MiniLM-L6-v2. Each training side's operators in one profiled step go to
+Encoding: the SciFact corpus with all-MiniLM-L6-v2. MiniLM at batch 256 uncached, BERT-base at batch 128 and the
+encoding also run unpadded (`--unpad`: twinfold's `model.unpad`, and sentence-transformers with flash_attention_2
+where flash-attn is installed). Each training side's operators in one profiled step go to
 `profile.md`. `--tiny` runs every configuration at toy sizes (a CPU check that
 the script works before the one GPU call).
 """
@@ -43,14 +45,16 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     base = bert_base(args.out / "bert-base", args.tiny)
     minilm = "sentence-transformers/all-MiniLM-L6-v2"
-    train = [(minilm, 32, 0), (minilm, 256, 64), (minilm, 256, 0), (str(base), 128, 0), (str(base), 1024, 128)]
+    # (model, batch, mini-batch, unpadded sides too)
+    train = [(minilm, 32, 0, False), (minilm, 256, 64, False), (minilm, 256, 0, True), (str(base), 128, 0, True),
+             (str(base), 1024, 128, False)]
     steps, rounds, length = ("1", "1", "32") if args.tiny else ("5", str(args.rounds), "256")
     runs = [("train", ["--model", model, "--batch-size", str(b // 16 if args.tiny else b),
                        "--mini-batch-size", str(m // 16 if args.tiny else m), "--steps", steps, "--rounds", rounds,
-                       "--profile", str(args.out / "profile.md")])
-            for model, b, m in train]
+                       "--profile", str(args.out / "profile.md"), *(["--unpad"] if unpad else [])])
+            for model, b, m, unpad in train]
     runs.append(("encode", ["--docs", "16" if args.tiny else "5183", "--batch-size", "32" if args.tiny else "256",
-                            "--rounds", rounds]))
+                            "--rounds", rounds, "--unpad"]))
     failed = 0
     for i, (kind, flags) in enumerate(runs):
         command = [sys.executable, str(SCRIPTS / f"bench_{kind}.py"), "--device", args.device, "--max-length",

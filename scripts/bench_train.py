@@ -2,7 +2,7 @@
 
     python scripts/bench_train.py [--batch-size 32] [--mini-batch-size N] [--steps 3] [--rounds 3]
         [--device cpu|cuda] [--model PATH] [--mixed-precision no|bf16] [--lora R] [--dtype float32|bfloat16]
-        [--quantization binary|int8|binary,int8]
+        [--quantization binary|int8|binary,int8] [--unpad]
 
 Both sides fine-tune the same model (all-MiniLM-L6-v2 unless `--model` names a folder, e.g. a BERT-base-size
 one; max_length 256) on the same SciFact train batches with in-batch InfoNCE at temperature 0.05
@@ -35,8 +35,13 @@ sides (twinfold's `model.dtype`, sentence-transformers' `model_kwargs`).
 `--quantization binary` (or `int8`, `binary,int8`) adds a third side: twinfold with those quantization-aware
 terms at weight 1 (`loss.quantization`), timed in the same rounds; its loss is not part of the check (the terms
 add to it), and its ratio to plain twinfold is what the terms cost.
+
+`--unpad` adds twinfold unpadded (`model.unpad: true`, `models.unpad`: each chunk's texts in one row without
+padding, the token budget counting real tokens) and, on a GPU with flash-attn, sentence-transformers loaded with
+`attn_implementation="flash_attention_2"` (its `unpad_inputs` path); both are part of the loss check.
 """
 import argparse
+import importlib.util
 import json
 import random
 import sys
@@ -64,6 +69,7 @@ DIMS = [384, 256, 128, 64]
 TEMPERATURE, LR, WEIGHT_DECAY, MAX_GRAD_NORM = 0.05, 3e-5, 0.01, 1.0
 SIDES = ("sentence-transformers", "twinfold")
 QUANTIZED = "twinfold + quantization terms"
+UNPADDED = ("twinfold, unpadded", "sentence-transformers, flash_attention_2")  # --unpad; the second with flash-attn
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,7 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--chunk-tokens", type=int, help="twinfold's train.chunk_tokens (default: the device's)")
     parser.add_argument("--profile", type=Path, help="write a torch.profiler table of one more step per side here")
     parser.add_argument("--quantization", help="also time twinfold with these terms: binary, int8 or binary,int8")
-    parser.add_argument("--child", choices=(*SIDES, QUANTIZED), help=argparse.SUPPRESS)
+    parser.add_argument("--unpad", action="store_true", help="also twinfold unpadded (model.unpad: true) and, where "
+                        "flash-attn is installed, sentence-transformers with flash_attention_2")
+    parser.add_argument("--child", choices=(*SIDES, QUANTIZED, *UNPADDED), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.mixed_precision = args.mixed_precision or ("bf16" if args.device == "cuda" else "no")
     return args
@@ -140,6 +148,8 @@ def twinfold_step(args):
                  f"train.output_dir={tempfile.mkdtemp(prefix='bench-train-')}"]
     if args.lora:
         overrides.append(f"model.lora={{r: {args.lora}, alpha: {2 * args.lora}}}")
+    if args.child == UNPADDED[0]:
+        overrides.append("model.unpad=true")
     if args.child == QUANTIZED:
         overrides.append(f"loss.quantization={{{', '.join(f'{q}: 1.0' for q in args.quantization.split(','))}}}")
     cfg = load_config(REPO / "configs" / "scifact.yaml", overrides)
@@ -178,8 +188,9 @@ def st_step(args):
 
     from twinfold.models import resolve_model_path
 
+    flash = {"attn_implementation": "flash_attention_2"} if args.child == UNPADDED[1] else {}
     model = SentenceTransformer(str(resolve_model_path(args.model)), device=args.device,
-                                model_kwargs={"dtype": getattr(torch, args.dtype)})
+                                model_kwargs={"dtype": getattr(torch, args.dtype), **flash})
     model.max_seq_length = args.max_length
     if args.lora:  # peft on its Transformer module (its add_adapter needs a newer peft than PyPI has)
         from peft import LoraConfig, get_peft_model
@@ -222,7 +233,7 @@ def st_step(args):
 def child(args) -> dict:
     import torch
 
-    model, step = (st_step if args.child == SIDES[0] else twinfold_step)(args)
+    model, step = (st_step if args.child.startswith(SIDES[0]) else twinfold_step)(args)
     loaded_rss = current_rss()
     model.eval()  # the check: no dropout, so both sides compute the same function
     check = [float(step()) for _ in range(2)]  # B's loss is taken after the update on A
@@ -276,7 +287,9 @@ def main(argv=None) -> int:
           f"{f', quantization terms {args.quantization}' if args.quantization else ''}, "
           f"{args.steps} timed steps x {args.rounds} rounds per side", flush=True)
 
-    sides = (*SIDES, QUANTIZED) if args.quantization else SIDES
+    flash = importlib.util.find_spec("flash_attn") is not None and args.device == "cuda"
+    sides = (*SIDES, *((QUANTIZED,) if args.quantization else ()),
+             *((UNPADDED if flash else UNPADDED[:1]) if args.unpad else ()))
     runs = {side: [] for side in sides}
     for r in range(args.rounds):
         for side in sides if r % 2 == 0 else sides[::-1]:
@@ -286,6 +299,7 @@ def main(argv=None) -> int:
                      "--mixed-precision", args.mixed_precision, "--lora", str(args.lora), "--dtype", args.dtype,
                      *(["--chunk-tokens", str(args.chunk_tokens)] if args.chunk_tokens else []),
                      *(["--quantization", args.quantization] if args.quantization else []),
+                     *(["--unpad"] if args.unpad else []),
                      *(["--profile", str(args.profile)] if args.profile else [])]
             result = run_child(__file__, flags)
             runs[side].append(result)
@@ -294,11 +308,12 @@ def main(argv=None) -> int:
 
     rate = max(rate, matmul_rate(args.device, dtype))
     print(f"{dtype} matmul rate (best of the start and the end): {rate / 1e12:.3f} TFLOP/s")
-    diff = max(abs(a - b) for run_st, run_tf in zip(runs[SIDES[0]], runs[SIDES[1]])
-               for a, b in zip(run_st["check"], run_tf["check"]))
-    print(f"\nloss check (dropout off; update on A, then on B): sentence-transformers "
-          f"{', '.join(f'{x:.6f}' for x in runs[SIDES[0]][0]['check'])}; twinfold "
-          f"{', '.join(f'{x:.6f}' for x in runs[SIDES[1]][0]['check'])}; largest difference {diff:.1e}")
+    checked = [side for side in sides if side != QUANTIZED]  # every side but the terms' computes the same loss
+    diff = max(abs(a - b) for side in checked[1:] for run_st, run_side in zip(runs[SIDES[0]], runs[side])
+               for a, b in zip(run_st["check"], run_side["check"]))
+    print(f"\nloss check (dropout off; update on A, then on B): "
+          f"{'; '.join(side + ' ' + ', '.join(f'{x:.6f}' for x in runs[side][0]['check']) for side in checked)}; "
+          f"largest difference {diff:.1e}")
     items = args.steps * args.batch_size
     reference = median([items / r["seconds"] for r in runs[SIDES[0]]])
     memory = "peak GPU memory (GB)" if args.device == "cuda" else "peak RSS (GB)"

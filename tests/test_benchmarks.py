@@ -17,10 +17,10 @@ def run_script(name: str, *args: str, data_dir: Path) -> str:
 
 def test_bench_train_matches_sentence_transformers_losses(data_dir):
     out = run_script("bench_train.py", "--batch-size", "4", "--max-length", "32", "--steps", "1", "--rounds", "1",
-                     "--quantization", "binary,int8", data_dir=data_dir)
+                     "--quantization", "binary,int8", "--unpad", data_dir=data_dir)
     check = next(line for line in out.splitlines() if line.startswith("loss check"))
-    assert float(check.rsplit(" ", 1)[1]) <= 1e-5
-    assert "| twinfold |" in out and "| sentence-transformers |" in out
+    assert float(check.rsplit(" ", 1)[1]) <= 1e-5  # unpadded twinfold's losses too
+    assert "| twinfold |" in out and "| sentence-transformers |" in out and "| twinfold, unpadded |" in out
     assert "| twinfold + quantization terms |" in out and "quantization terms (binary,int8): " in out
 
 
@@ -33,13 +33,14 @@ def test_bench_train_cached_mode_with_lora_matches_sentence_transformers_with_pe
 
 
 def test_bench_encode_gives_sentence_transformers_embeddings(data_dir):
-    out = run_script("bench_encode.py", "--docs", "8", "--max-length", "32", "--rounds", "1", data_dir=data_dir)
+    out = run_script("bench_encode.py", "--docs", "8", "--max-length", "32", "--rounds", "1", "--unpad",
+                     data_dir=data_dir)
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| twinfold")}
-    expected = {"twinfold", "twinfold int8", "twinfold onnx", "twinfold onnx-int8"}
+    expected = {"twinfold", "twinfold int8", "twinfold onnx", "twinfold onnx-int8", "twinfold unpadded"}
     if cpu_has_bf16():  # a CPU with bf16 units also runs the bf16 side
         expected.add("twinfold bf16")
     assert set(rows) == expected
-    for side in ("twinfold", "twinfold onnx"):  # max abs diff to sentence-transformers' float32 embeddings
+    for side in ("twinfold", "twinfold onnx", "twinfold unpadded"):  # max abs diff to sentence-transformers' float32
         assert float(rows[side].split("|")[-3]) <= 1e-4
 
 

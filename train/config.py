@@ -30,6 +30,7 @@ from twinfold.models.lora import LoraSettings
 from twinfold.models.pooling import POOLING_MODES
 from twinfold.models.quantize import COMPUTES, PRECISIONS
 from twinfold.models.search import RESCORE_MULTIPLIER
+from twinfold.models.unpad import SETTINGS as UNPAD_SETTINGS
 from twinfold.train.eval.bm25 import settings_from
 from twinfold.train.eval.metrics import DEFAULT_K_VALUES, METRICS, metric_names
 
@@ -58,6 +59,8 @@ class ModelConfig:
     # bfloat16: the weights and AdamW's moments in bf16 (less memory, less exact); see docs/models.md
     dtype: str = "auto"
     attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 (needs flash-attn) | eager
+    # auto: texts packed without padding on CUDA (varlen attention, models.unpad); true: also on the CPU; false: padded
+    unpad: bool | str = False
     lora: LoraSettings | None = None  # set (e.g. {r: 16}): train a LoRA adapter only (models.lora)
 
 
@@ -209,6 +212,7 @@ _CHOICES = {"data.mixing": ("proportional", "round_robin"), "train.scheduler": (
             "train.mixed_precision": (None, "no", "bf16", "fp16"), "model.pooling": (None, *POOLING_MODES),
             "model.similarity": (None, *SIMILARITIES), "eval.compute": COMPUTES, "model.dtype": DTYPES,
             "model.attn_implementation": ATTN_IMPLEMENTATIONS,
+            "model.unpad": UNPAD_SETTINGS,
             "log.wandb_mode": (None, "online", "offline", "disabled"), "eval.bm25_preset": ("bm25s", "anserini"),
             "loss.kind": ("infonce", *DISTILLATION_KINDS)}
 
@@ -345,7 +349,8 @@ def validate(c: Config) -> None:
         section, name = key.split(".")
         value = getattr(getattr(c, section), name)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(str(x) for x in choices)}")
+            names = (str(x).lower() if isinstance(x, bool) else str(x) for x in choices)  # as YAML writes them
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(names)}")
     t, loss = c.train, c.loss
     if t.batch_size < 2:
         raise ConfigError(f"train.batch_size: {t.batch_size}; in-batch negatives need at least 2 pairs a batch")
@@ -601,7 +606,12 @@ def _coerce(value, hint, key: str):
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        for alternative in inner[:-1]:  # e.g. `bool | str`: the first of the types the value is
+            try:
+                return _coerce(value, alternative, key)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], key)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key)
     if origin is list:

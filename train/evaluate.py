@@ -40,6 +40,7 @@ from twinfold.models.quantize import (
 from twinfold.models.runtime import keep_freed_memory
 from twinfold.models.search import RESCORE_MULTIPLIER, binary_search, exact_search, int8_search, search_parts
 from twinfold.models.shards import ShardedEmbeddings, embedding_parts, load_embeddings
+from twinfold.models.unpad import UNPAD_HELP, cli_setting
 from twinfold.train.eval.beir import BeirData, load_beir
 from twinfold.train.eval.bm25 import PRESETS, BM25Index, BM25Settings, settings_from
 from twinfold.train.eval.metrics import DEFAULT_K_VALUES, evaluate_run, spearman, write_trec_run
@@ -347,6 +348,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.ev
     p.add_argument("--sts", type=Path, help="TSV of sentence1, sentence2, score: adds Spearman to float32 rows")
     p.add_argument("--out", type=Path, help="write report.json, report.md, ndcg_vs_dim.png and TREC runs here")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--unpad", choices=("auto", "true", "false"), default="false", help=UNPAD_HELP)
     p.add_argument("--rescore-multiplier", type=int, default=RESCORE_MULTIPLIER,
                    help="binary: candidates per result to rescore")
     p.add_argument("--ignore-identical-ids", action="store_true", help="skip hits whose id is the query's id")
@@ -391,7 +393,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.ev
         stored = load_embeddings(args.corpus_embeddings) if args.corpus_embeddings else None
         rows = []
         for name in args.model:
-            model = BiEncoder.from_pretrained(name, allow_pickle=args.allow_pickle)
+            model = BiEncoder.from_pretrained(name, allow_pickle=args.allow_pickle, unpad=cli_setting(args.unpad))
             rows += evaluator.score_stored(model, stored, name) if stored else evaluator(model, name)
         if args.bm25:
             rows += evaluator.bm25_rows()

@@ -45,7 +45,7 @@ def build_model(cfg: Config) -> BiEncoder:
     model = BiEncoder.from_pretrained(
         m.name_or_path, pooling=m.pooling, normalize=m.normalize, similarity=m.similarity, max_length=m.max_length,
         dropout=m.dropout, query_prefix=m.query_prefix, document_prefix=m.document_prefix, append_eos=m.append_eos,
-        dtype="float32" if m.dtype == "auto" else m.dtype, attn_implementation=m.attn_implementation,
+        dtype="float32" if m.dtype == "auto" else m.dtype, attn_implementation=m.attn_implementation, unpad=m.unpad,
         allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code,
     )
     for key, dims in (("loss.matryoshka_dims", cfg.loss.matryoshka_dims), ("eval.dims", cfg.eval.dims or [])):

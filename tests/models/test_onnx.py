@@ -69,6 +69,15 @@ def test_onnx_compute_gives_the_pytorch_embeddings(exported, kind):
     assert len({model.fingerprint(c) for c in ("float32", "onnx", "onnx-int8")}) == 3
 
 
+def test_onnx_compute_of_an_unpadded_model_feeds_the_file_padded_inputs(exported):
+    """A model that packs its texts (`unpad=True`) still gives ONNX Runtime the padded inputs its file takes."""
+    unpadded = BiEncoder.from_pretrained(exported, unpad=True)
+    assert unpadded.padder.packed
+    np.testing.assert_allclose(unpadded.encode(TEXTS, batch_size=2, compute="onnx"),
+                               BiEncoder.from_pretrained(exported).encode(TEXTS, batch_size=2, compute="onnx"),
+                               atol=1e-6)
+
+
 def test_onnx_compute_runs_the_folders_file_and_exports_again_once_the_weights_change(exported, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(exported, folder)

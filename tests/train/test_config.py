@@ -56,6 +56,7 @@ def test_environment_variables_expand(tmp_path, pairs, monkeypatch):
     ("loss.matryoshka_dims=[128,128]", "distinct"),
     ("loss.matryoshka_weights=[1]", "loss.matryoshka_weights: weights: 1 for dims"),
     ("train.scheduler=step", "train.scheduler: 'step' is not one of linear, cosine"),
+    ("model.unpad=sometimes", "model.unpad: 'sometimes' is not one of auto, true, false"),
     ("eval.data=/no/such/beir", "eval.data: /no/such/beir is not a folder"),
     ("lr=1", "write it as section.key=value"),
 ])

@@ -1,5 +1,5 @@
 """What a training step consumes: this process's slice of a global batch, per role sorted by token length and cut
-into padded chunks by a token budget, ready before the device needs it.
+into chunks by a token budget (padded, or packed without padding), ready before the device needs it.
 
 One mechanism for every device: the device only decides the sizes (`models.runtime.default_token_budget`,
 `loader_settings`). A `torch.utils.data.DataLoader` runs `StepBatches` in worker processes on GPUs (pinned memory,
@@ -22,7 +22,8 @@ def assemble(tokens: dict[str, tuple[list[list[int]], list[int]]], padder: Padde
 
     Per role: `order[role][k]` is the batch position of the k-th text longest first; `chunks[role]` are
     consecutive pieces of that sorted list (see `models.tokens.length_chunks`), each padded to its longest
-    (rounded up as the padder rounds).
+    (rounded up as the padder rounds), or packed into one row where the padder packs (the budget then counts
+    real tokens).
     """
     out = {"order": {}, "chunks": {}, "keys": {}}
     for role, (ids, keys) in tokens.items():
@@ -31,7 +32,7 @@ def assemble(tokens: dict[str, tuple[list[list[int]], list[int]]], padder: Padde
         sorted_ids = [ids[i] for i in order.tolist()]
         chunks, start = [], 0
         widths = [padder.width(n) for n in lengths[order].tolist()]  # what each text costs, padding included
-        for size in length_chunks(widths, token_budget, max_texts):
+        for size in length_chunks(widths, token_budget, max_texts, padder.packed):
             chunks.append(padder(sorted_ids[start:start + size]))
             start += size
         out["order"][role], out["chunks"][role] = order, chunks
