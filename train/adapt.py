@@ -14,10 +14,11 @@ Every step writes into DIR and is reused when the command runs again with the sa
 3. `scored.jsonl`: the teacher's scores of each (query, positive) and (query, negative) (`score`);
 4. `recipe.yaml` and `run/`: a training recipe on the scored file, with `loss.kind: margin_mse`, trained and
    evaluated like any run (`train.resume: true`, so a killed run goes on from its last checkpoint).
-The recipe starts from `--recipe` (its model, schedule and evaluation) or from twinfold's defaults (batch 32, one
-epoch, lr 2e-5); its data is the scored file, its output `DIR/run`; overrides apply last. With a cross-encoder
-teacher `loss.teacher_temperature` is 1 (its logits as they are) unless the recipe sets it. `--prepare-only` stops
-before training and prints the command that trains the recipe (`accelerate launch` for several processes).
+The recipe starts from `--recipe` (its model, schedule, seed and evaluation) or from twinfold's defaults (batch 32,
+one epoch, lr 2e-5, `--seed`); its data is the scored file, its output `DIR/run`; overrides apply last. With a
+cross-encoder teacher `loss.teacher_temperature` is 1 (its logits as they are) unless the recipe sets it.
+`--prepare-only` stops before training and prints the command that trains the recipe (`accelerate launch` for
+several processes).
 DIR is the command's own: a folder holding anything else is refused.
 """
 import argparse
@@ -115,7 +116,8 @@ def recipe(args, out: Path, scored: Path, kind: str) -> dict:
     train = sections["train"]
     if not args.recipe:
         train.update(batch_size=32, epochs=1, lr=2e-5, warmup_ratio=0.1)
-    train.update(output_dir=str((out / "run").resolve()), resume=True, seed=args.seed)
+    train.update(output_dir=str((out / "run").resolve()), resume=True)
+    train.setdefault("seed", args.seed)
     if args.eval:
         sections["eval"].update(data=str(args.eval), split=args.eval_split)
     return {**cfg, **{k: v for k, v in sections.items() if v}}
