@@ -171,3 +171,22 @@ def test_adapt_refuses_a_folder_it_did_not_write_and_a_generator_that_is_not_one
     assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
     assert adapt([*base, "--generator", str(tiny_bert_path), "--out", str(tmp_path / "new")]) == 2
     assert "not a generation model" in capsys.readouterr().err
+
+
+def test_prepare_only_starts_from_a_recipe_and_prints_the_training_command(t5_generator, cross_encoder_path,
+                                                                           tiny_bert_path, corpus, tmp_path, capsys):
+    from twinfold.train.config import load_config
+
+    recipe = tmp_path / "base.yaml"
+    recipe.write_text(f"model:\n  name_or_path: {tiny_bert_path}\n  max_length: 32\nloss:\n  kind: kl\n"
+                      "train:\n  seed: 7\n  lr: 1.0e-4\n")
+    out = tmp_path / "adapt"
+    assert adapt(["--corpus", str(corpus), "--generator", str(t5_generator), "--teacher", str(cross_encoder_path),
+                  "--recipe", str(recipe), "--out", str(out), "--max-new-tokens", "4", "--prepare-only",
+                  "train.epochs=2"]) == 0
+    assert f"accelerate launch -m twinfold.train {out / 'recipe.yaml'} train.epochs=2" in capsys.readouterr().out
+    cfg = load_config(out / "recipe.yaml", ["train.epochs=2"])
+    assert (cfg.model.name_or_path, cfg.model.max_length, cfg.loss.kind, cfg.loss.teacher_temperature) == \
+        (str(tiny_bert_path), 32, "kl", 1.0)
+    assert (cfg.train.seed, cfg.train.lr, cfg.train.epochs, cfg.train.resume) == (7, 1e-4, 2, True)
+    assert cfg.data.train[0].path == str((out / "scored.jsonl").resolve()) and not (out / "run").exists()
