@@ -4,7 +4,7 @@ sentence-transformers on the same documents.
     python scripts/bench_encode.py [--docs 1024] [--batch-size 32] [--rounds 2] [--max-length 256]
         [--device cpu|cuda] [--model PATH] [--unpad]
     python scripts/bench_encode.py --scale [--scale-docs 100000,1000000] [--minilm-docs 100000]
-        [--processes 1,2] [--max-length 32]
+        [--processes 1,2] [--threads-per-process N] [--max-length 32]
 
 Every side embeds the same seeded sample of SciFact corpus documents (title + text, as BEIR builds them)
 with the same model (all-MiniLM-L6-v2 unless `--model`) at max_length 256 and the same batch size:
@@ -25,10 +25,10 @@ unpadded tokens' FLOPs reach, and how far each side's embeddings are from senten
 input as a stream, encode, write the parts and the manifest) on seeded synthetic documents of 8-60 words written to
 a JSONL file, with a tiny random BERT (2 layers, hidden 128, MiniLM's tokenizer) and all-MiniLM-L6-v2 (up to
 `--minilm-docs` documents), both at `--max-length` (32), in 1 and 2 processes (`accelerate launch`, each process
-with its share of the cores). Each row gives documents/s over the command's wall time and the peak RSS of its largest
-process; for all-MiniLM-L6-v2, sentence-transformers' `encode` on the same documents (read into memory first, as it
-needs them; alone and with its multi-process pool of one process per core) in a fresh process too, and whether its
-vectors equal twinfold's (max |difference| <= 1e-5).
+with its share of the cores, or `--threads-per-process` torch threads). Each row gives documents/s over the
+command's wall time and the peak RSS of its largest process; for all-MiniLM-L6-v2, sentence-transformers' `encode`
+on the same documents (read into memory first, as it needs them; alone and with its multi-process pool of one process
+per core) in a fresh process too, and whether its vectors equal twinfold's (max |difference| <= 1e-5).
 """
 import argparse
 import json
@@ -97,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="--scale: corpus sizes, e.g. 100000,1000000")
     parser.add_argument("--minilm-docs", type=int, default=100_000, help="--scale: largest corpus for all-MiniLM-L6-v2")
     parser.add_argument("--processes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2])
+    parser.add_argument("--threads-per-process", type=int,
+                        help="--scale: torch threads of each twinfold process (default: its share of the cores)")
     parser.add_argument("--child", choices=ALL_SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--child-run", help=argparse.SUPPRESS)  # a JSON command: its wall time and peak RSS
     parser.add_argument("--child-st", nargs=3, help=argparse.SUPPRESS)  # model, documents, .npy out
@@ -224,6 +226,10 @@ def scale(args) -> int:
     print(f"{date.today()}; machine: {machine()}; load average {os.getloadavg()[0]:.1f}; max_length {args.max_length}, "
           f"batch {args.batch_size}", flush=True)
     rows, failed = [], 0
+    threads = ""
+    if args.threads_per_process:  # the encode CLI reads it (models.runtime.share_cpu_cores)
+        os.environ["TWINFOLD_NUM_THREADS"] = str(args.threads_per_process)
+        threads = f", {args.threads_per_process} thread{'s' if args.threads_per_process > 1 else ''} each"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         models = scale_models(tmp, args.max_length)
@@ -242,7 +248,8 @@ def scale(args) -> int:
                     result = timed([*launcher, "twinfold.models.encode", "--model", model, "--input", documents,
                                     "--output", out, "--format", "parquet", "--batch-size", args.batch_size,
                                     "--no-progress"])
-                    rows.append((name, count, f"twinfold, {processes} process{'es' if processes > 1 else ''}", result))
+                    rows.append((name, count, f"twinfold, {processes} process{'es' if processes > 1 else ''}{threads}",
+                                 result))
                     print(f"  {rows[-1][:3]}: {count / result['seconds']:.0f} docs/s, peak RSS "
                           f"{result['peak'] / GB:.2f} GB", flush=True)
                     if vectors is None and name != "tiny BERT":

@@ -127,11 +127,12 @@ def test_hard_negatives_and_checks_round_trip(tmp_path, pairs):
 
 
 @pytest.mark.parametrize("name", ["scifact.yaml", "scifact_gpu.yaml", "scifact_mined.yaml", "smoke.yaml",
-                                  "bge_m3_scifact.yaml", "qwen3_embedding_lora.yaml", "scifact_binary.yaml"])
+                                  "bge_m3_scifact.yaml", "qwen3_embedding_lora.yaml", "scifact_binary.yaml",
+                                  "scifact_replay.yaml"])
 def test_shipped_recipes_load_and_point_at_the_shared_data(name, data_dir, monkeypatch):
     monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))
     cfg = load_config(REPO / "configs" / name)
-    paths = [d.path for d in cfg.data.train] + [cfg.eval.data] + \
+    paths = [d.path for d in cfg.data.train] + [cfg.eval.data] + list(cfg.eval.general) + \
         [d.hard_negatives.corpus for d in cfg.data.train if d.hard_negatives and d.hard_negatives.corpus]
     assert all(Path(p).exists() for p in paths if p), paths
 
