@@ -100,11 +100,20 @@ def prepare(args, out: Path) -> tuple[Path, str]:
     return scored, kind
 
 
-def recipe(args, out: Path, scored: Path, kind: str) -> dict:
-    """The training recipe, as the module says."""
-    cfg = yaml.safe_load(Path(args.recipe).read_text()) if args.recipe else {}
+def read_recipe(path: str | None) -> dict:
+    """The `--recipe` to start from, as written (empty without one)."""
+    if path is None:
+        return {}
+    if not Path(path).is_file():
+        raise ConfigError(f"--recipe {path}: not found")
+    cfg = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(cfg, dict):
-        raise ConfigError(f"--recipe {args.recipe}: not a YAML mapping of sections")
+        raise ConfigError(f"--recipe {path}: not a YAML mapping of sections")
+    return cfg
+
+
+def recipe(args, cfg: dict, out: Path, scored: Path, kind: str) -> dict:
+    """The training recipe, as the module says, from the `--recipe` read (`cfg`)."""
     sections = {name: dict(cfg.get(name) or {}) for name in ("model", "data", "loss", "train", "eval")}
     sections["model"]["name_or_path"] = args.student
     sections["data"]["train"] = [{"path": str(scored.resolve())}]
@@ -123,16 +132,9 @@ def recipe(args, out: Path, scored: Path, kind: str) -> dict:
     return {**cfg, **{k: v for k, v in sections.items() if v}}
 
 
-def student_of(args) -> str:
+def student_of(args, cfg: dict) -> str:
     """The student: `--model`, else the recipe's model, else all-MiniLM-L6-v2."""
-    if args.model:
-        return args.model
-    if args.recipe:
-        cfg = yaml.safe_load(Path(args.recipe).read_text()) or {}
-        name = (cfg.get("model") or {}).get("name_or_path") if isinstance(cfg, dict) else None
-        if name:
-            return name
-    return DEFAULT_STUDENT
+    return args.model or (cfg.get("model") or {}).get("name_or_path") or DEFAULT_STUDENT
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.adapt") -> int:
@@ -166,16 +168,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m twinfold.train.ad
 
     out = args.out
     try:
-        if args.recipe and not Path(args.recipe).is_file():
-            raise ConfigError(f"--recipe {args.recipe}: not found")
-        args.student = student_of(args)
+        base = read_recipe(args.recipe)
+        args.student = student_of(args, base)
         claim_folder(out)
         out.mkdir(parents=True, exist_ok=True)
         command = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         atomic_write_bytes(out / MARKER, (json.dumps(command, indent=2) + "\n").encode())
         scored, kind = prepare(args, out)
         recipe_path = out / "recipe.yaml"
-        atomic_write_bytes(recipe_path, yaml.safe_dump(recipe(args, out, scored, kind), sort_keys=False).encode())
+        atomic_write_bytes(recipe_path, yaml.safe_dump(recipe(args, base, out, scored, kind), sort_keys=False).encode())
         cfg = load_config(recipe_path, args.overrides)
         if args.prepare_only:
             print(f"prepared {recipe_path}; train it with: accelerate launch -m twinfold.train {recipe_path} "
