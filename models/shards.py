@@ -136,7 +136,8 @@ def _id_hashes(ids: list[str]) -> np.ndarray:
 
 def repeated_id(folder: Path, parts: int, part_rows: int) -> tuple[str, int, int] | None:
     """An id that two parts of the dataset share, with the input rows of its first two copies (None: every id is
-    unique). Memory: 8 bytes per row (a 64-bit hash of each id), never the ids of more than two parts."""
+    unique). Memory: a 64-bit hash of each id, sorted (about 40 bytes per row at the peak), never the ids of more than
+    two parts."""
     def ids(k: int) -> list[str]:
         return pq.read_table(folder / part_file(k), columns=["id"]).column("id").to_pylist()
 
