@@ -17,6 +17,7 @@ record; it is complete when its record is there and its file has the recorded si
 import hashlib
 import json
 import re
+import tempfile
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +32,7 @@ from twinfold.models.quantize import Int8Calibration
 
 PART = re.compile(r"part-(\d{6})\.(parquet|json)")
 SETTINGS = ("fingerprint", "precision", "dim", "kind", "compute", "prompt", "field", "id_field", "part_rows")
+HASH_PASS_ROWS = 1 << 20  # id hashes sorted at once by `repeated_id`
 OVERWRITE_REMEDY = "choose another --output, or pass --overwrite to encode into it from scratch"
 
 
@@ -136,18 +138,35 @@ def _id_hashes(ids: list[str]) -> np.ndarray:
 
 def repeated_id(folder: Path, parts: int, part_rows: int) -> tuple[str, int, int] | None:
     """An id that two parts of the dataset share, with the input rows of its first two copies (None: every id is
-    unique). Memory: a 64-bit hash of each id, sorted (about 40 bytes per row at the peak), never the ids of more than
-    two parts."""
+    unique). A 64-bit hash of each id goes to an unnamed temporary file in `folder`; hash-range passes then sort at
+    most about `HASH_PASS_ROWS` of them at a time, so memory does not grow with the corpus (never the ids of more
+    than two parts)."""
     def ids(k: int) -> list[str]:
         return pq.read_table(folder / part_file(k), columns=["id"]).column("id").to_pylist()
 
-    hashes = np.concatenate([_id_hashes(ids(k)) for k in range(parts)]) if parts else np.empty(0, np.uint64)
-    order = np.argsort(hashes, kind="stable")
-    for a, b in zip(order[:-1][hashes[order[:-1]] == hashes[order[1:]]],
-                    order[1:][hashes[order[:-1]] == hashes[order[1:]]]):
-        first, second = ids(a // part_rows)[a % part_rows], ids(b // part_rows)[b % part_rows]
-        if first == second:  # not a hash collision
-            return first, int(min(a, b)), int(max(a, b))
+    with tempfile.TemporaryFile(dir=folder) as spill:
+        rows = 0
+        for k in range(parts):
+            hashes = _id_hashes(ids(k))
+            hashes.tofile(spill)
+            rows += len(hashes)
+        passes = max(1, -(-rows // HASH_PASS_ROWS))
+        for p in range(passes):
+            spill.seek(0)
+            picked, where = [], []
+            for start in range(0, rows, HASH_PASS_ROWS):
+                chunk = np.fromfile(spill, np.uint64, min(HASH_PASS_ROWS, rows - start))
+                keep = np.flatnonzero(chunk % np.uint64(passes) == p)
+                picked.append(chunk[keep])
+                where.append(keep + start)
+            hashes, where = np.concatenate(picked), np.concatenate(where)  # rows in increasing order
+            order = np.argsort(hashes, kind="stable")
+            hashes, where = hashes[order], where[order]
+            for i in np.flatnonzero(hashes[1:] == hashes[:-1]):
+                a, b = int(where[i]), int(where[i + 1])
+                first, second = ids(a // part_rows)[a % part_rows], ids(b // part_rows)[b % part_rows]
+                if first == second:  # not a hash collision
+                    return first, a, b
     return None
 
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import free_port, like_a_new_process, run_process, start_process
-from twinfold.models import BiEncoder, EmbeddingSet
+from twinfold.models import BiEncoder, EmbeddingSet, shards
 from twinfold.models.encode import encode_parts, main, start_dataset
 from twinfold.models.files.atomic import MANIFEST, verify_manifest
 from twinfold.models.files.rows import input_files
@@ -297,3 +297,22 @@ def test_stores_take_a_dataset_part_by_part_as_they_take_the_file(tiny_bert_path
         assert conn.execute("SELECT count(*) FROM sharded").fetchone()[0] == 230
         found = pgvector_search(conn, EmbeddingSet.load(tmp_path / "q.safetensors"), 10, "sharded", ef_search=1000)
     assert [list(h) for h in found] == [list(h) for h in expected]
+
+
+@pytest.mark.parametrize("pass_rows", [3, 1 << 20])
+def test_repeated_id_is_found_in_hash_range_passes_of_any_size(tmp_path, monkeypatch, pass_rows):
+    """The check sorts at most `HASH_PASS_ROWS` hashes at a time (3: 17 passes over 50 rows; or one pass) and names
+    the first two copies of the repeated id."""
+    monkeypatch.setattr(shards, "HASH_PASS_ROWS", pass_rows)
+    names = [f"d{i}" for i in range(50)]
+    names[23] = names[41] = "d7"  # d7 at rows 7 (part 0), 23 (part 2) and 41 (part 4)
+
+    def write_parts(ids):
+        for k in range(5):
+            pq.write_table(pa.table({"id": ids[k * 10:(k + 1) * 10]}), tmp_path / shards.part_file(k))
+
+    write_parts(names)
+    assert shards.repeated_id(tmp_path, 5, 10) == ("d7", 7, 23)
+    write_parts([f"d{i}" for i in range(50)])
+    assert shards.repeated_id(tmp_path, 5, 10) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [shards.part_file(k) for k in range(5)]  # nothing left
