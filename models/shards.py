@@ -150,7 +150,7 @@ def repeated_id(folder: Path, parts: int, part_rows: int) -> tuple[str, int, int
             hashes = _id_hashes(ids(k))
             hashes.tofile(spill)
             rows += len(hashes)
-        passes = max(1, -(-rows // HASH_PASS_ROWS))
+        passes = -(-rows // HASH_PASS_ROWS)  # none for an empty dataset
         for p in range(passes):
             spill.seek(0)
             picked, where = [], []

@@ -314,5 +314,5 @@ def test_repeated_id_is_found_in_hash_range_passes_of_any_size(tmp_path, monkeyp
     write_parts(names)
     assert shards.repeated_id(tmp_path, 5, 10) == ("d7", 7, 23)
     write_parts([f"d{i}" for i in range(50)])
-    assert shards.repeated_id(tmp_path, 5, 10) is None
+    assert shards.repeated_id(tmp_path, 5, 10) is None and shards.repeated_id(tmp_path, 0, 10) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == [shards.part_file(k) for k in range(5)]  # nothing left
