@@ -131,8 +131,10 @@ def test_command_errors_are_one_line_and_out_is_replaced_only_when_twinfold_wrot
     assert main(["--corpus", str(untitled), "--method", "ict", "--out", str(out), "--overwrite"]) == 0
 
 
-@pytest.mark.parametrize("method", ["title", "crop", "ict"])
-def test_scifact_nano_pairs_load_as_training_data_of_the_corpus_recipe(tmp_path, data_dir, method, monkeypatch):
+@pytest.mark.parametrize("method, recipe", [("title", "title"), ("crop", "crop"), ("ict", "ict"),
+                                            ("title", "title_mined")])
+def test_scifact_nano_pairs_load_as_training_data_of_the_corpus_recipe(tmp_path, data_dir, method, recipe,
+                                                                        monkeypatch):
     out = tmp_path / f"scifact-{method}.jsonl"
     assert main(["--corpus", str(data_dir / "scifact-nano"), "--method", method, "--out", str(out)]) == 0
     provenance = json.loads((tmp_path / f"scifact-{method}.jsonl.provenance.json").read_text())
@@ -141,6 +143,8 @@ def test_scifact_nano_pairs_load_as_training_data_of_the_corpus_recipe(tmp_path,
     assert provenance["method"] == method and provenance["corpus"] == str(data_dir / "scifact-nano")
     monkeypatch.setenv("TWINFOLD_DATA", str(data_dir))
     monkeypatch.setenv("TWINFOLD_PAIRS", str(tmp_path))
-    cfg = load_config(REPO / "configs" / f"scifact_corpus_{method}.yaml")
+    cfg = load_config(REPO / "configs" / f"scifact_corpus_{recipe}.yaml")
     assert cfg.data.train[0].path == str(out) and cfg.eval.general == [str(data_dir / "stsb" / "test.tsv")]
+    mined = cfg.data.train[0].hard_negatives  # mined from the pair file's own positives: the corpus alone
+    assert (mined is not None and mined.corpus is None) == recipe.endswith("_mined")
 
