@@ -32,6 +32,7 @@ run again resumes: complete parts whose input rows are unchanged are kept, the o
 another model, or changed input rows, are refused (`--update DIR` brings the dataset in step with changed input).
 """
 import argparse
+import contextlib
 import math
 import os
 import shlex
@@ -42,7 +43,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from twinfold.models.bi_encoder import BiEncoder
 from twinfold.models.embeddings import FORMATS, EmbeddingSet, check_embedding_output, content_hash, file_format
@@ -61,6 +61,7 @@ from twinfold.models.quantize import (
 from twinfold.models.runtime import keep_freed_memory, share_cpu_cores
 from twinfold.models.shards import (
     OVERWRITE_REMEDY,
+    PartsProgress,
     calibration_of,
     check_dataset_output,
     clear_dataset,
@@ -243,7 +244,7 @@ def previous_part(out: Path, k: int, header: dict) -> EmbeddingSet | None:
 
 
 def encode_parts(model: BiEncoder, files: list[Path], out: Path, header: dict, rank: int, world: int,
-                 update_input: bool, batch_size: int, progress: bool) -> dict[str, int]:
+                 update_input: bool, batch_size: int) -> dict[str, int]:
     """Write the parts k = rank, rank + world, ... that are not complete (and, `update_input`, those whose input
     rows changed); rows of a part already there are kept when their text is unchanged. Returns the counts."""
     size, rows = header["part_rows"], header["rows"]
@@ -260,8 +261,6 @@ def encode_parts(model: BiEncoder, files: list[Path], out: Path, header: dict, r
     counts = dict.fromkeys(("new", "changed", "kept", "removed"), 0)
     counts["kept"] = sum(done[k]["rows"] for k in done if k not in changed)
     calibration = calibration_of(header)
-    bar = tqdm(total=sum(min(size, rows - k * size) for k in todo), unit="doc", smoothing=0.1, disable=not progress,
-               desc=f"encode (process {rank + 1} of {world})" if world > 1 else "encode")
     for k, part_rows in rows_by_part(files, header, todo):
         texts, ids = [r.text for r in unique_ids(part_rows)], [r.id for r in part_rows]
         if (old := previous_part(out, k, header)) is not None:
@@ -275,8 +274,6 @@ def encode_parts(model: BiEncoder, files: list[Path], out: Path, header: dict, r
                                 header["compute"], header["prompt"])
             counts["new"] += len(ids)
         write_part(out, k, part, k * size, input_digest(part_rows))
-        bar.update(len(part_rows))
-    bar.close()
     return counts
 
 
@@ -295,13 +292,16 @@ def encode_dataset(args, model: BiEncoder, prompt: str | None) -> int:
     files = input_files(args.input)
     if args.compute in ("float32", "bf16"):
         model.to(state.device)
-    if state.is_main_process:
+    progress = contextlib.nullcontext()
+    if state.is_main_process:  # bars for every process, from the parts they write
         start_dataset(model, args, prompt, files, out)
+        progress = PartsProgress(out, read_header(out), state.num_processes, enabled=not args.no_progress)
     state.wait_for_everyone()
     header = {**read_header(out), "input": str(args.input)}
-    counts = encode_parts(model, files, out, header, state.process_index, state.num_processes, bool(args.update),
-                          args.batch_size, state.is_main_process and not args.no_progress)
-    every = gather_object([counts]) if state.num_processes > 1 else [counts]
+    with progress:
+        counts = encode_parts(model, files, out, header, state.process_index, state.num_processes,
+                              bool(args.update), args.batch_size)
+        every = gather_object([counts]) if state.num_processes > 1 else [counts]
     state.wait_for_everyone()
     if not state.is_main_process:
         return 0

@@ -16,14 +16,18 @@ record; it is complete when its record is there and its file has the recorded si
 """
 import hashlib
 import json
+import math
 import re
 import tempfile
+import threading
+from collections import deque
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from twinfold.models.embeddings import EmbeddingSet
 from twinfold.models.files.atomic import LEFTOVERS, MANIFEST, OverwriteRefused, atomic_write_bytes, file_sha256
@@ -33,6 +37,7 @@ from twinfold.models.quantize import Int8Calibration
 PART = re.compile(r"part-(\d{6})\.(parquet|json)")
 SETTINGS = ("fingerprint", "precision", "dim", "kind", "compute", "prompt", "field", "id_field", "part_rows")
 HASH_PASS_ROWS = 1 << 20  # id hashes sorted at once by `repeated_id`
+PROGRESS_POLL_SECONDS = 1.0  # how often the main process looks for parts written by the processes
 OVERWRITE_REMEDY = "choose another --output, or pass --overwrite to encode into it from scratch"
 
 
@@ -184,6 +189,61 @@ def finish(folder: Path, header: dict, parts: int) -> None:
     for path in folder.iterdir():
         if (match := PART.fullmatch(path.name)) and int(match[1]) >= parts:
             path.unlink()
+
+
+class PartsProgress:
+    """Progress of every process, shown on the main one: a bar per process (documents, documents/s, time left).
+
+    Process r writes its parts r, r + N, ... in order; the main process, in a thread while the block runs, looks
+    each second whether the next part of each process that had no record at the start has one now (so a look costs
+    a file status per process, whatever the corpus). Parts that had a record at the start count at the end, if
+    written again (a damaged or changed part): their rows are added to the bar's total then."""
+
+    def __init__(self, folder: Path, header: dict, processes: int, enabled: bool = True, file=None):
+        self.folder = folder
+        size, rows = header["part_rows"], header["rows"]
+        self.rows = [min(size, rows - k * size) for k in range(math.ceil(rows / size))]
+        self.found = [self._written(k) for k in range(len(self.rows))]
+        self.next = [deque(k for k in range(r, len(self.rows), processes) if self.found[k] is None)
+                     for r in range(processes)]
+        self.bars = [tqdm(total=sum(self.rows[k] for k in parts), unit="doc", smoothing=0.1, position=r, file=file,
+                          disable=not enabled, desc=f"encode (process {r + 1} of {processes})" if processes > 1
+                          else "encode") for r, parts in enumerate(self.next)]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def poll(self) -> None:
+        """Count the parts each process has written since the last look."""
+        for bar, parts in zip(self.bars, self.next):
+            while parts and self._written(parts[0]) is not None:
+                bar.update(self.rows[parts.popleft()])
+
+    def __enter__(self) -> "PartsProgress":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+        for k, found in enumerate(self.found):
+            if found is not None and self._written(k) != found:
+                bar = self.bars[k % len(self.bars)]
+                bar.total += self.rows[k]
+                bar.update(self.rows[k])
+        for bar in self.bars:
+            bar.close()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(PROGRESS_POLL_SECONDS):
+            self.poll()
+
+    def _written(self, k: int) -> int | None:
+        """The modification time of part k's record, None if it has none."""
+        try:
+            return (self.folder / record_file(k)).stat().st_mtime_ns
+        except OSError:
+            return None
 
 
 class ShardedEmbeddings:

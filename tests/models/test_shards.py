@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import random
+import re
 import signal
 import sys
 import time
@@ -22,7 +23,7 @@ from twinfold.models.encode import encode_parts, main, start_dataset
 from twinfold.models.files.atomic import MANIFEST, verify_manifest
 from twinfold.models.files.rows import input_files
 from twinfold.models.quantize import calibrate_int8
-from twinfold.models.shards import ShardedEmbeddings, read_header
+from twinfold.models.shards import PartsProgress, ShardedEmbeddings, read_header
 
 WORDS = "cell gene protein membrane signal receptor kinase tumour immune response pathway enzyme binding".split()
 
@@ -115,14 +116,17 @@ def test_csv_tsv_parquet_and_a_folder_of_shards_read_as_the_jsonl_file(tiny_bert
 
 def test_two_processes_write_the_dataset_that_one_process_writes(tiny_bert_path, tmp_path):
     docs = write(tmp_path / "docs.jsonl", corpus(170))
-    args = ["--model", tiny_bert_path, "--input", docs, "--format", "parquet", "--part-rows", 20, "--no-progress"]
+    args = ["--model", tiny_bert_path, "--input", docs, "--format", "parquet", "--part-rows", 20]
     launched = run_process([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                             "--main_process_port", free_port(), "-m", "twinfold.models.encode", *args,
                             "--output", tmp_path / "two"], check=True)
     assert "wrote 170 embeddings (float32, dim 128) in 9 parts" in launched.stdout
     assert launched.stdout.count("wrote") == 1  # the main process writes the manifest and reports
-    assert encode(*args[:-1], "--output", tmp_path / "one")[0] == 0
+    # the main process's bars: process 1 writes parts 0, 2, 4, 6, 8 (90 rows), process 2 parts 1, 3, 5, 7 (80)
+    bars = re.findall(r"encode \(process (\d) of 2\): 100%\|[^|]*\| (\d+)/(\d+)", launched.stderr)
+    assert sorted(set(bars)) == [("1", "90", "90"), ("2", "80", "80")], launched.stderr[-2000:]
+    assert encode(*args, "--output", tmp_path / "one")[0] == 0
     (ids_two, two), (ids_one, one) = vectors(tmp_path / "two"), vectors(tmp_path / "one")
     assert ids_two == ids_one == [f"d{i}" for i in range(170)]
     np.testing.assert_allclose(two, one, atol=1e-5)
@@ -230,7 +234,7 @@ def test_memory_does_not_grow_with_the_corpus(tiny_bert_path, tmp_path):
         out, files = tmp_path / f"ds{n}", input_files(docs)
         start_dataset(model, args, None, files, out)
         tracemalloc.start()
-        counts = encode_parts(model, files, out, read_header(out), 0, 1, False, 32, False)
+        counts = encode_parts(model, files, out, read_header(out), 0, 1, False, 32)
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
         assert counts["new"] == n
@@ -316,3 +320,22 @@ def test_repeated_id_is_found_in_hash_range_passes_of_any_size(tmp_path, monkeyp
     write_parts([f"d{i}" for i in range(50)])
     assert shards.repeated_id(tmp_path, 5, 10) is None and shards.repeated_id(tmp_path, 0, 10) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == [shards.part_file(k) for k in range(5)]  # nothing left
+
+
+def test_progress_counts_the_parts_each_process_writes_in_this_run(tmp_path):
+    header = {"part_rows": 10, "rows": 45}  # parts of 10, 10, 10, 10 and 5 rows; 2 processes
+    tmp_path.joinpath(shards.record_file(0)).write_text("{}")  # written by an earlier run
+    out = io.StringIO()
+    progress = PartsProgress(tmp_path, header, 2, file=out)
+    assert [bar.total for bar in progress.bars] == [15, 20]  # process 1: parts 2 and 4; process 2: parts 1 and 3
+    for k in (1, 4):
+        tmp_path.joinpath(shards.record_file(k)).write_text("{}")
+    progress.poll()
+    assert [bar.n for bar in progress.bars] == [0, 10]  # process 1 writes part 2 before part 4
+    time.sleep(0.05)  # past the file system's timestamp tick
+    tmp_path.joinpath(shards.record_file(0)).write_text("{}")  # a part there at the start, written again
+    with progress:
+        for k in (2, 3):
+            tmp_path.joinpath(shards.record_file(k)).write_text("{}")
+    assert [(bar.n, bar.total) for bar in progress.bars] == [(25, 25), (20, 20)]
+    assert "encode (process 1 of 2): 100%" in out.getvalue() and "encode (process 2 of 2): 100%" in out.getvalue()
