@@ -199,7 +199,10 @@ def test_truncated_or_missing_weights_and_missing_tokenizer(tiny_bert_path, tmp_
         BiEncoder.from_pretrained(folder)
 
 
-def test_unresolvable_name_says_what_was_tried():
+def test_unresolvable_name_says_what_was_tried(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the hub id is never looked up online
     with pytest.raises(ModelLoadError, match="tried local folder"):
         BiEncoder.from_pretrained("no-such-org/no-such-model-xyz")
 

@@ -1,5 +1,6 @@
 """Faults lose nothing: killed checkpoint writes, non-finite losses, unwritable output, CLI errors."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,8 +19,9 @@ DIVERGING = ("model.max_length=32", "loss.matryoshka_dims=[128]", "train.lr=1e12
 
 
 def run_cli(*args):
-    """`python -m twinfold.train configs/smoke.yaml ARGS` as a process of its own."""
-    return run_process(train_command([str(SMOKE), *args]))
+    """`python -m twinfold.train configs/smoke.yaml ARGS` as a process of its own, offline (no hub lookup)."""
+    return run_process(train_command([str(SMOKE), *args]), env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
 
 
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_newest(tmp_path):
