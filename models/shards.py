@@ -14,6 +14,7 @@ Part k holds input rows [k * part_rows, (k + 1) * part_rows): which rows go toge
 record; it is complete when its record is there and its file has the recorded size and checksum.
 `python -m twinfold.models.encode --format parquet --output DIR` writes it (see there).
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -37,6 +38,7 @@ from twinfold.models.quantize import Int8Calibration
 PART = re.compile(r"part-(\d{6})\.(parquet|json)")
 SETTINGS = ("fingerprint", "precision", "dim", "kind", "compute", "prompt", "field", "id_field", "part_rows")
 HASH_PASS_ROWS = 1 << 20  # id hashes sorted at once by `repeated_id`
+MAX_HASH_BUCKETS = 256  # temporary files `repeated_id` spreads the hashes over (more rows each beyond 2^28 rows)
 PROGRESS_POLL_SECONDS = 1.0  # how often the main process looks for parts written by the processes
 OVERWRITE_REMEDY = "choose another --output, or pass --overwrite to encode into it from scratch"
 
@@ -143,32 +145,29 @@ def _id_hashes(ids: list[str]) -> np.ndarray:
 
 def repeated_id(folder: Path, parts: int, part_rows: int) -> tuple[str, int, int] | None:
     """An id that two parts of the dataset share, with the input rows of its first two copies (None: every id is
-    unique). A 64-bit hash of each id goes to an unnamed temporary file in `folder`; hash-range passes then sort at
-    most about `HASH_PASS_ROWS` of them at a time, so memory does not grow with the corpus (never the ids of more
-    than two parts)."""
+    unique). Each id's 64-bit hash and row go, in one pass over the parts, to one of a few unnamed temporary files
+    in `folder` chosen by hash (at most about `HASH_PASS_ROWS` rows each, `MAX_HASH_BUCKETS` files); each file is
+    then sorted on its own, so memory does not grow with the corpus (never the ids of more than two parts)."""
     def ids(k: int) -> list[str]:
         return pq.read_table(folder / part_file(k), columns=["id"]).column("id").to_pylist()
 
-    with tempfile.TemporaryFile(dir=folder) as spill:
-        rows = 0
+    count = min(MAX_HASH_BUCKETS, -(-parts * part_rows // HASH_PASS_ROWS))  # none for an empty dataset
+    with contextlib.ExitStack() as stack:
+        buckets = [stack.enter_context(tempfile.TemporaryFile(dir=folder)) for _ in range(count)]
         for k in range(parts):
             hashes = _id_hashes(ids(k))
-            hashes.tofile(spill)
-            rows += len(hashes)
-        passes = -(-rows // HASH_PASS_ROWS)  # none for an empty dataset
-        for p in range(passes):
-            spill.seek(0)
-            picked, where = [], []
-            for start in range(0, rows, HASH_PASS_ROWS):
-                chunk = np.fromfile(spill, np.uint64, min(HASH_PASS_ROWS, rows - start))
-                keep = np.flatnonzero(chunk % np.uint64(passes) == p)
-                picked.append(chunk[keep])
-                where.append(keep + start)
-            hashes, where = np.concatenate(picked), np.concatenate(where)  # rows in increasing order
-            order = np.argsort(hashes, kind="stable")
-            hashes, where = hashes[order], where[order]
-            for i in np.flatnonzero(hashes[1:] == hashes[:-1]):
-                a, b = int(where[i]), int(where[i + 1])
+            pairs = np.stack([hashes, np.arange(k * part_rows, k * part_rows + len(hashes), dtype=np.uint64)], 1)
+            which = hashes % np.uint64(max(count, 1))
+            order = np.argsort(which, kind="stable")
+            bounds = np.searchsorted(which[order], np.arange(count + 1))
+            for b in np.flatnonzero(np.diff(bounds)):
+                pairs[order[bounds[b]:bounds[b + 1]]].tofile(buckets[b])
+        for bucket in buckets:
+            bucket.seek(0)
+            pairs = np.fromfile(bucket, np.uint64).reshape(-1, 2)
+            pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]  # by hash, then row
+            for i in np.flatnonzero(pairs[1:, 0] == pairs[:-1, 0]):
+                a, b = int(pairs[i, 1]), int(pairs[i + 1, 1])
                 first, second = ids(a // part_rows)[a % part_rows], ids(b // part_rows)[b % part_rows]
                 if first == second:  # not a hash collision
                     return first, a, b
@@ -200,7 +199,7 @@ class PartsProgress:
     written again (a damaged or changed part): their rows are added to the bar's total then."""
 
     def __init__(self, folder: Path, header: dict, processes: int, enabled: bool = True, file=None):
-        self.folder = folder
+        self.folder, self.enabled = folder, enabled
         size, rows = header["part_rows"], header["rows"]
         self.rows = [min(size, rows - k * size) for k in range(math.ceil(rows / size))]
         self.found = [self._written(k) for k in range(len(self.rows))]
@@ -219,10 +218,13 @@ class PartsProgress:
                 bar.update(self.rows[parts.popleft()])
 
     def __enter__(self) -> "PartsProgress":
-        self._thread.start()
+        if self.enabled:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        if not self.enabled:
+            return
         self._stop.set()
         self._thread.join()
         self.poll()

@@ -304,9 +304,9 @@ def test_stores_take_a_dataset_part_by_part_as_they_take_the_file(tiny_bert_path
 
 
 @pytest.mark.parametrize("pass_rows", [3, 1 << 20])
-def test_repeated_id_is_found_in_hash_range_passes_of_any_size(tmp_path, monkeypatch, pass_rows):
-    """The check sorts at most `HASH_PASS_ROWS` hashes at a time (3: 17 passes over 50 rows; or one pass) and names
-    the first two copies of the repeated id."""
+def test_repeated_id_is_found_in_hash_buckets_of_any_size(tmp_path, monkeypatch, pass_rows):
+    """The check sorts at most about `HASH_PASS_ROWS` hashes at a time (3: 17 bucket files for 50 rows; or one) and
+    names the first two copies of the repeated id."""
     monkeypatch.setattr(shards, "HASH_PASS_ROWS", pass_rows)
     names = [f"d{i}" for i in range(50)]
     names[23] = names[41] = "d7"  # d7 at rows 7 (part 0), 23 (part 2) and 41 (part 4)
