@@ -13,10 +13,18 @@ from twinfold.losses.infonce import (
                                      text_keys,
 )
 from twinfold.losses.matryoshka import Matryoshka, check_dims, truncate
-from twinfold.losses.quantization import ESTIMATORS, Quantized, binarize, fake_int8, int8_ranges, sign_misalignment
+from twinfold.losses.quantization import (
+    ESTIMATORS,
+    Quantized,
+    binarize,
+    fake_int8,
+    int8_ranges,
+    sign_bit_ranking_loss,
+    sign_misalignment,
+)
 
 __all__ = ["DEFAULT_TEMPERATURE", "DISTILLATION_KINDS", "ESTIMATORS", "MIN_TEMPERATURE", "ROLES", "SIMILARITIES",
            "Distillation", "InfoNCE", "Matryoshka", "Quantized", "ReplayMismatch", "average_gradient", "binarize",
            "cached_backward", "check_dims", "chunked", "fake_int8", "gather_no_grad", "gather_with_grad", "info_nce",
-           "int8_ranges", "listwise_kl", "margin_mse", "rank_offset", "sign_misalignment", "student_scores",
+           "int8_ranges", "listwise_kl", "margin_mse", "rank_offset", "sign_bit_ranking_loss", "sign_misalignment", "student_scores",
            "text_keys", "truncate", "uncached_backward"]

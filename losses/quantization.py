@@ -20,13 +20,18 @@ Rounding has no useful gradient. `estimator="ste"` (the default) keeps the exact
 and passes the gradient straight through (Bengio et al. 2013): d loss / d e := d loss / d q(e). `estimator="tanh"`
 replaces sign(d) by tanh(TANH_SHARPNESS * sqrt(dim) * d) / sqrt(dim), differentiable everywhere but only close to
 the sign bits for large entries. docs/quantization.md compares both on SciFact.
+
+`sign_bit_ranking_loss` is the objective of the code rotation (`train.rotation`): every query against a whole
+bank of documents' sign bits, not only a batch's.
 """
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from twinfold.losses.distributed import gather_no_grad
+from twinfold.losses.matryoshka import truncate
 
 ESTIMATORS = ("ste", "tanh")
 TANH_SHARPNESS = 4.0  # tanh(4 z) is within 1e-3 of sign(z) for |z| > 1, z = sqrt(dim) * entry
@@ -70,6 +75,18 @@ def sign_misalignment(x: torch.Tensor) -> torch.Tensor:
     all of x), about 0.2 for Gaussian entries. Scoring a float query against sign bits instead of x adds an error
     whose variance is 2 * this (both unit vectors), which is why the alignment term lowers it."""
     return 1 - x.abs().sum(-1) / (math.sqrt(x.shape[-1]) * x.norm(dim=-1).clamp_min(1e-12))
+
+
+def sign_bit_ranking_loss(queries: torch.Tensor, documents: torch.Tensor, targets: torch.Tensor, dims: list[int],
+                          temperature: float, normalize: bool = True, estimator: str = "ste") -> torch.Tensor:
+    """Mean over `dims` of the cross-entropy of ranking every document of `documents` [m, D] for each query of
+    `queries` [n, D] by the query's float prefix times the document prefix's sign bits (what binary search ranks
+    by), query i's right document being `documents[targets[i]]`. Prefixes are re-normalised when `normalize`."""
+    loss = queries.new_zeros(())
+    for dim in dims:
+        bits = binarize(truncate(documents, dim, normalize), estimator)
+        loss = loss + F.cross_entropy(truncate(queries, dim, normalize) @ bits.T / temperature, targets)
+    return loss / len(dims)
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -118,6 +118,7 @@ class QuantizationConfig:
     alignment: float = 0.0  # weight of 1 - cos(e, sign bits of e), mean over every embedding (queries too)
     dims: list[int] | None = None  # null: every Matryoshka dim (the full dim without Matryoshka)
     estimator: str = "ste"  # ste (exact codes forward, gradient straight through) | tanh (smooth sign bits)
+    rotation_steps: int = 0  # > 0: after training, fit the code rotation (train.rotation) in this many steps
 
 
 @dataclass
@@ -456,9 +457,11 @@ def check_quantization(q: QuantizationConfig, matryoshka_dims: list[int]) -> Non
     for key in ("binary", "int8", "alignment"):
         if getattr(q, key) < 0:
             raise ConfigError(f"loss.quantization.{key}: {getattr(q, key)} must not be negative")
-    if q.binary == q.int8 == q.alignment == 0:
-        raise ConfigError("loss.quantization: every weight is 0; give binary, int8 and/or alignment a weight (e.g. "
-                          "binary: 1.0), or remove loss.quantization")
+    if isinstance(q.rotation_steps, bool) or not isinstance(q.rotation_steps, int) or q.rotation_steps < 0:
+        raise ConfigError(f"loss.quantization.rotation_steps: {q.rotation_steps!r} must be a whole number, 0 or more")
+    if q.binary == q.int8 == q.alignment == q.rotation_steps == 0:
+        raise ConfigError("loss.quantization: every weight is 0 and rotation_steps is 0; give binary, int8 and/or "
+                          "alignment a weight (e.g. binary: 1.0), or rotation_steps, or remove loss.quantization")
     if q.estimator not in ESTIMATORS:
         raise ConfigError(f"loss.quantization.estimator: {q.estimator!r} is not one of {', '.join(ESTIMATORS)}")
     if q.dims is not None:
@@ -512,6 +515,10 @@ def check_streaming(c: Config) -> None:
         if c.data.train[i].hard_negatives is not None:
             raise ConfigError(f"data.train[{i}]: hard_negatives are mined over the whole dataset before training; "
                               "not with streaming: true (mine with python -m twinfold.train.mine first)")
+    q = c.loss.quantization
+    if q is not None and q.rotation_steps:
+        raise ConfigError(f"loss.quantization.rotation_steps: the code rotation is fitted on the loaded training "
+                          f"pairs after training; not with a streamed dataset ({where})")
     for key in ("dedup", "drop_eval_overlap"):
         if getattr(c.data, key):
             raise ConfigError(f"data.{key}: compares every training pair before training; not with a streamed "

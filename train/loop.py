@@ -28,6 +28,7 @@ from twinfold.train.data.loader import TrainingBatches, dataset_tokenizers
 from twinfold.train.data.pairs import PairDataset
 from twinfold.train.data.prepare import prepare_data
 from twinfold.train.resume import claim_run_folder, decided_on_main, resume_point
+from twinfold.train.rotation import add_code_rotation
 from twinfold.train.signals import StopOnSignal, StoppedBySignal
 
 log = logging.getLogger("twinfold")
@@ -97,8 +98,8 @@ def build_loss(cfg: Config, similarity: str = "cosine") -> torch.nn.Module:
         loss = InfoNCE(c.temperature, learnable=c.learnable_temperature, symmetric=c.symmetric, similarity=similarity)
     else:
         loss = Distillation(c.kind, c.temperature, c.teacher_temperature or c.temperature, similarity)
-    if c.quantization is not None:
-        q = c.quantization
+    q = c.quantization
+    if q is not None and (q.binary or q.int8 or q.alignment):
         loss = Quantized(loss, binary=q.binary, int8=q.int8, dims=q.dims, estimator=q.estimator,
                          alignment=q.alignment)
     if not c.matryoshka_dims:
@@ -361,7 +362,8 @@ def after_step(run: Run, window: "Window", stop: StopOnSignal, progress) -> None
     Each needs the losses on the host, so they wait for the device together."""
     cfg, t, state, accelerator = run.cfg, run.cfg.train, run.state, run.accelerator
     last = state.step == run.total_steps
-    evaluate_now = cfg.eval.data is not None and (last or bool(t.eval_steps and state.step % t.eval_steps == 0))
+    evaluate_now = cfg.eval.data is not None and (last or bool(t.eval_steps and state.step % t.eval_steps == 0)) \
+        and not (last and rotates(cfg))  # the rotated model's evaluation is `finish`'s
     save_now = last or bool(t.save_steps and state.step % t.save_steps == 0)
     log_now = last or evaluate_now or save_now or state.step % t.log_steps == 0
     # one process sees a signal at once; several agree on it (a collective) where they log anyway
@@ -406,8 +408,14 @@ def evaluate(run: Run) -> bool:
     return improved
 
 
+def rotates(cfg: Config) -> bool:
+    """Whether the run ends by fitting the code rotation (`train.rotation`)."""
+    return cfg.loss.quantization is not None and cfg.loss.quantization.rotation_steps > 0
+
+
 def finish(run: Run) -> Path:
-    """The final evaluation, the export `OUTPUT/final` with what training recorded, and the report."""
+    """The code rotation (where configured), the final evaluation, the export `OUTPUT/final` with what training
+    recorded, and the report."""
     accelerator, cfg, state, out = run.accelerator, run.cfg, run.state, run.out
     accelerator.wait_for_everyone()
     final = out / "final"
@@ -416,6 +424,7 @@ def finish(run: Run) -> Path:
         if dtype != run.model.encoder.dtype:  # training is over: the export is in the base's dtype (or model.dtype's)
             run.model.to(dtype)
             state.last_rows = None  # the final rows measure the export itself
+        rotation = add_code_rotation(run.model, cfg, run.datasets) if rotates(cfg) else None
         general = compare_general(run.state.general_base, score_general(run.general, run.model, "final"),
                                   cfg.eval.general_tolerance) if run.general else []
         if general:
@@ -427,7 +436,7 @@ def finish(run: Run) -> Path:
             final_rows = [dict(r, model="final") for r in state.last_rows]
             rows = state.base + final_rows + (run.evaluator.bm25_rows() if cfg.eval.bm25 else [])
         run.model.save_pretrained(final, info=run_info(cfg, run.datasets, state, rows, run.data_report, general,
-                                                        run.evaluator))
+                                                        run.evaluator, rotation))
         if run.evaluator is not None:
             from twinfold.train.eval.report import write_report
 
@@ -616,7 +625,7 @@ def general_info(cfg: Config, general: list[dict]) -> dict:
 
 
 def run_info(cfg: Config, datasets, state: RunState, rows: list[dict], data_report: dict,
-             general: list[dict] = (), evaluator=None) -> dict:
+             general: list[dict] = (), evaluator=None, rotation: dict | None = None) -> dict:
     """What twinfold.json (and the model card) records about training: recipe, data, checks and eval results."""
     t = cfg.train
     info = {"training": {"base_model": cfg.model.name_or_path, "steps": state.step,
@@ -627,7 +636,7 @@ def run_info(cfg: Config, datasets, state: RunState, rows: list[dict], data_repo
                                   for d, c in zip(datasets, cfg.data.train)],
                          "batch_size": t.batch_size, "lr": t.lr, "epochs": t.epochs, "max_steps": t.max_steps,
                          "warmup_ratio": t.warmup_ratio, "seed": t.seed, "loss": cfg.to_dict()["loss"],
-                         **data_report}}
+                         **data_report, **({"code_rotation": rotation} if rotation else {})}}
     if rows:
         info["eval"] = {"data": cfg.eval.data, "split": cfg.eval.split, "results": [
             {k: r[k] for k in EVAL_KEYS if k in r} for r in rows]}

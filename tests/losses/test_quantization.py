@@ -15,6 +15,7 @@ from twinfold.losses import (
     fake_int8,
     info_nce,
     int8_ranges,
+    sign_bit_ranking_loss,
     sign_misalignment,
 )
 from twinfold.models.quantize import (
@@ -46,6 +47,26 @@ def test_binary_term_by_hand():
     float_term = 0.5 * (math.log(1 + math.exp(0.8 - 0.6)) + math.log(1 + math.exp(0.8 + 0.6)))
     binary_term = 0.5 * (math.log(2) + math.log(1 + math.exp(2 * c)))
     assert loss.item() == pytest.approx(float_term + binary_term, rel=1e-6)
+
+
+def test_sign_bit_ranking_loss_by_hand():
+    # one query e1 against a bank of 3 documents at dims [2, 1]; the right one is document 1
+    query = torch.tensor([[0.8, 0.6]])
+    documents = torch.tensor([[0.6, 0.8], [0.8, -0.6], [-0.6, 0.8]])
+    loss = sign_bit_ranking_loss(query, documents, torch.tensor([1]), [2, 1], temperature=0.5)
+    c = 1 / math.sqrt(2)  # sign bits at dim 2: (+,+), (+,-), (-,+) / sqrt 2; the query scores 1.4c, 0.2c, -0.2c
+    at_2 = -math.log(math.exp(0.4 * c) / sum(math.exp(x * c) for x in (2.8, 0.4, -0.4)))
+    at_1 = -math.log(math.exp(2) / (2 * math.exp(2) + math.exp(-2)))  # prefix (1): bits +1, +1, -1
+    assert loss.item() == pytest.approx((at_2 + at_1) / 2, rel=1e-6)
+
+
+def test_sign_bit_ranking_gradient_is_the_unrounded_forms():
+    queries, documents = unit(6, 8), unit(10, 8, seed=1).requires_grad_()
+    targets = torch.tensor([0, 3, 5, 7, 9, 1])
+    sign_bit_ranking_loss(queries, documents, targets, [8], temperature=0.1).backward()
+    v = binarize(documents).detach().requires_grad_()
+    F.cross_entropy(queries @ v.T / 0.1, targets).backward()
+    assert torch.equal(documents.grad, v.grad) and documents.grad.abs().sum() > 0
 
 
 def test_int8_codes_are_those_encode_stores():

@@ -23,7 +23,7 @@ def test_run_records_what_it_was_trained_for_and_the_rescoring_depth(tmp_path, t
                     "eval.rescore_multiplier=3", tiny=tiny_bert_path)
     meta = json.loads((out / "final" / "twinfold.json").read_text())
     assert meta["training"]["loss"]["quantization"] == {"binary": 1.0, "int8": 0.5, "alignment": 0.0, "dims": [64],
-                                                       "estimator": "ste"}
+                                                       "estimator": "ste", "rotation_steps": 0}
     assert meta["eval"]["rescore_multiplier"] == 3 and max(meta["eval"]["k_values"]) == 100
     card = (out / "final" / "README.md").read_text()
     assert ("inside Matryoshka [128, 64]; trained for search over the documents' sign bits (weight 1.0) and int8 "

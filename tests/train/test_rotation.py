@@ -1,0 +1,94 @@
+"""The code rotation: orthogonal within each Matryoshka block (float search unchanged at every prefix), fitted to
+lower the sign-bit ranking loss, and exported as a Dense layer that sentence-transformers computes the same."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sentence_transformers import SentenceTransformer
+
+from tests.helpers import SMOKE, records, run_train
+from twinfold.losses import sign_bit_ranking_loss, truncate
+from twinfold.models import BiEncoder
+from twinfold.train.config import ConfigError, load_config
+from twinfold.train.evaluate import RetrievalEvaluator
+from twinfold.train.eval.beir import load_beir
+from twinfold.train.rotation import block_rotation, fit_rotation, rotation_pairs
+
+DIMS = [4, 8, 16]
+
+
+def unit(*shape, seed=0):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_block_rotation_keeps_every_prefix_dot_product():
+    g = torch.Generator().manual_seed(0)
+    rotation = block_rotation([torch.randn(n, n, generator=g, dtype=torch.float64) for n in (4, 4, 8)])
+    assert torch.allclose(rotation @ rotation.T, torch.eye(16, dtype=torch.float64), atol=1e-12)
+    assert rotation[:4, 4:].abs().max() == 0 and rotation[4:8, 8:].abs().max() == 0  # block diagonal
+    x, y = unit(5, 16, seed=1).double(), unit(7, 16, seed=2).double()
+    for dim in DIMS:
+        before = truncate(x, dim) @ truncate(y, dim).T
+        after = truncate(x @ rotation, dim) @ truncate(y @ rotation, dim).T
+        assert torch.allclose(before, after, atol=1e-12)
+
+
+def test_fit_lowers_the_sign_bit_ranking_loss_and_stays_a_block_rotation():
+    # queries are noisy copies of their documents; the documents' entries differ widely in size, so their sign bits
+    # lose what the small entries hold until a rotation spreads it
+    documents = unit(60, 16, seed=3) * torch.linspace(3.0, 0.1, 16)
+    targets = torch.arange(60)
+    queries = F.normalize(documents + 0.05 * torch.randn(60, 16, generator=torch.Generator().manual_seed(4)), dim=-1)
+    documents = F.normalize(documents, dim=-1)
+    identity = sign_bit_ranking_loss(queries, documents, targets, DIMS, 0.05).item()
+    rotation, (before, after) = fit_rotation(queries, documents, targets, [4, 8], DIMS, 0.05, steps=60, lr=3e-2)
+    assert before == pytest.approx(identity, rel=1e-6) and after < before - 0.03
+    assert after == pytest.approx(sign_bit_ranking_loss(queries @ rotation, documents @ rotation, targets, DIMS,
+                                                        0.05).item(), rel=1e-6)
+    assert torch.allclose(rotation @ rotation.T, torch.eye(16), atol=1e-5) and rotation[:4, 4:].abs().max() == 0
+
+
+def test_a_sample_of_rows_beyond_the_limit_is_seeded_and_in_order():
+    class Rows:
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    datasets = [Rows(5), Rows(7)]
+    assert rotation_pairs(datasets, 0) == [(0, r) for r in range(5)] + [(1, r) for r in range(7)]
+    sample = rotation_pairs(datasets, 0, limit=6)
+    assert len(sample) == 6 and sample == sorted(sample) and sample == rotation_pairs(datasets, 0, limit=6)
+
+
+def test_a_streamed_dataset_cannot_be_rotated(data_dir):
+    pairs = data_dir / "scifact-train-pairs" / "train.jsonl"
+    with pytest.raises(ConfigError, match="loss.quantization.rotation_steps: the code rotation is fitted on the "
+                                          "loaded training pairs"):
+        load_config(SMOKE, ["loss.quantization={rotation_steps: 5}", "train.max_steps=2",
+                            "data.train=[{path: %s, streaming: true}]" % pairs])
+
+
+def test_run_exports_the_rotation_and_float_search_is_unchanged(tmp_path, tiny_bert_path, data_dir):
+    nano = data_dir / "scifact-nano"
+    out = run_train(tmp_path, "rot", "loss.quantization={binary: 1.0, rotation_steps: 30}", "train.save_steps=null",
+                    f"eval.data={nano}", "eval.precisions=[float32,binary]", tiny=tiny_bert_path)
+    final = out / "final"
+    fit = json.loads((final / "twinfold.json").read_text())["training"]["code_rotation"]
+    assert fit["steps"] == 30 and fit["blocks"] == [64, 128] and fit["loss_after"] < fit["loss_before"]
+    assert "code rotation (the last Dense layer)" in (final / "README.md").read_text()
+    assert [r["step"] for r in records(out) if "eval" in r] == [0]  # the base; the last step waits for the rotation
+
+    model = BiEncoder.from_pretrained(final)
+    texts = ["a claim about cells", "an abstract on the heart and its vessels"]
+    ours = model.encode(texts, convert_to_tensor=True)
+    theirs = SentenceTransformer(str(final), device="cpu").encode(texts, convert_to_tensor=True)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+    evaluator = RetrievalEvaluator(load_beir(nano, "test"), dims=[128, 64], precisions=("float32",))
+    rotated = {r["dim"]: r["ndcg@10"] for r in evaluator(model, "rotated")}
+    model.head = model.head[:-1]  # the trained model before its rotation
+    plain = {r["dim"]: r["ndcg@10"] for r in evaluator(model, "plain")}
+    assert rotated == pytest.approx(plain, abs=1e-9)

@@ -1,0 +1,94 @@
+"""The code rotation: after training, an orthogonal map fitted so that the documents' sign bits rank as the float
+vectors do, stored as the model's last Dense layer (`loss.quantization.rotation_steps`).
+
+The map rotates each Matryoshka block (dims 0..d1, d1..d2, ... of `loss.matryoshka_dims`) on its own, so every
+prefix keeps its float dot products and float search is unchanged; only the directions the sign bits measure
+move. It is fitted on the training pairs, embedded once by the trained model: the anchors are the queries, and
+every positive and hard negative of the pairs is a document of one bank that each query ranks by
+`losses.sign_bit_ranking_loss` (a corpus-wide ranking, not a batch's). Each block is exp(A - A^T) of a free
+square matrix A (always orthogonal), A starting at 0 (the identity), trained by Adam on the whole bank at once.
+"""
+import logging
+
+import torch
+
+from twinfold.losses import sign_bit_ranking_loss
+from twinfold.models import BiEncoder
+from twinfold.models.head import Dense
+from twinfold.train.config import Config
+from twinfold.train.data.pairs import PairDataset
+
+log = logging.getLogger("twinfold.train")
+
+ROTATION_LR = 1e-4  # measured on SciFact (docs/quantization.md): higher rates make test quality swing step to step
+ROTATION_PAIRS = 4096  # training pairs the rotation sees at most (a seeded sample of larger data)
+
+
+def block_rotation(skews: list[torch.Tensor]) -> torch.Tensor:
+    """The block-diagonal orthogonal matrix with blocks exp(A - A^T), one per square matrix A of `skews`."""
+    return torch.block_diag(*[torch.matrix_exp(a - a.T) for a in skews])
+
+
+def fit_rotation(queries: torch.Tensor, documents: torch.Tensor, targets: torch.Tensor, blocks: list[int],
+                 dims: list[int], temperature: float, steps: int, normalize: bool = True,
+                 lr: float = ROTATION_LR) -> tuple[torch.Tensor, list[float]]:
+    """The rotation R [D, D] (applied as x @ R) of the blocks that `blocks` (Matryoshka dims) cut, fitted for
+    `steps` Adam steps on `sign_bit_ranking_loss` at `dims`; with the loss before the first step and after the last."""
+    edges = [0, *sorted(set(blocks) | {queries.shape[1]})]
+    skews = [torch.zeros(b - a, b - a, requires_grad=True) for a, b in zip(edges, edges[1:])]
+    optimizer = torch.optim.Adam(skews, lr=lr)
+    losses = []
+    for _ in range(steps):
+        rotation = block_rotation(skews)
+        loss = sign_bit_ranking_loss(queries @ rotation, documents @ rotation, targets, dims, temperature, normalize)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        rotation = block_rotation(skews)
+        last = sign_bit_ranking_loss(queries @ rotation, documents @ rotation, targets, dims, temperature, normalize)
+    return rotation.detach(), [losses[0] if losses else last.item(), last.item()]
+
+
+def rotation_pairs(datasets: list[PairDataset], seed: int, limit: int = ROTATION_PAIRS):
+    """Up to `limit` rows of the datasets (a seeded sample when they hold more), as (dataset index, row) pairs."""
+    rows = [(i, r) for i, ds in enumerate(datasets) for r in range(len(ds))]
+    if len(rows) <= limit:
+        return rows
+    chosen = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:limit]
+    return [rows[i] for i in sorted(chosen.tolist())]
+
+
+def add_code_rotation(model: BiEncoder, cfg: Config, datasets: list[PairDataset]) -> dict:
+    """Fit the code rotation of `model` on the training pairs and append it to the model's head; return what
+    twinfold.json records of the fit."""
+    q, t = cfg.loss.quantization, cfg.train
+    chosen = rotation_pairs(datasets, t.seed)
+    bank: dict[str, int] = {}  # each document text once
+    anchors: dict[int, list[str]] = {i: [] for i in range(len(datasets))}
+    targets = {i: [] for i in range(len(datasets))}
+    columns = {i: {role: ds.texts(role) for role in ds.roles} for i, ds in enumerate(datasets)}
+    for i, row in chosen:
+        texts = columns[i]
+        anchors[i].append(texts["anchor"][row])
+        for role in datasets[i].roles[1:]:
+            bank.setdefault(texts[role][row], len(bank))
+        targets[i].append(bank[texts["positive"][row]])
+    encode = dict(batch_size=cfg.eval.batch_size, convert_to_tensor=True)  # inference tensors: cloned to fit
+    queries = torch.cat([model.encode(anchors[i], kind="query", prompt=model.prompt_text(
+        d.query_prompt_name, d.query_prompt), **encode) for i, d in enumerate(cfg.data.train) if anchors[i]])
+    documents = model.encode(list(bank), kind="document", **encode)
+    blocks = cfg.loss.matryoshka_dims
+    dims = q.dims or blocks or [model.dim]
+    rotation, (before, after) = fit_rotation(queries.float().cpu().clone(), documents.float().cpu().clone(),
+                                             torch.tensor([x for i in targets for x in targets[i]]), blocks, dims,
+                                             cfg.loss.temperature, q.rotation_steps, model.settings.normalize)
+    layer = Dense(model.dim, model.dim, bias=False, activation_function=None)
+    with torch.no_grad():
+        layer.linear.weight.copy_(rotation.T)  # Linear computes x @ weight.T
+    model.head.append(layer.to(device=model.encoder.device, dtype=model.encoder.dtype))
+    log.info("code rotation: %d queries against %d documents' sign bits, loss %.4f -> %.4f in %d steps",
+             len(queries), len(documents), before, after, q.rotation_steps)
+    return {"pairs": len(queries), "documents": len(documents), "blocks": sorted(set(blocks) | {model.dim}), "dims": dims, "steps": q.rotation_steps,
+            "lr": ROTATION_LR, "loss_before": before, "loss_after": after}
