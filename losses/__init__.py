@@ -26,5 +26,5 @@ from twinfold.losses.quantization import (
 __all__ = ["DEFAULT_TEMPERATURE", "DISTILLATION_KINDS", "ESTIMATORS", "MIN_TEMPERATURE", "ROLES", "SIMILARITIES",
            "Distillation", "InfoNCE", "Matryoshka", "Quantized", "ReplayMismatch", "average_gradient", "binarize",
            "cached_backward", "check_dims", "chunked", "fake_int8", "gather_no_grad", "gather_with_grad", "info_nce",
-           "int8_ranges", "listwise_kl", "margin_mse", "rank_offset", "sign_bit_ranking_loss", "sign_misalignment", "student_scores",
-           "text_keys", "truncate", "uncached_backward"]
+           "int8_ranges", "listwise_kl", "margin_mse", "rank_offset", "sign_bit_ranking_loss", "sign_misalignment",
+           "student_scores", "text_keys", "truncate", "uncached_backward"]

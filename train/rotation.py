@@ -90,5 +90,5 @@ def add_code_rotation(model: BiEncoder, cfg: Config, datasets: list[PairDataset]
     model.head.append(layer.to(device=model.encoder.device, dtype=model.encoder.dtype))
     log.info("code rotation: %d queries against %d documents' sign bits, loss %.4f -> %.4f in %d steps",
              len(queries), len(documents), before, after, q.rotation_steps)
-    return {"pairs": len(queries), "documents": len(documents), "blocks": sorted(set(blocks) | {model.dim}), "dims": dims, "steps": q.rotation_steps,
-            "lr": ROTATION_LR, "loss_before": before, "loss_after": after}
+    return {"pairs": len(queries), "documents": len(documents), "blocks": sorted(set(blocks) | {model.dim}),
+            "dims": dims, "steps": q.rotation_steps, "lr": ROTATION_LR, "loss_before": before, "loss_after": after}

@@ -11,8 +11,8 @@ from tests.helpers import SMOKE, records, run_train
 from twinfold.losses import sign_bit_ranking_loss, truncate
 from twinfold.models import BiEncoder
 from twinfold.train.config import ConfigError, load_config
-from twinfold.train.evaluate import RetrievalEvaluator
 from twinfold.train.eval.beir import load_beir
+from twinfold.train.evaluate import RetrievalEvaluator
 from twinfold.train.rotation import block_rotation, fit_rotation, rotation_pairs
 
 DIMS = [4, 8, 16]
