@@ -2,7 +2,7 @@
 
     python scripts/bench_train.py [--batch-size 32] [--mini-batch-size N] [--steps 3] [--rounds 3]
         [--device cpu|cuda] [--model PATH] [--mixed-precision no|bf16] [--lora R] [--dtype float32|bfloat16]
-        [--quantization binary|int8|binary,int8] [--unpad]
+        [--quantization binary|int8|alignment|binary,alignment|...] [--unpad]
 
 Both sides fine-tune the same model (all-MiniLM-L6-v2 unless `--model` names a folder, e.g. a BERT-base-size
 one; max_length 256) on the same SciFact train batches with in-batch InfoNCE at temperature 0.05
@@ -32,9 +32,9 @@ the same seed, so the check still compares one computation (sentence-transformer
 which is what `add_adapter` does). `--dtype bfloat16` loads the weights in bf16 on both
 sides (twinfold's `model.dtype`, sentence-transformers' `model_kwargs`).
 
-`--quantization binary` (or `int8`, `binary,int8`) adds a third side: twinfold with those quantization-aware
-terms at weight 1 (`loss.quantization`), timed in the same rounds; its loss is not part of the check (the terms
-add to it), and its ratio to plain twinfold is what the terms cost.
+`--quantization binary` (or `int8`, `alignment`, several comma-separated) adds a third side: twinfold with those
+quantization-aware terms at weight 1 (`loss.quantization`), timed in the same rounds; its loss is not part of the
+check (the terms add to it), and its ratio to plain twinfold is what the terms cost.
 
 `--unpad` adds twinfold unpadded (`model.unpad: true`, `models.unpad`: each chunk's texts in one row without
 padding, the token budget counting real tokens) and, on a GPU with flash-attn, sentence-transformers loaded with
@@ -88,7 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the weights' dtype")
     parser.add_argument("--chunk-tokens", type=int, help="twinfold's train.chunk_tokens (default: the device's)")
     parser.add_argument("--profile", type=Path, help="write a torch.profiler table of one more step per side here")
-    parser.add_argument("--quantization", help="also time twinfold with these terms: binary, int8 or binary,int8")
+    parser.add_argument("--quantization", help="also time twinfold with these terms at weight 1: binary, int8, "
+                        "alignment, comma-separated")
     parser.add_argument("--unpad", action="store_true", help="also twinfold unpadded (model.unpad: true) and, where "
                         "flash-attn is installed, sentence-transformers with flash_attention_2")
     parser.add_argument("--child", choices=(*SIDES, QUANTIZED, *UNPADDED), help=argparse.SUPPRESS)

@@ -9,6 +9,7 @@ every positive and hard negative of the pairs is a document of one bank that eac
 square matrix A (always orthogonal), A starting at 0 (the identity), trained by Adam on the whole bank at once.
 """
 import logging
+import time
 
 import torch
 
@@ -64,6 +65,7 @@ def add_code_rotation(model: BiEncoder, cfg: Config, datasets: list[PairDataset]
     """Fit the code rotation of `model` on the training pairs and append it to the model's head; return what
     twinfold.json records of the fit."""
     q, t = cfg.loss.quantization, cfg.train
+    started = time.perf_counter()
     chosen = rotation_pairs(datasets, t.seed)
     bank: dict[str, int] = {}  # each document text once
     anchors: dict[int, list[str]] = {i: [] for i in range(len(datasets))}
@@ -88,7 +90,9 @@ def add_code_rotation(model: BiEncoder, cfg: Config, datasets: list[PairDataset]
     with torch.no_grad():
         layer.linear.weight.copy_(rotation.T)  # Linear computes x @ weight.T
     model.head.append(layer.to(device=model.encoder.device, dtype=model.encoder.dtype))
-    log.info("code rotation: %d queries against %d documents' sign bits, loss %.4f -> %.4f in %d steps",
-             len(queries), len(documents), before, after, q.rotation_steps)
+    seconds = time.perf_counter() - started
+    log.info("code rotation: %d queries against %d documents' sign bits, loss %.4f -> %.4f in %d steps (%.1fs with "
+             "encoding)", len(queries), len(documents), before, after, q.rotation_steps, seconds)
     return {"pairs": len(queries), "documents": len(documents), "blocks": sorted(set(blocks) | {model.dim}),
-            "dims": dims, "steps": q.rotation_steps, "lr": ROTATION_LR, "loss_before": before, "loss_after": after}
+            "dims": dims, "steps": q.rotation_steps, "lr": ROTATION_LR, "seconds": round(seconds, 1),
+            "loss_before": before, "loss_after": after}
