@@ -424,7 +424,10 @@ def finish(run: Run) -> Path:
         if dtype != run.model.encoder.dtype:  # training is over: the export is in the base's dtype (or model.dtype's)
             run.model.to(dtype)
             state.last_rows = None  # the final rows measure the export itself
-        rotation = add_code_rotation(run.model, cfg, run.datasets) if rotates(cfg) else None
+        rotation = None
+        if rotates(cfg):
+            rotation = add_code_rotation(run.model, cfg, run.datasets)
+            state.last_rows = None  # the final rows measure the rotated model
         general = compare_general(run.state.general_base, score_general(run.general, run.model, "final"),
                                   cfg.eval.general_tolerance) if run.general else []
         if general:

@@ -74,12 +74,13 @@ def test_a_streamed_dataset_cannot_be_rotated(data_dir):
 def test_run_exports_the_rotation_and_float_search_is_unchanged(tmp_path, tiny_bert_path, data_dir):
     nano = data_dir / "scifact-nano"
     out = run_train(tmp_path, "rot", "loss.quantization={binary: 1.0, rotation_steps: 30}", "train.save_steps=null",
-                    f"eval.data={nano}", "eval.precisions=[float32,binary]", tiny=tiny_bert_path)
+                    "train.eval_steps=3", f"eval.data={nano}", "eval.precisions=[float32,binary]", tiny=tiny_bert_path)
     final = out / "final"
     fit = json.loads((final / "twinfold.json").read_text())["training"]["code_rotation"]
     assert fit["steps"] == 30 and fit["blocks"] == [64, 128] and fit["loss_after"] < fit["loss_before"]
     assert "code rotation (the last Dense layer)" in (final / "README.md").read_text()
-    assert [r["step"] for r in records(out) if "eval" in r] == [0]  # the base; the last step waits for the rotation
+    evals = [r for r in records(out) if "eval" in r]
+    assert [r["step"] for r in evals] == [0, 3]  # the base, step 3; the last step (4) waits for the rotation
 
     model = BiEncoder.from_pretrained(final)
     texts = ["a claim about cells", "an abstract on the heart and its vessels"]
@@ -89,6 +90,11 @@ def test_run_exports_the_rotation_and_float_search_is_unchanged(tmp_path, tiny_b
 
     evaluator = RetrievalEvaluator(load_beir(nano, "test"), dims=[128, 64], precisions=("float32",))
     rotated = {r["dim"]: r["ndcg@10"] for r in evaluator(model, "rotated")}
+    final_rows = json.loads((final / "twinfold.json").read_text())["eval"]["results"]
+    binary = {r["dim"]: r["ndcg@10"] for r in final_rows if r["model"] == "final" and r["precision"] == "binary"}
+    rotated_binary = {r["dim"]: r["ndcg@10"] for r in RetrievalEvaluator(
+        load_beir(nano, "test"), dims=[128, 64], precisions=("binary",))(model, "rotated")}
+    assert binary == pytest.approx(rotated_binary, abs=1e-9)  # the report measures the rotated model
     model.head = model.head[:-1]  # the trained model before its rotation
     plain = {r["dim"]: r["ndcg@10"] for r in evaluator(model, "plain")}
     assert rotated == pytest.approx(plain, abs=1e-9)
