@@ -30,12 +30,12 @@ def block_rotation(skews: list[torch.Tensor]) -> torch.Tensor:
     return torch.block_diag(*[torch.matrix_exp(a - a.T) for a in skews])
 
 
-def fit_rotation(queries: torch.Tensor, documents: torch.Tensor, targets: torch.Tensor, blocks: list[int],
-                 dims: list[int], temperature: float, steps: int, normalize: bool = True,
+def fit_rotation(queries: torch.Tensor, documents: torch.Tensor, targets: torch.Tensor, dims: list[int],
+                 temperature: float, steps: int, normalize: bool = True,
                  lr: float = ROTATION_LR) -> tuple[torch.Tensor, list[float]]:
-    """The rotation R [D, D] (applied as x @ R) of the blocks that `blocks` (Matryoshka dims) cut, fitted for
+    """The rotation R [D, D] (applied as x @ R) of the blocks that `dims` (the Matryoshka dims) cut, fitted for
     `steps` Adam steps on `sign_bit_ranking_loss` at `dims`; with the loss before the first step and after the last."""
-    edges = [0, *sorted(set(blocks) | {queries.shape[1]})]
+    edges = [0, *sorted(set(dims) | {queries.shape[1]})]
     skews = [torch.zeros(b - a, b - a, requires_grad=True) for a, b in zip(edges, edges[1:])]
     optimizer = torch.optim.Adam(skews, lr=lr)
     losses = []
@@ -81,10 +81,9 @@ def add_code_rotation(model: BiEncoder, cfg: Config, datasets: list[PairDataset]
     queries = torch.cat([model.encode(anchors[i], kind="query", prompt=model.prompt_text(
         d.query_prompt_name, d.query_prompt), **encode) for i, d in enumerate(cfg.data.train) if anchors[i]])
     documents = model.encode(list(bank), kind="document", **encode)
-    blocks = cfg.loss.matryoshka_dims
-    dims = q.dims or blocks or [model.dim]
+    dims = cfg.loss.matryoshka_dims or [model.dim]  # every prefix's sign bits, whichever dims the terms train
     rotation, (before, after) = fit_rotation(queries.float().cpu().clone(), documents.float().cpu().clone(),
-                                             torch.tensor([x for i in targets for x in targets[i]]), blocks, dims,
+                                             torch.tensor([x for i in targets for x in targets[i]]), dims,
                                              cfg.loss.temperature, q.rotation_steps, model.settings.normalize)
     layer = Dense(model.dim, model.dim, bias=False, activation_function=None)
     with torch.no_grad():
@@ -93,6 +92,6 @@ def add_code_rotation(model: BiEncoder, cfg: Config, datasets: list[PairDataset]
     seconds = time.perf_counter() - started
     log.info("code rotation: %d queries against %d documents' sign bits, loss %.4f -> %.4f in %d steps (%.1fs with "
              "encoding)", len(queries), len(documents), before, after, q.rotation_steps, seconds)
-    return {"pairs": len(queries), "documents": len(documents), "blocks": sorted(set(blocks) | {model.dim}),
-            "dims": dims, "steps": q.rotation_steps, "lr": ROTATION_LR, "seconds": round(seconds, 1),
+    return {"pairs": len(queries), "documents": len(documents), "blocks": sorted(set(dims) | {model.dim}),
+            "steps": q.rotation_steps, "lr": ROTATION_LR, "seconds": round(seconds, 1),
             "loss_before": before, "loss_after": after}
