@@ -71,10 +71,12 @@ def test_a_streamed_dataset_cannot_be_rotated(data_dir):
                             "data.train=[{path: %s, streaming: true}]" % pairs])
 
 
-def test_run_exports_the_rotation_and_float_search_is_unchanged(tmp_path, tiny_bert_path, data_dir):
+@pytest.mark.parametrize("adapter", [[], ["model.lora.r=4"]], ids=["full", "lora"])
+def test_run_exports_the_rotation_and_float_search_is_unchanged(tmp_path, tiny_bert_path, data_dir, adapter):
     nano = data_dir / "scifact-nano"
     out = run_train(tmp_path, "rot", "loss.quantization={binary: 1.0, rotation_steps: 30}", "train.save_steps=null",
-                    "train.eval_steps=3", f"eval.data={nano}", "eval.precisions=[float32,binary]", tiny=tiny_bert_path)
+                    "train.eval_steps=3", f"eval.data={nano}", "eval.precisions=[float32,binary]", *adapter,
+                    tiny=tiny_bert_path)
     final = out / "final"
     fit = json.loads((final / "twinfold.json").read_text())["training"]["code_rotation"]
     assert fit["steps"] == 30 and fit["blocks"] == [64, 128] and fit["loss_after"] < fit["loss_before"]
