@@ -68,22 +68,21 @@ def add_code_rotation(model: BiEncoder, cfg: Config, datasets: list[PairDataset]
     started = time.perf_counter()
     chosen = rotation_pairs(datasets, t.seed)
     bank: dict[str, int] = {}  # each document text once
-    anchors: dict[int, list[str]] = {i: [] for i in range(len(datasets))}
-    targets = {i: [] for i in range(len(datasets))}
-    columns = {i: {role: ds.texts(role) for role in ds.roles} for i, ds in enumerate(datasets)}
-    for i, row in chosen:
-        texts = columns[i]
-        anchors[i].append(texts["anchor"][row])
-        for role in datasets[i].roles[1:]:
-            bank.setdefault(texts[role][row], len(bank))
-        targets[i].append(bank[texts["positive"][row]])
+    anchors, targets = [], []
+    for i, ds in enumerate(datasets):
+        rows = ds.select([r for d, r in chosen if d == i])
+        anchors.append(rows.anchor)
+        for documents in zip(*(rows.texts(role) for role in rows.roles[1:])):  # positive, then the negatives
+            for text in documents:
+                bank.setdefault(text, len(bank))
+            targets.append(bank[documents[0]])
     encode = dict(batch_size=cfg.eval.batch_size, convert_to_tensor=True)  # inference tensors: cloned to fit
-    queries = torch.cat([model.encode(anchors[i], kind="query", prompt=model.prompt_text(
-        d.query_prompt_name, d.query_prompt), **encode) for i, d in enumerate(cfg.data.train) if anchors[i]])
+    queries = torch.cat([model.encode(texts, kind="query", prompt=model.prompt_text(
+        d.query_prompt_name, d.query_prompt), **encode) for texts, d in zip(anchors, cfg.data.train) if texts])
     documents = model.encode(list(bank), kind="document", **encode)
     dims = cfg.loss.matryoshka_dims or [model.dim]  # every prefix's sign bits, whichever dims the terms train
     rotation, (before, after) = fit_rotation(queries.float().cpu().clone(), documents.float().cpu().clone(),
-                                             torch.tensor([x for i in targets for x in targets[i]]), dims,
+                                             torch.tensor(targets), dims,
                                              cfg.loss.temperature, q.rotation_steps, model.settings.normalize)
     layer = Dense(model.dim, model.dim, bias=False, activation_function=None)
     with torch.no_grad():
