@@ -11,6 +11,7 @@ square matrix A (always orthogonal), A starting at 0 (the identity), trained by 
 import logging
 import time
 
+import numpy as np
 import torch
 
 from twinfold.losses import sign_bit_ranking_loss
@@ -35,30 +36,31 @@ def fit_rotation(queries: torch.Tensor, documents: torch.Tensor, targets: torch.
                  lr: float = ROTATION_LR) -> tuple[torch.Tensor, list[float]]:
     """The rotation R [D, D] (applied as x @ R) of the blocks that `dims` (the Matryoshka dims) cut, fitted for
     `steps` Adam steps on `sign_bit_ranking_loss` at `dims`; with the loss before the first step and after the last."""
+    def ranking(rotation: torch.Tensor) -> torch.Tensor:
+        return sign_bit_ranking_loss(queries @ rotation, documents @ rotation, targets, dims, temperature, normalize)
+
     edges = [0, *sorted(set(dims) | {queries.shape[1]})]
-    skews = [torch.zeros(b - a, b - a, requires_grad=True) for a, b in zip(edges, edges[1:])]
+    skews = [torch.zeros(b - a, b - a, device=queries.device, requires_grad=True) for a, b in zip(edges, edges[1:])]
     optimizer = torch.optim.Adam(skews, lr=lr)
-    losses = []
+    with torch.no_grad():
+        before = ranking(block_rotation(skews)).item()
     for _ in range(steps):
-        rotation = block_rotation(skews)
-        loss = sign_bit_ranking_loss(queries @ rotation, documents @ rotation, targets, dims, temperature, normalize)
-        losses.append(loss.item())
         optimizer.zero_grad()
-        loss.backward()
+        ranking(block_rotation(skews)).backward()
         optimizer.step()
     with torch.no_grad():
         rotation = block_rotation(skews)
-        last = sign_bit_ranking_loss(queries @ rotation, documents @ rotation, targets, dims, temperature, normalize)
-    return rotation.detach(), [losses[0] if losses else last.item(), last.item()]
+        return rotation, [before, ranking(rotation).item()]
 
 
-def rotation_pairs(datasets: list[PairDataset], seed: int, limit: int = ROTATION_PAIRS):
-    """Up to `limit` rows of the datasets (a seeded sample when they hold more), as (dataset index, row) pairs."""
-    rows = [(i, r) for i, ds in enumerate(datasets) for r in range(len(ds))]
-    if len(rows) <= limit:
-        return rows
-    chosen = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:limit]
-    return [rows[i] for i in sorted(chosen.tolist())]
+def rotation_pairs(datasets: list[PairDataset], seed: int, limit: int = ROTATION_PAIRS) -> list[tuple[int, int]]:
+    """Up to `limit` rows of the datasets (a seeded sample when they hold more), as (dataset index, row) pairs in
+    order."""
+    sizes = np.cumsum([0, *map(len, datasets)])
+    chosen = np.arange(sizes[-1]) if sizes[-1] <= limit else \
+        np.sort(np.random.default_rng(seed).choice(sizes[-1], limit, replace=False))
+    which = np.searchsorted(sizes, chosen, side="right") - 1
+    return [(int(i), int(row - sizes[i])) for i, row in zip(which, chosen)]
 
 
 def add_code_rotation(model: BiEncoder, cfg: Config, datasets: list[PairDataset]) -> dict:
@@ -81,12 +83,12 @@ def add_code_rotation(model: BiEncoder, cfg: Config, datasets: list[PairDataset]
         d.query_prompt_name, d.query_prompt), **encode) for texts, d in zip(anchors, cfg.data.train) if texts])
     documents = model.encode(list(bank), kind="document", **encode)
     dims = cfg.loss.matryoshka_dims or [model.dim]  # every prefix's sign bits, whichever dims the terms train
-    rotation, (before, after) = fit_rotation(queries.float().cpu().clone(), documents.float().cpu().clone(),
-                                             torch.tensor(targets), dims,
+    rotation, (before, after) = fit_rotation(queries.float().clone(), documents.float().clone(),  # on their device
+                                             torch.tensor(targets, device=queries.device), dims,
                                              cfg.loss.temperature, q.rotation_steps, model.settings.normalize)
     layer = Dense(model.dim, model.dim, bias=False, activation_function=None)
     with torch.no_grad():
-        layer.linear.weight.copy_(rotation.T)  # Linear computes x @ weight.T
+        layer.linear.weight.copy_(rotation.T.cpu())  # Linear computes x @ weight.T
     model.head.append(layer.to(device=model.encoder.device, dtype=model.encoder.dtype))
     seconds = time.perf_counter() - started
     log.info("code rotation: %d queries against %d documents' sign bits, loss %.4f -> %.4f in %d steps (%.1fs with "

@@ -90,13 +90,18 @@ def test_run_exports_the_rotation_and_float_search_is_unchanged(tmp_path, tiny_b
     theirs = SentenceTransformer(str(final), device="cpu").encode(texts, convert_to_tensor=True)
     assert torch.allclose(ours, theirs, atol=1e-5)
 
-    evaluator = RetrievalEvaluator(load_beir(nano, "test"), dims=[128, 64], precisions=("float32",))
-    rotated = {r["dim"]: r["ndcg@10"] for r in evaluator(model, "rotated")}
     final_rows = json.loads((final / "twinfold.json").read_text())["eval"]["results"]
     binary = {r["dim"]: r["ndcg@10"] for r in final_rows if r["model"] == "final" and r["precision"] == "binary"}
     rotated_binary = {r["dim"]: r["ndcg@10"] for r in RetrievalEvaluator(
         load_beir(nano, "test"), dims=[128, 64], precisions=("binary",))(model, "rotated")}
     assert binary == pytest.approx(rotated_binary, abs=1e-9)  # the report measures the rotated model
+
+    data = load_beir(nano, "test")
+    queries, documents = data.query_texts[:20], data.corpus_texts[:50]
+    rotated = [model.encode(x, convert_to_tensor=True) for x in (queries, documents)]
     model.head = model.head[:-1]  # the trained model before its rotation
-    plain = {r["dim"]: r["ndcg@10"] for r in evaluator(model, "plain")}
-    assert rotated == pytest.approx(plain, abs=1e-9)
+    plain = [model.encode(x, convert_to_tensor=True) for x in (queries, documents)]
+    assert (rotated[1] - plain[1]).abs().max() > 1e-4  # the vectors did rotate
+    for dim in (128, 64):  # every prefix ranks the documents by the same float scores: float search is unchanged
+        assert torch.allclose(truncate(rotated[0], dim) @ truncate(rotated[1], dim).T,
+                              truncate(plain[0], dim) @ truncate(plain[1], dim).T, atol=1e-5)
