@@ -6,15 +6,19 @@ prefix keeps its float dot products and float search is unchanged; only the dire
 move. It is fitted on the training pairs, embedded once by the trained model: the anchors are the queries, and
 every positive and hard negative of the pairs is a document of one bank that each query ranks by
 `losses.sign_bit_ranking_loss` (a corpus-wide ranking, not a batch's). Each block is exp(A - A^T) of a free
-square matrix A (always orthogonal), A starting at 0 (the identity), trained by Adam on the whole bank at once.
+square matrix A (always orthogonal), A starting at 0 (the identity), trained by Adam against the whole bank.
+The blocks are fitted one after the other, as Matryoshka trains each prefix for its own use: block 0..d1 for
+prefix d1's sign bits alone, then d1..d2 for prefix d2 with the first one fixed, and so on (fitting every block
+at once on the mean over the dims ranked held-out training queries worse at every dim: docs/quantization.md).
 """
 import logging
 import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from twinfold.losses import sign_bit_ranking_loss
+from twinfold.losses import binarize, sign_bit_ranking_loss
 from twinfold.models import BiEncoder
 from twinfold.models.head import Dense
 from twinfold.train.config import Config
@@ -22,35 +26,56 @@ from twinfold.train.data.pairs import PairDataset
 
 log = logging.getLogger("twinfold.train")
 
-ROTATION_LR = 1e-4  # measured on SciFact (docs/quantization.md): higher rates make test quality swing step to step
+ROTATION_LR = 1e-4  # chosen with the recipe's rotation_steps on held-out SciFact training queries (docs/quantization.md)
 ROTATION_PAIRS = 4096  # training pairs the rotation sees at most (a seeded sample of larger data)
 
 
+def orthogonal(skew: torch.Tensor) -> torch.Tensor:
+    """exp(A - A^T) of a square matrix A: orthogonal for every A, the identity at A = 0."""
+    return torch.matrix_exp(skew - skew.T)
+
+
 def block_rotation(skews: list[torch.Tensor]) -> torch.Tensor:
-    """The block-diagonal orthogonal matrix with blocks exp(A - A^T), one per square matrix A of `skews`."""
-    return torch.block_diag(*[torch.matrix_exp(a - a.T) for a in skews])
+    """The block-diagonal orthogonal matrix with one block `orthogonal(A)` per square matrix A of `skews`."""
+    return torch.block_diag(*map(orthogonal, skews))
 
 
 def fit_rotation(queries: torch.Tensor, documents: torch.Tensor, targets: torch.Tensor, dims: list[int],
-                 temperature: float, steps: int, normalize: bool = True,
-                 lr: float = ROTATION_LR) -> tuple[torch.Tensor, list[float]]:
-    """The rotation R [D, D] (applied as x @ R) of the blocks that `dims` (the Matryoshka dims) cut, fitted for
-    `steps` Adam steps on `sign_bit_ranking_loss` at `dims`; with the loss before the first step and after the last."""
-    def ranking(rotation: torch.Tensor) -> torch.Tensor:
-        return sign_bit_ranking_loss(queries @ rotation, documents @ rotation, targets, dims, temperature, normalize)
+                 temperature: float, steps: int, lr: float = ROTATION_LR) -> tuple[torch.Tensor, list[float]]:
+    """The rotation R [D, D] (applied as x @ R) of the blocks that `dims` (the Matryoshka dims) cut, fitted block by
+    block from the first: the block that completes prefix d gets `steps` Adam steps on `sign_bit_ranking_loss` at d
+    alone, the blocks before it fixed. Returned with that loss, averaged over the blocks' ends, before the first
+    step and after the last.
 
-    edges = [0, *sorted(set(dims) | {queries.shape[1]})]
-    skews = [torch.zeros(b - a, b - a, device=queries.device, requires_grad=True) for a, b in zip(edges, edges[1:])]
-    optimizer = torch.optim.Adam(skews, lr=lr)
+    The prefixes are not re-normalised: a query ranks the documents the same either way, and the loss then softens
+    each query's ranking by how little of its vector the prefix holds (held-out training queries ranked better at
+    every dim than with re-normalised prefixes: docs/quantization.md)."""
+    ends = sorted(set(dims) | {queries.shape[1]})
+    queries, documents = queries.clone(), documents.clone()  # rotated in place, block after block
+
+    def ranking() -> float:
+        return sign_bit_ranking_loss(queries, documents, targets, ends, temperature, normalize=False).item()
+
+    before, skews = ranking(), []
+    for start, end in zip([0, *ends], ends):
+        # sign_bit_ranking_loss at `end`, its value and gradient, at a fraction of its cost: the fixed blocks' part
+        # of the scores is computed once
+        fixed = queries[:, :start] @ binarize(documents[:, :end])[:, :start].T
+        skew = torch.zeros(end - start, end - start, dtype=queries.dtype, device=queries.device, requires_grad=True)
+        optimizer = torch.optim.Adam([skew], lr=lr)
+        for _ in range(steps):
+            block = orthogonal(skew)
+            bits = binarize(torch.cat([documents[:, :start], documents[:, start:end] @ block], 1))[:, start:]
+            optimizer.zero_grad()
+            F.cross_entropy((fixed + queries[:, start:end] @ block @ bits.T) / temperature, targets).backward()
+            optimizer.step()
+        skews.append(skew.detach())
+        with torch.no_grad():
+            block = orthogonal(skews[-1])
+            queries[:, start:end] = queries[:, start:end] @ block
+            documents[:, start:end] = documents[:, start:end] @ block
     with torch.no_grad():
-        before = ranking(block_rotation(skews)).item()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        ranking(block_rotation(skews)).backward()
-        optimizer.step()
-    with torch.no_grad():
-        rotation = block_rotation(skews)
-        return rotation, [before, ranking(rotation).item()]
+        return block_rotation(skews), [before, ranking()]
 
 
 def rotation_pairs(datasets: list[PairDataset], seed: int, limit: int = ROTATION_PAIRS) -> list[tuple[int, int]]:
@@ -85,7 +110,7 @@ def add_code_rotation(model: BiEncoder, cfg: Config, datasets: list[PairDataset]
     dims = cfg.loss.matryoshka_dims or [model.dim]  # every prefix's sign bits, whichever dims the terms train
     rotation, (before, after) = fit_rotation(queries.float().clone(), documents.float().clone(),  # on their device
                                              torch.tensor(targets, device=queries.device), dims,
-                                             cfg.loss.temperature, q.rotation_steps, model.settings.normalize)
+                                             cfg.loss.temperature, q.rotation_steps)
     layer = Dense(model.dim, model.dim, bias=False, activation_function=None)
     with torch.no_grad():
         layer.linear.weight.copy_(rotation.T.cpu())  # Linear computes x @ weight.T

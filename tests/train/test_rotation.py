@@ -41,12 +41,35 @@ def test_fit_lowers_the_sign_bit_ranking_loss_and_stays_a_block_rotation():
     targets = torch.arange(60)
     queries = F.normalize(documents + 0.05 * torch.randn(60, 16, generator=torch.Generator().manual_seed(4)), dim=-1)
     documents = F.normalize(documents, dim=-1)
-    identity = sign_bit_ranking_loss(queries, documents, targets, DIMS, 0.05).item()
+    identity = sign_bit_ranking_loss(queries, documents, targets, DIMS, 0.05, normalize=False).item()
     rotation, (before, after) = fit_rotation(queries, documents, targets, DIMS, 0.05, steps=60, lr=3e-2)
     assert before == pytest.approx(identity, rel=1e-6) and after < before - 0.03
     assert after == pytest.approx(sign_bit_ranking_loss(queries @ rotation, documents @ rotation, targets, DIMS,
-                                                        0.05).item(), rel=1e-6)
+                                                        0.05, normalize=False).item(), rel=1e-6)
     assert torch.allclose(rotation @ rotation.T, torch.eye(16), atol=1e-5) and rotation[:4, 4:].abs().max() == 0
+
+
+def test_each_block_is_fitted_for_its_own_prefix_with_the_blocks_before_it_fixed():
+    # reference: the block that completes prefix d trained on sign_bit_ranking_loss at d over the whole prefix
+    queries, documents = unit(30, 16, seed=5).double(), unit(20, 16, seed=6).double()
+    targets = torch.randint(0, 20, (30,), generator=torch.Generator().manual_seed(7))
+    skews = [torch.zeros(n, n, dtype=torch.float64) for n in (4, 4, 8)]
+    for i, (start, end) in enumerate([(0, 4), (4, 8), (8, 16)]):
+        skews[i].requires_grad_(True)
+        optimizer = torch.optim.Adam([skews[i]], lr=1e-2)
+        for _ in range(5):
+            rotation = block_rotation(skews)[:end, :end]
+            optimizer.zero_grad()
+            sign_bit_ranking_loss(queries[:, :end] @ rotation, documents[:, :end] @ rotation, targets, [end], 0.05,
+                                  normalize=False).backward()
+            optimizer.step()
+        skews[i] = skews[i].detach()
+    rotation, _ = fit_rotation(queries, documents, targets, DIMS, 0.05, steps=5, lr=1e-2)
+    assert torch.allclose(rotation, block_rotation(skews), atol=1e-10)
+    for start, end in [(0, 4), (4, 8), (8, 16)]:  # every block moved
+        assert (rotation[start:end, start:end] - torch.eye(end - start, dtype=torch.float64)).abs().max() > 1e-3
+    shorter, _ = fit_rotation(queries[:, :8], documents[:, :8], targets, [4, 8], 0.05, steps=5, lr=1e-2)
+    assert torch.allclose(shorter, rotation[:8, :8], atol=1e-10)  # a later block never changes an earlier one
 
 
 def test_a_sample_of_rows_beyond_the_limit_is_seeded_and_in_order():
