@@ -218,8 +218,9 @@ def _training(training: dict) -> str:
              + _quantization(loss.get("quantization"), dims)]
     if rotation := training.get("code_rotation"):
         lines.append(f"- code rotation (the last Dense layer): an orthogonal rotation of each block between dims "
-                     f"{[0, *rotation['blocks']]}, fitted in {rotation['steps']} steps so that the sign bits of "
-                     f"{rotation['documents']} training documents rank them for {rotation['pairs']} training queries "
+                     f"{[0, *rotation['blocks']]}, fitted block by block ({rotation['steps']} steps each) so that the "
+                     f"sign bits of {rotation['documents']} training documents rank them for {rotation['pairs']} "
+                     f"training queries "
                      f"(loss {rotation['loss_before']:.4f} -> {rotation['loss_after']:.4f}); float search is unchanged")
     for data in training.get("data", []):
         negatives = data.get("negatives_per_pair", 0)

@@ -55,6 +55,15 @@ def test_bench_encode_scale_gives_sentence_transformers_embeddings(data_dir):
     assert all(float(r[5]) <= 1e-5 for r in rows[2:])  # the same vectors as twinfold's
 
 
+def test_bench_rotation_compares_steps_on_held_out_queries(data_dir, tiny_bert_path):
+    out = run_script("bench_rotation.py", str(tiny_bert_path), "--data", str(data_dir / "scifact-nano"), "--split",
+                     "test", "--folds", "2", "--steps", "0,3", "--dims", "128,64", data_dir=data_dir)
+    assert "(test: 50 queries, 1000 documents), 2 folds" in out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0] == [" steps a block ", " fit seconds ", " gap at 128 ", " gap at 64 "]
+    assert [int(r[0]) for r in rows[1:]] == [0, 3] and all(-1 <= float(g) <= 1 for r in rows[1:] for g in r[2:])
+
+
 def test_encoder_flops_by_hand(tiny_bert_path):
     sys.path.insert(0, str(REPO / "scripts"))
     from benchlib import encoder_flops

@@ -118,7 +118,7 @@ class QuantizationConfig:
     alignment: float = 0.0  # weight of 1 - cos(e, sign bits of e), mean over every embedding (queries too)
     dims: list[int] | None = None  # null: every Matryoshka dim (the full dim without Matryoshka)
     estimator: str = "ste"  # ste (exact codes forward, gradient straight through) | tanh (smooth sign bits)
-    rotation_steps: int = 0  # > 0: after training, fit the code rotation (train.rotation) in this many steps
+    rotation_steps: int = 0  # > 0: after training, fit the code rotation (train.rotation), this many steps a block
 
 
 @dataclass
