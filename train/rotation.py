@@ -8,8 +8,9 @@ every positive and hard negative of the pairs is a document of one bank that eac
 `losses.sign_bit_ranking_loss` (a corpus-wide ranking, not a batch's). Each block is exp(A - A^T) of a free
 square matrix A (always orthogonal), A starting at 0 (the identity), trained by Adam against the whole bank.
 The blocks are fitted one after the other, as Matryoshka trains each prefix for its own use: block 0..d1 for
-prefix d1's sign bits alone, then d1..d2 for prefix d2 with the first one fixed, and so on (fitting every block
-at once on the mean over the dims ranked held-out training queries worse at every dim: docs/quantization.md).
+prefix d1's sign bits alone, then d1..d2 for prefix d2 with the first one fixed, and so on. On held-out training
+queries this ranks as well as fitting every block at once, and each step computes only the new block's share of
+the scores (docs/quantization.md).
 """
 import logging
 import time
