@@ -52,7 +52,8 @@ def fit_rotation(queries: torch.Tensor, documents: torch.Tensor, targets: torch.
     each query's ranking by how little of its vector the prefix holds (held-out training queries ranked better at
     every dim than with re-normalised prefixes: docs/quantization.md)."""
     ends = sorted(set(dims) | {queries.shape[1]})
-    queries, documents = queries.clone(), documents.clone()  # rotated in place, block after block
+    queries, documents = queries.clone(), documents.clone()  # rotated in place, block after block (and no longer
+    # inference tensors, which autograd refuses)
 
     def ranking() -> float:
         return sign_bit_ranking_loss(queries, documents, targets, ends, temperature, normalize=False).item()
@@ -104,12 +105,12 @@ def add_code_rotation(model: BiEncoder, cfg: Config, datasets: list[PairDataset]
             for text in documents:
                 bank.setdefault(text, len(bank))
             targets.append(bank[documents[0]])
-    encode = dict(batch_size=cfg.eval.batch_size, convert_to_tensor=True)  # inference tensors: cloned to fit
+    encode = dict(batch_size=cfg.eval.batch_size, convert_to_tensor=True)  # fit_rotation clones them
     queries = torch.cat([model.encode(texts, kind="query", prompt=model.prompt_text(
         d.query_prompt_name, d.query_prompt), **encode) for texts, d in zip(anchors, cfg.data.train) if texts])
     documents = model.encode(list(bank), kind="document", **encode)
     dims = cfg.loss.matryoshka_dims or [model.dim]  # every prefix's sign bits, whichever dims the terms train
-    rotation, (before, after) = fit_rotation(queries.float().clone(), documents.float().clone(),  # on their device
+    rotation, (before, after) = fit_rotation(queries.float(), documents.float(),  # on their device
                                              torch.tensor(targets, device=queries.device), dims,
                                              cfg.loss.temperature, q.rotation_steps)
     layer = Dense(model.dim, model.dim, bias=False, activation_function=None)
