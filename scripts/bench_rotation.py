@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import machine  # noqa: E402
 
 from twinfold.models import BiEncoder  # noqa: E402
-from twinfold.train.eval.beir import load_beir  # noqa: E402
+from twinfold.train.eval.beir import BeirData, load_beir  # noqa: E402
 from twinfold.train.evaluate import RetrievalEvaluator  # noqa: E402
 from twinfold.train.rotation import ROTATION_LR, fit_rotation  # noqa: E402
 
@@ -48,7 +48,7 @@ def main() -> None:
     corpus = model.encode(data.corpus_texts, args.batch_size, kind="document", convert_to_tensor=True).float()
     row_of = {doc: i for i, doc in enumerate(data.corpus_ids)}
     order = np.random.default_rng(0).permutation(len(data.query_ids))
-    folds = [sorted(order[k::args.folds]) for k in range(args.folds)]
+    folds = [fold(data, row_of, sorted(order[k::args.folds]), dims) for k in range(args.folds)]
 
     print(f"# {args.model} on {args.data} ({args.split}: {len(data.query_ids)} queries, {len(data.corpus_ids)} "
           f"documents), {args.folds} folds, lr {args.lr}, temperature {args.temperature}\n# {machine()}\n")
@@ -56,26 +56,31 @@ def main() -> None:
     print("|---:|---:|" + "---:|" * len(dims))
     for steps in [int(s) for s in args.steps.split(",")]:
         gaps, seconds = [], 0.0
-        for held in folds:
-            rest = sorted(set(range(len(data.query_ids))) - set(held))
-            pairs = [(q, row_of[doc]) for q in rest
-                     for doc, grade in data.qrels[data.query_ids[q]].items() if grade > 0]
-            bank = {doc: None for _, doc in pairs}  # each relevant document once, in order
-            slot = {doc: i for i, doc in enumerate(bank)}
+        for held, anchors, bank, targets, evaluator in folds:
             started = time.perf_counter()
-            rotation, _ = fit_rotation(queries[[q for q, _ in pairs]], corpus[list(bank)],
-                                       torch.tensor([slot[doc] for _, doc in pairs]), dims, args.temperature, steps,
+            rotation, _ = fit_rotation(queries[anchors], corpus[bank], targets, dims, args.temperature, steps,
                                        lr=args.lr)
             seconds += time.perf_counter() - started
-            subset = dataclasses.replace(data, query_ids=[data.query_ids[q] for q in held],
-                                         query_texts=[data.query_texts[q] for q in held],
-                                         qrels={data.query_ids[q]: data.qrels[data.query_ids[q]] for q in held})
-            evaluator = RetrievalEvaluator(subset, dims=dims, precisions=("float32", "binary"))
             rows = {(r["dim"], r["precision"]): r["ndcg@10"]
                     for r in evaluator.score_embeddings(queries[held] @ rotation, corpus @ rotation, "held-out")}
             gaps.append([rows[d, "binary"] - rows[d, "float32"] for d in dims])
         print(f"| {steps} | {seconds / args.folds:.1f} | " + " | ".join(f"{g:+.4f}" for g in np.mean(gaps, 0)) + " |",
               flush=True)
+
+
+def fold(data: BeirData, row_of: dict[str, int], held: list[int], dims: list[int]):
+    """One fold: the held-out queries' positions; the other queries' fitting pairs (each query once per relevant
+    document: query positions, corpus rows of the bank, each pair's place in the bank); the held-out evaluator."""
+    held_set = set(held)
+    pairs = [(q, row_of[doc]) for q, qid in enumerate(data.query_ids) if q not in held_set
+             for doc, grade in data.qrels[qid].items() if grade > 0]
+    bank = list(dict.fromkeys(doc for _, doc in pairs))  # each relevant document once, in order
+    slot = {doc: i for i, doc in enumerate(bank)}
+    subset = dataclasses.replace(data, query_ids=[data.query_ids[q] for q in held],
+                                 query_texts=[data.query_texts[q] for q in held],
+                                 qrels={data.query_ids[q]: data.qrels[data.query_ids[q]] for q in held})
+    return (held, [q for q, _ in pairs], bank, torch.tensor([slot[doc] for _, doc in pairs]),
+            RetrievalEvaluator(subset, dims=dims, precisions=("float32", "binary")))
 
 
 if __name__ == "__main__":
